@@ -1,0 +1,118 @@
+"""`ltp-compress` command line. Parses arguments and calls library functions; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+COMMANDS = ("run", "validate", "report", "schema", "predict", "bench", "sweep")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ltp-compress",
+        description="Learned Token Pruning + distillation + static INT8 for BERT/RoBERTa classifiers. "
+                    "`ltp-compress RECIPE.yaml` is short for `ltp-compress run RECIPE.yaml`.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) a recipe")
+    r.add_argument("recipe", type=Path)
+    r.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.soft.lambda=0.05 or seed=1")
+    r.add_argument("--overwrite", action="store_true", help="move an existing run of a different recipe aside and start again")
+    r.add_argument("--stop-after", metavar="STAGE_ID", help="stop after this stage (resume later)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v = sub.add_parser("validate", help="validate a recipe (schema, cross-stage rules, data files) without running")
+    v.add_argument("recipe", type=Path)
+    v.add_argument("overrides", nargs="*")
+    rp = sub.add_parser("report", help="(re)write and print a run's report")
+    rp.add_argument("run_dir", type=Path)
+    sub.add_parser("schema", help="print the recipe JSON schema (for editor autocompletion)")
+    pr = sub.add_parser("predict", help="classify text with a deployable checkpoint")
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("inputs", nargs="*", help="texts; a pair as 'A ||| B'. Omit to read stdin (one per line)")
+    pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
+    pr.add_argument("--backend", default="auto")
+    pr.add_argument("--batch-size", type=int, default=32)
+    b = sub.add_parser("bench", help="end-to-end benchmark of a checkpoint on a dev set")
+    b.add_argument("checkpoint", type=Path)
+    b.add_argument("--data", type=Path, required=True, help="GLUE-format folder with dev.tsv")
+    b.add_argument("--task", required=True)
+    b.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    b.add_argument("--threads", type=int, default=2)
+    sw = sub.add_parser("sweep", help="run a recipe over a grid of values and plot accuracy vs relative FLOPs")
+    sw.add_argument("recipe", type=Path)
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...", help="e.g. stages.soft.lambda=0.01,0.05,0.2")
+    sw.add_argument("--out", type=Path, default=None, help="folder for sweep.json/.md/.png (default: <output_dir>/<name>-sweep)")
+    sw.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["run"] + argv  # short form: ltp-compress RECIPE
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume after the last finished stage", file=sys.stderr)
+        return 130
+    except Exception as e:  # one-paragraph error, non-zero exit
+        from ltp_compress.pipeline.errors import is_user_error
+
+        if not is_user_error(e):
+            raise
+        print(f"ltp-compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        from ltp_compress.pipeline.runner import run_recipe
+
+        run_dir = run_recipe(args.recipe, args.overrides, overwrite=args.overwrite, progress=not args.no_progress, stop_after=args.stop_after)
+        print(f"report: {run_dir / 'report.md'}")
+        return 0
+    if args.command == "validate":
+        from ltp_compress.pipeline.recipe import RecipeError, load_recipe
+        from ltp_compress.pipeline.runner import preflight
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        _, problems = preflight(recipe, args.recipe)
+        if problems:
+            raise RecipeError(f"{args.recipe}: cannot run:\n" + "\n".join("  " + p for p in problems))
+        print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.id for s in recipe.stages)})")
+        return 0
+    if args.command == "report":
+        from ltp_compress.pipeline.report import write_report
+
+        if not (args.run_dir / "recipe.json").is_file():
+            raise FileNotFoundError(f"{args.run_dir}: not a run directory (no recipe.json)")
+        _, md = write_report(args.run_dir)
+        print(md.read_text())
+        return 0
+    if args.command == "schema":
+        from ltp_compress.pipeline.recipe import recipe_json_schema
+
+        print(recipe_json_schema())
+        return 0
+    if args.command == "predict":
+        from ltp_compress.pipeline.predict import predict_cli
+
+        return predict_cli(args)
+    if args.command == "bench":
+        from ltp_compress.pipeline.bench import bench_cli
+
+        return bench_cli(args)
+    if args.command == "sweep":
+        from ltp_compress.pipeline.sweep import run_sweep
+
+        out = run_sweep(args.recipe, args.grid, out_dir=args.out, progress=not args.no_progress)
+        print(f"sweep: {out}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

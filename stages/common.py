@@ -1,0 +1,153 @@
+"""Plain functions the stages share: seeding, accelerate setup, batching, optimisers, evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_for_pruning
+from ltp_compress.pipeline.accounting import EncoderShape, Precision, cost_summary
+from ltp_compress.pipeline.data import length_bucketed_batches
+from ltp_compress.pipeline.metrics import compute_metrics
+from ltp_compress.pipeline.state import StageContext
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An accelerate Accelerator: the same loop runs on CPU, one GPU, or under `accelerate launch`."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def shard(batches: list, accelerator) -> list:
+    """This process's share of a batch list (equal counts across processes for DDP)."""
+    n = accelerator.num_processes
+    if n == 1:
+        return batches
+    usable = len(batches) - len(batches) % n
+    return batches[accelerator.process_index:usable:n]
+
+
+def to_device(batch, device):
+    for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "index"):
+        t = getattr(batch, name, None)
+        if t is not None:
+            setattr(batch, name, t.to(device))
+    return batch
+
+
+def train_batches(ctx: StageContext, batch_size: int, epoch: int) -> list:
+    return length_bucketed_batches(ctx.data.train, batch_size, shuffle=True, seed=ctx.seed + epoch, pad_token_id=ctx.data.pad_token_id)
+
+
+def dev_batches(ctx: StageContext, split: str, batch_size: int) -> list:
+    return length_bucketed_batches(ctx.data.dev[split], batch_size, shuffle=False, seed=0, pad_token_id=ctx.data.pad_token_id)
+
+
+def steps_plan(num_batches: int, epochs: float) -> tuple[int, int]:
+    """(total optimisation steps, full epochs to iterate) for a possibly fractional epoch count."""
+    total = max(1, int(math.ceil(num_batches * epochs)))
+    return total, int(math.ceil(epochs))
+
+
+def adamw_with_warmup(param_groups: list[dict], lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
+    """AdamW (no decay on biases / LayerNorm) + linear warmup then linear decay to 0."""
+    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def weight_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    if num_labels == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def predictions_from_logits(logits: torch.Tensor, num_labels: int) -> np.ndarray:
+    if num_labels == 1:
+        return logits.squeeze(-1).float().cpu().numpy()
+    return logits.argmax(-1).cpu().numpy()
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # task metrics + throughput + mean tokens
+    kept_tokens: np.ndarray  # [N, L] tokens entering each layer, in split order
+    lengths: np.ndarray  # [N]
+
+
+@torch.no_grad()
+def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig, batch_size: int, *, desc: str = "eval", forward=None) -> EvalResult:
+    """Inference on one dev split with the real (packed) pruned runtime; metrics + token counts.
+
+    `forward(model, batch, pruning)` defaults to the packed token-removing forward."""
+    forward = forward or (lambda m, b, p: forward_for_pruning(m, b, p, packed=True, return_kept=True))
+    model.eval()
+    ts = ctx.data.dev[split]
+    batches = dev_batches(ctx, split, batch_size)
+    device = next(model.parameters()).device
+    n = len(ts.labels)
+    L = model.config.num_hidden_layers
+    preds = np.zeros(n, dtype=np.float64)
+    kept = np.zeros((n, L), dtype=np.int64)
+    lengths = np.zeros(n, dtype=np.int64)
+    start = time.perf_counter()
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not ctx.progress):
+        batch = to_device(batch, device)
+        out = forward(model, batch, pruning)
+        idx = batch.index.cpu().numpy()
+        preds[idx] = predictions_from_logits(out.logits, ts.num_labels)
+        lengths[idx] = batch.attention_mask.sum(1).cpu().numpy()
+        kept[idx] = out.kept_tokens.cpu().numpy()
+    elapsed = time.perf_counter() - start
+    metrics = compute_metrics(ctx.task, preds if ts.num_labels == 1 else preds.astype(np.int64), np.asarray(ts.labels))
+    metrics["examples_per_s"] = n / elapsed
+    metrics["mean_tokens"] = float(lengths.mean())
+    metrics["num_examples"] = n
+    return EvalResult(metrics=metrics, kept_tokens=kept, lengths=lengths)
+
+
+def evaluate_all(model, ctx: StageContext, pruning: PruningConfig, batch_size: int, precision: Precision | None = None, forward=None) -> tuple[dict, dict]:
+    """Metrics on every dev split, and the token-aware cost of the first one."""
+    metrics, cost = {}, None
+    precision = precision or Precision.uniform(32, 32)
+    for split in ctx.data.dev:
+        res = evaluate_split(model, ctx, split, pruning, batch_size, desc=f"eval {split}", forward=forward)
+        metrics[split] = res.metrics
+        if cost is None:
+            cost = cost_summary(res.kept_tokens, res.lengths, EncoderShape.from_config(model.config), precision)
+            cost["precision"] = precision.bits
+    return metrics, cost
+
+
+def main_metric(metrics: dict) -> float:
+    """The task's main metric on the first dev split."""
+    return next(iter(metrics.values()))["main"]

@@ -1,0 +1,81 @@
+"""`finetune`: train the classifier on the task (the teacher). AdamW, linear warmup/decay, eval each
+epoch, keep the best dev checkpoint. Runs under `accelerate launch` unchanged.
+
+`train_with_fixed_pruning` is the same loop with a frozen pruning rule (binary token masks); the
+`ltp_hard`, `manual_prune` and `topk_prune` stages use it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from tqdm.auto import tqdm
+
+from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked
+from ltp_compress.pipeline.models import load_classifier, load_tokenizer, save_stage_model
+from ltp_compress.pipeline.recipe import FinetuneStage
+from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.stages.common import (
+    adamw_with_warmup, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
+    task_loss, to_device, train_batches, weight_param_groups,
+)
+
+_MASK_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
+
+
+def run(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
+    set_seed(ctx.seed)  # a base model without a head gets a freshly initialised one: seed it
+    model = load_classifier(ctx.source_model, ctx.task)
+    tokenizer = load_tokenizer(ctx.source_model)
+    return train_with_fixed_pruning(cfg, ctx, model, tokenizer, PruningConfig())
+
+
+def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: PruningConfig) -> StageResult:
+    """Finetune all weights under a frozen pruning rule; evaluate each epoch with the packed
+    (token-removing) runtime; keep the best; save to ctx.out_dir/model."""
+    set_seed(ctx.seed)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    mode = _MASK_MODE[pruning.mode]
+    thresholds = torch.tensor(pruning.thresholds) if pruning.thresholds is not None else None
+
+    n_batches = len(shard(train_batches(ctx, cfg.batch_size, 0), accelerator))
+    total_steps, n_epochs = steps_plan(n_batches, cfg.epochs) if cfg.epochs > 0 else (0, 0)
+    opt, sched = adamw_with_warmup(weight_param_groups(model, cfg.weight_decay), cfg.lr, cfg.weight_decay, max(total_steps, 1), cfg.warmup_ratio)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    if thresholds is not None:
+        thresholds = thresholds.to(accelerator.device)
+
+    history, best, best_state, step = [], None, None, 0
+    for epoch in range(n_epochs):
+        model.train()
+        batches = shard(train_batches(ctx, cfg.batch_size, epoch), accelerator)
+        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
+            if step >= total_steps:
+                break
+            batch = to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                     mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
+                loss = task_loss(out.logits, batch.labels, ctx.task.num_labels)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+        if cfg.eval_every_epoch or epoch == n_epochs - 1:
+            metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
+            score = main_metric(metrics)
+            history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "metrics": metrics,
+                            "relative_flops": cost["relative_flops"]})
+            ctx.log.info("%s epoch %d: loss %.4f, dev main %.4f, relative FLOPs %.3f", cfg.id, epoch + 1, loss.item(), score, cost["relative_flops"])
+            if cfg.keep_best and (best is None or score > best):
+                best, best_state = score, copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+
+    final = accelerator.unwrap_model(model)
+    if cfg.keep_best and best_state is not None:
+        final.load_state_dict(best_state)
+    metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
+    if accelerator.is_main_process:
+        save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
+    return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "pruning": pruning.to_dict()})

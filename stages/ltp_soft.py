@@ -1,0 +1,166 @@
+"""`ltp_soft`: Learned Token Pruning, soft phase (Kim et al. KDD'22, Eq. 11-12).
+
+Each layer's output is multiplied by m_l = sigmoid((score_l - θ_l)/T) (cumulative over layers,
+so a token pruned earlier stays pruned), thresholds θ_l are parameters with their own Adam
+learning rate, and the loss is
+
+    loss = task_loss + λ · (1/L) Σ_l mean_{real tokens}(m_l)
+
+With `target_flops`, λ is steered during training towards that dev relative FLOPs (measured with
+hard thresholds on a fixed dev sample, a few times per epoch), and at the end one common scale
+factor on all thresholds is bisected on training inputs (no labels used) so the final relative
+FLOPs lands on the target. The saved model runs with the hard rule score > θ_l.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, forward_packed, linear_threshold_init
+from ltp_compress.pipeline.accounting import EncoderShape, encoder_flops
+from ltp_compress.pipeline.data import length_bucketed_batches
+from ltp_compress.pipeline.models import load_stage_model, save_stage_model
+from ltp_compress.pipeline.recipe import LTPSoftStage
+from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.stages.common import (
+    adamw_with_warmup, evaluate_all, make_accelerator, set_seed, shard, steps_plan, task_loss,
+    to_device, train_batches, weight_param_groups,
+)
+
+
+def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
+    set_seed(ctx.seed)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    model, tokenizer, _ = load_stage_model(ctx.source_model, ctx.task)
+    L = model.config.num_hidden_layers
+    thresholds = torch.nn.Parameter(torch.tensor(linear_threshold_init(L, cfg.final_threshold)))
+    lam = cfg.lambda_
+
+    n_batches = len(shard(train_batches(ctx, cfg.batch_size, 0), accelerator))
+    total_steps, n_epochs = steps_plan(n_batches, cfg.epochs)
+    opt, sched = adamw_with_warmup(weight_param_groups(model, cfg.weight_decay), cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
+    th_opt = torch.optim.Adam([thresholds], lr=cfg.threshold_lr)
+    model, opt, sched, th_opt = accelerator.prepare(model, opt, sched, th_opt)
+    thresholds.data = thresholds.data.to(accelerator.device)
+
+    probe = _flops_probe_batches(ctx, "dev", 256, cfg.eval_batch_size) if cfg.target_flops else None
+    control_every = max(1, total_steps // (4 * n_epochs)) if cfg.target_flops else None
+
+    history, step = [], 0
+    for epoch in range(n_epochs):
+        model.train()
+        batches = shard(train_batches(ctx, cfg.batch_size, epoch), accelerator)
+        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
+            if step >= total_steps:
+                break
+            batch = to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                     mode="soft", thresholds=thresholds, temperature=cfg.temperature)
+                loss_task = task_loss(out.logits, batch.labels, ctx.task.num_labels)
+                real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
+                mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
+                loss = loss_task + lam * mask_mean
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            th_opt.step()
+            sched.step()
+            opt.zero_grad()
+            th_opt.zero_grad()
+            step += 1
+            if control_every and step % control_every == 0:
+                rel = _relative_flops(accelerator.unwrap_model(model), probe, _pruning(thresholds))
+                lam = _steer_lambda(lam, rel, cfg.target_flops)
+                model.train()
+        pruning = _pruning(thresholds)
+        metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
+        history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "task_loss": loss_task.item(),
+                        "mask_mean": mask_mean.item(), "lambda": lam, "thresholds": pruning.thresholds,
+                        "metrics": metrics, "relative_flops": cost["relative_flops"]})
+        ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, dev main %.4f, relative FLOPs %.3f, θ %s",
+                     cfg.id, epoch + 1, loss.item(), mask_mean.item(), lam, next(iter(metrics.values()))["main"],
+                     cost["relative_flops"], np.round(pruning.thresholds, 3).tolist())
+
+    final = accelerator.unwrap_model(model)
+    pruning = _pruning(thresholds)
+    calibration = None
+    if cfg.target_flops:
+        sample = _flops_probe_batches(ctx, "train", 1024, cfg.eval_batch_size)
+        pruning, calibration = _calibrate_threshold_scale(final, sample, pruning, cfg.target_flops)
+        ctx.log.info("%s: thresholds scaled by %.4f to reach relative FLOPs %.3f on training inputs", cfg.id, calibration["scale"], calibration["relative_flops"])
+    metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
+    if cfg.target_flops:
+        cost["target_flops"] = cfg.target_flops
+        cost["within_target_tolerance"] = abs(cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
+    if accelerator.is_main_process:
+        save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
+    return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "final_lambda": lam,
+                                                          "pruning": pruning.to_dict(), "calibration": calibration})
+
+
+def _pruning(thresholds: torch.Tensor) -> PruningConfig:
+    return PruningConfig(mode="threshold", thresholds=[float(t) for t in thresholds.detach().cpu()])
+
+
+def _flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int) -> list:
+    """A fixed, seeded sample of inputs (labels unused) for FLOPs measurements."""
+    ts = ctx.data.train if split == "train" else ctx.data.dev[next(iter(ctx.data.dev))]
+    batches = length_bucketed_batches(ts, batch_size, shuffle=True, seed=ctx.seed, pad_token_id=ctx.data.pad_token_id)
+    out, count = [], 0
+    for b in batches:
+        out.append(b)
+        count += b.input_ids.shape[0]
+        if count >= n:
+            break
+    return out
+
+
+@torch.no_grad()
+def _relative_flops(model, batches: list, pruning: PruningConfig) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    shape = EncoderShape.from_config(model.config)
+    kept, lengths = [], []
+    for b in batches:
+        b = to_device(copy.copy(b), device)
+        out = forward_packed(model, b.input_ids, b.attention_mask, b.token_type_ids, pruning, return_kept=True)
+        kept.append(out.kept_tokens.cpu().numpy())
+        lengths.append(b.attention_mask.sum(1).cpu().numpy())
+    kept, lengths = np.concatenate(kept), np.concatenate(lengths)
+    dense = np.repeat(lengths[:, None], shape.num_layers, axis=1)
+    return float(encoder_flops(kept, shape).sum() / encoder_flops(dense, shape).sum())
+
+
+def _steer_lambda(lam: float, rel: float, target: float, gain: float = 4.0) -> float:
+    """Multiplicative controller: more FLOPs than the target -> larger λ, and vice versa."""
+    factor = float(np.clip((rel / target) ** gain, 0.5, 2.0))
+    return max(lam, 1e-4) * factor
+
+
+def _calibrate_threshold_scale(model, batches: list, pruning: PruningConfig, target: float, iters: int = 14):
+    """Bisect one scale s >= 0 on all thresholds (θ -> s·θ) so relative FLOPs on `batches` ≈ target.
+    Relative FLOPs is non-increasing in s up to score ties (s = 0 keeps every token)."""
+    base = np.asarray(pruning.thresholds)
+    if np.all(base <= 0):
+        base = np.ones_like(base) * 1e-3
+
+    def at(s: float) -> float:
+        return _relative_flops(model, batches, PruningConfig(mode="threshold", thresholds=(base * s).tolist()))
+
+    lo, hi = 0.0, 1.0
+    while at(hi) > target and hi < 64:
+        lo, hi = hi, hi * 2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if at(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    scale = hi
+    return (PruningConfig(mode="threshold", thresholds=(base * scale).tolist()),
+            {"scale": scale, "relative_flops": at(scale), "sample_examples": sum(b.input_ids.shape[0] for b in batches)})

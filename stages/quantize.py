@@ -1,0 +1,157 @@
+"""`quantize`: static symmetric INT8 (W8A8) of every Linear, evaluated with real INT8 GEMMs.
+
+1. load the source model + its PruningConfig;
+2. activation scales: calibrate on `calibration_batches` training batches run through the model's
+   packed pruned runtime (or reuse the scales a quant-aware distill stage observed);
+3. convert every nn.Linear to Int8Linear (backend resolved once);
+4. optional accuracy-aware fallback: rank Linear layers by quantisation sensitivity (relative
+   output error of their fake-quantised version on a calibration batch) and keep the most
+   sensitive ones in FP, one at a time, until the dev drop vs the FP model <= max_accuracy_drop;
+5. evaluate with the real INT8 path (packed runtime) and per-op BOPs precision (Linear 8x8,
+   attention matmuls 32x32), report which kernel ran, write the deployable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ltp_compress.kernels import kernel_counters, reset_kernel_counters
+from ltp_compress.modeling.deploy import save_deployable
+from ltp_compress.modeling.quantized import (
+    calibrate, convert_to_int8, fake_quant_weight, fake_quant_per_tensor, int8_precision, linear_names,
+)
+from ltp_compress.pipeline.accounting import Precision
+from ltp_compress.pipeline.data import length_bucketed_batches
+from ltp_compress.pipeline.models import load_stage_model
+from ltp_compress.pipeline.recipe import QuantizeStage
+from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.stages.common import evaluate_all, main_metric, set_seed
+
+ACT_SCALES_FILE = "act_scales.json"  # written by the quant-aware distill stage beside its model
+
+
+def calibration_batches(ctx: StageContext, n_batches: int, batch_size: int) -> list:
+    batches = length_bucketed_batches(ctx.data.train, batch_size, shuffle=True, seed=ctx.seed, pad_token_id=ctx.data.pad_token_id)
+    return batches[:n_batches]
+
+
+def _op_class(name: str) -> str | None:
+    if ".attention.self." in name:
+        return "qkv_proj"
+    if name.endswith("attention.output.dense"):
+        return "out_proj"
+    if name.endswith("intermediate.dense") or (".layer." in name and name.endswith("output.dense")):
+        return "ffn"
+    return None  # pooler / classifier: not in the per-token accounting
+
+
+def precision_for(fp_layers) -> Precision:
+    """Linear W8A8 and attention FP32, with an op class counted at 32 bits if any of its layers
+    was kept in FP by the fallback (conservative)."""
+    bits = dict(int8_precision().bits)
+    for n in fp_layers:
+        op = _op_class(n)
+        if op:
+            bits[op] = (32, 32)
+    return Precision(bits)
+
+
+@torch.no_grad()
+def layer_sensitivity(model, batch, pruning, act_scales: dict[str, float]) -> dict[str, float]:
+    """Relative output error ||fq(y) - y|| / ||y|| of each Linear on one calibration batch, its
+    input and weight fake-quantised with the calibrated scales."""
+    from ltp_compress.modeling.pruned_encoder import forward_packed
+    import torch.nn.functional as F
+
+    errs: dict[str, float] = {}
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(m, args, out):
+            x = args[0]
+            yq = F.linear(fake_quant_per_tensor(x, act_scales[name]), fake_quant_weight(m.weight), m.bias)
+            errs[name] = max(errs.get(name, 0.0), float((yq - out).norm() / out.norm().clamp_min(1e-12)))
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in linear_names(model)]
+    try:
+        forward_packed(model, batch.input_ids, batch.attention_mask, batch.token_type_ids, pruning)
+    finally:
+        for h in handles:
+            h.remove()
+    return errs
+
+
+def _final_dir(out_dir: Path) -> Path:
+    """The stage folder after the runner renames `.tmp-NN-id` into place."""
+    name = out_dir.name
+    return out_dir.with_name(name[len(".tmp-"):]) if name.startswith(".tmp-") else out_dir
+
+
+def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
+    set_seed(ctx.seed)
+    model, tokenizer, pruning = load_stage_model(ctx.source_model, ctx.task)
+    model.eval()
+    calib = calibration_batches(ctx, cfg.calibration_batches, cfg.calibration_batch_size)
+    qat_file = Path(ctx.source_model) / ACT_SCALES_FILE
+    scale_source = "calibration"
+    if cfg.reuse_qat_scales:
+        if not qat_file.is_file():
+            raise ValueError(f"{cfg.id}: reuse_qat_scales is set but {qat_file} does not exist (run distill with quant_aware: true)")
+        act_scales = json.loads(qat_file.read_text())["act_scales"]
+        missing = set(linear_names(model)) - set(act_scales)
+        if missing:
+            raise ValueError(f"{qat_file}: no activation scale for {sorted(missing)}")
+        scale_source = str(qat_file)
+    else:
+        act_scales = calibrate(model, calib, pruning, cfg.observer, cfg.percentile)
+
+    fp_layers: list[str] = []
+    fallback = None
+    if cfg.max_accuracy_drop is not None:
+        fp_metrics, _ = evaluate_all(model, ctx, pruning, cfg.eval_batch_size)
+        fp_main = main_metric(fp_metrics)
+        sens = layer_sensitivity(model, calib[0], pruning, act_scales)
+        ranked = sorted(sens, key=sens.get, reverse=True)
+        trials = []
+        while True:
+            qmodel, _ = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
+            m, _ = evaluate_all(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision_for(fp_layers))
+            drop = fp_main - main_metric(m)
+            trials.append({"fp_layers": list(fp_layers), "dev_main": main_metric(m), "drop": drop})
+            ctx.log.info("%s: %d layer(s) in FP -> dev main %.4f (drop %.4f)", cfg.id, len(fp_layers), main_metric(m), drop)
+            if drop <= cfg.max_accuracy_drop or len(fp_layers) >= min(cfg.max_fallback_layers, len(ranked)):
+                break
+            fp_layers.append(ranked[len(fp_layers)])
+        fallback = {"fp_main": fp_main, "budget": cfg.max_accuracy_drop, "sensitivity": sens, "trials": trials,
+                    "met_budget": trials[-1]["drop"] <= cfg.max_accuracy_drop}
+
+    qmodel, info = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
+    info.observer = cfg.observer if scale_source == "calibration" else "qat-ema"
+    info.percentile = cfg.percentile if cfg.observer == "percentile" else None
+    info.calibration_batches = len(calib) if scale_source == "calibration" else 0
+    precision = precision_for(fp_layers)
+    reset_kernel_counters()
+    metrics, cost = evaluate_all(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision)
+    counters = kernel_counters()
+    ctx.log.info("%s: INT8 backend %s, kernels run: %s", cfg.id, info.backend, counters)
+    deploy_dir = ctx.out_dir / "model"
+    save_deployable(qmodel, tokenizer, pruning, info, deploy_dir, max_seq_length=ctx.recipe.data.max_seq_length)
+    extra = {
+        "kernel": {"backend": info.backend, "counters": counters},
+        "deploy_dir": str(_final_dir(ctx.out_dir) / "model"),
+        "act_scale_source": scale_source,
+        "observer": info.observer,
+        "int8_layers": len(linear_names(model)) - len(fp_layers),
+        "fp_layers": fp_layers,
+        "attention_matmuls": "fp32",
+        "fused_gelu": len(info.fused_gelu),
+        "pruning": pruning.to_dict(),
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+    }
+    if fallback is not None:
+        extra["fallback"] = fallback
+    return StageResult(metrics=metrics, cost=cost, extra=extra)

@@ -1,0 +1,338 @@
+"""Tests for ltp_compress.kernels.int8_linear (CPU; GPU tests are marked and skipped without CUDA).
+
+Tolerance for dequantised outputs (all backends vs the float64-epilogue reference on the SAME
+int8 inputs): max|y - y_ref| <= 1e-5 * max|y_ref| + 1e-6. The int32 accumulation itself is
+checked bit-exactly (raw accumulators for reference / cpu_int_mm; for every backend via unit
+scales and no bias: the fp32 output must equal the exact accumulator rounded once to fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltp_compress import kernels as K
+
+CPU_BACKENDS = [b for b in ("reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm")]
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _avail(backend: str, device: str = "cpu") -> bool:
+    return K.backend_unavailable_reason(backend, device) is None
+
+
+def _skip_unavailable(backend: str, device: str = "cpu") -> None:
+    reason = K.backend_unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _make(m_shape, k, n, backend, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*m_shape, k, generator=g)  # [..., K]
+    w = torch.randn(n, k, generator=g) * 0.05  # [N, K]
+    b = torch.randn(n, generator=g) if bias else None  # [N]
+    w_q, w_scale = K.quantize_per_channel_symmetric(w, qmax=K.weight_qmax(backend))
+    x_scale = float(x.abs().max()) / 127
+    return x, x_scale, w_q, w_scale, b
+
+
+def _assert_close(y, ref):
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y.double() - ref.double()).abs().max().item() if y.numel() else 0.0
+    bound = RTOL * ref.abs().max().item() + ATOL if y.numel() else 0.0
+    assert err <= bound, f"max abs diff {err:.3g} > {bound:.3g}"
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+
+@pytest.mark.parametrize("qmax", [127, 63])
+def test_per_channel_roundtrip_bound(qmax):
+    w = torch.randn(96, 200) * torch.logspace(-3, 1, 96)[:, None]
+    w[5] = 0.0  # all-zero row must not produce NaN
+    w_q, scale = K.quantize_per_channel_symmetric(w, qmax=qmax)
+    assert w_q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (96,)
+    assert int(w_q.abs().max()) <= qmax
+    assert torch.all(w_q.abs().amax(1)[torch.arange(96) != 5] == qmax)  # row max hits qmax
+    err = (w - w_q.float() * scale[:, None]).abs()
+    assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-12)
+    assert torch.all(w_q[5] == 0)
+
+
+def test_per_tensor_quant_half_even_and_clamp():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 1000.0, -1000.0, 126.6])
+    q = K.quantize_per_tensor_symmetric(x, 1.0)
+    assert q.dtype == torch.int8
+    assert q.tolist() == [0, 2, 2, 0, -2, 127, -127, 127]
+    assert K.quantize_per_tensor_symmetric(x, torch.tensor(1.0)).tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("zp,dtype", [(0, torch.int8), (128, torch.uint8)])
+def test_hot_path_quantiser_bit_identical(zp, dtype):
+    """The fast CPU quantiser used by int8_linear == quantize_per_tensor_symmetric (+ zp),
+    including exact .5 ties (half-to-even), clamping and +-inf."""
+    from ltp_compress.kernels.int8_linear import _quantize_fast
+
+    s = 0.0371
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s
+    x = torch.cat([ties, torch.randn(50_000) * s * 60, torch.tensor([1e30, -1e30, float("inf"), -float("inf"), 0.0, -0.0])])
+    q = _quantize_fast(x, s, zp, dtype)
+    ref = (K.quantize_per_tensor_symmetric(x, s).to(torch.int16) + zp).to(dtype)
+    assert q.dtype == dtype and torch.equal(q, ref)
+    x2 = torch.randn(6, 10).t()  # non-contiguous input
+    assert torch.equal(_quantize_fast(x2, s, zp, dtype), (K.quantize_per_tensor_symmetric(x2, s).to(torch.int16) + zp).to(dtype))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_import_does_not_probe_hardware():
+    code = (
+        "import ltp_compress.kernels as K; "
+        "assert K.int8_linear.__module__; "
+        "from ltp_compress.kernels.int8_linear import cpu_isa; "
+        "assert cpu_isa.cache_info().currsize == 0, 'probed at import'; print('OK')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_resolve_backend_auto_and_errors():
+    isa = K.cpu_isa()
+    expected = "cpu_vnni" if isa["vnni"] else ("cpu_avx2" if isa["avx2"] else "reference")
+    assert K.resolve_backend("auto", "cpu") == expected
+    with pytest.raises(ValueError):
+        K.resolve_backend("nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            K.resolve_backend("cuda", "cpu")
+        with pytest.raises(RuntimeError):
+            K.resolve_backend("cuda", "cuda")
+        with pytest.raises(RuntimeError):
+            K.pack_weight(torch.zeros(8, 8, dtype=torch.int8), torch.ones(8), None, "cuda")
+    with pytest.raises(RuntimeError):
+        K.resolve_backend("cpu_vnni", "meta")
+    if not isa["vnni"]:
+        with pytest.raises(RuntimeError):
+            K.resolve_backend("cpu_vnni", "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 64, 48), (17, 384, 1536), (64, 1536, 384), (5, 30, 33)])
+def test_int32_accumulators_bit_exact(backend, shape):
+    """Raw accumulators (reference, cpu_int_mm) or unit-scale fp32 output (oneDNN) == exact."""
+    _skip_unavailable(backend)
+    m, k, n = shape
+    qmax = K.weight_qmax(backend)
+    g = torch.Generator().manual_seed(m * 7 + k)
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8, generator=g)
+    x_q[0] = 127  # worst-case row: every product at its maximum
+    w_q[0] = qmax
+    exact = x_q.to(torch.int64) @ w_q.to(torch.int64).T  # [M, N]
+    if backend in ("reference", "cpu_int_mm"):
+        acc = K.int8_matmul_int32(x_q, w_q, backend)
+        assert acc.dtype == torch.int32 and torch.equal(acc.to(torch.int64), exact)
+    else:
+        with pytest.raises(NotImplementedError):
+            K.int8_matmul_int32(x_q, w_q, backend)
+    packed = K.pack_weight(w_q, torch.ones(n), None, backend)
+    y = K.int8_linear(x_q.float(), 1.0, packed)  # quantises x_q.float() back to x_q exactly
+    # exact int32 accumulator, rounded once to fp32 (identity while |acc| < 2^24)
+    assert torch.equal(y, exact.to(torch.float32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fuse_gelu", [False, True])
+@pytest.mark.parametrize(
+    "m_shape,k,n", [((1,), 32, 32), ((3,), 32, 32), ((3,), 384, 1536), ((2, 7), 768, 96), ((130,), 1536, 384)]
+)
+def test_backend_matches_reference(backend, bias, fuse_gelu, m_shape, k, n):
+    _skip_unavailable(backend)
+    x, x_scale, w_q, w_scale, b = _make(m_shape, k, n, backend, bias=bias)
+    packed = K.pack_weight(w_q, w_scale, b, backend)
+    y = K.int8_linear(x, x_scale, packed, fuse_gelu=fuse_gelu)  # [..., N]
+    assert y.shape == (*m_shape, n)
+    x_q = K.quantize_per_tensor_symmetric(x, x_scale)
+    ref = K.int8_linear_reference(x_q, x_scale, w_q, w_scale, b, fuse_gelu=fuse_gelu)
+    _assert_close(y, ref)
+    # and the int8 layer approximates the float layer (sanity on the dequant epilogue)
+    w = w_q.float() * w_scale[:, None]
+    fp = F.linear(x, w, b)
+    if fuse_gelu:
+        fp = F.gelu(fp)
+    assert (y - fp).abs().max() < 0.05 * fp.abs().max() + 1e-3
+
+
+def test_reference_is_exact_against_float64():
+    x, x_scale, w_q, w_scale, b = _make((9,), 3072, 40, "reference")
+    x_q = K.quantize_per_tensor_symmetric(x, x_scale)
+    y = K.int8_linear_reference(x_q, x_scale, w_q, w_scale, b, fuse_gelu=True)
+    acc = x_q.double() @ w_q.double().T
+    exp = F.gelu(acc * x_scale * w_scale.double() + b.double()).float()
+    assert torch.equal(y, exp)
+
+
+def test_avx2_weight_range_enforced():
+    _skip_unavailable("cpu_avx2")
+    w_q = torch.full((8, 16), 100, dtype=torch.int8)
+    with pytest.raises(ValueError, match="63"):
+        K.pack_weight(w_q, torch.ones(8), None, "cpu_avx2")
+
+
+# ----------------------------------------------------------------------------- which kernel ran
+
+
+@pytest.mark.parametrize(
+    "backend,kernel",
+    [("cpu_vnni", "onednn_qlinear_u8s8"), ("cpu_avx2", "onednn_qlinear_u8s8_w7"), ("cpu_int_mm", "int_mm_s8s8"), ("reference", "reference")],
+)
+def test_kernel_counters(backend, kernel):
+    _skip_unavailable(backend)
+    x, x_scale, w_q, w_scale, b = _make((4, 8), 64, 32, backend)
+    packed = K.pack_weight(w_q, w_scale, b, backend)
+    K.reset_kernel_counters()
+    K.int8_linear(x, x_scale, packed)
+    K.int8_linear(x, x_scale, packed, fuse_gelu=True)
+    c = K.kernel_counters()
+    assert c == {kernel: 2}, c  # exactly that kernel, nothing else (no silent fallback)
+
+
+def test_module_from_float_forward_and_repr():
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    x_scale = float(x.abs().max()) / 127
+    for backend in [b for b in CPU_BACKENDS if _avail(b)] + ["auto"]:
+        mod = K.Int8Linear.from_float(lin, x_scale, backend=backend, fuse_gelu=True)
+        assert mod.backend != "auto" and f"backend={mod.backend}" in repr(mod)
+        y = mod(x)
+        assert y.shape == (2, 5, 48)
+        x_q = K.quantize_per_tensor_symmetric(x, x_scale)
+        ref = K.int8_linear_reference(x_q, x_scale, mod.w_q, mod.w_scale, mod.bias, fuse_gelu=True)
+        _assert_close(y, ref)
+        # state_dict round trip rebuilds the packed weight
+        mod2 = K.Int8Linear(torch.zeros_like(mod.w_q), torch.ones(48), torch.zeros(48), 1.0, backend=mod.backend, fuse_gelu=True)
+        mod2(x)  # packs the zero weight
+        mod2.load_state_dict(mod.state_dict())
+        assert torch.equal(mod2(x), y)
+    assert set(mod.state_dict()) == {"w_q", "w_scale", "bias", "x_scale"}
+
+
+def test_cpu_vnni_runs_onednn_op_profiler():
+    """The cpu_vnni path calls onednn::qlinear_pointwise with a uint8 activation (the fast
+    u8 x s8 kernel), not a signed-int8 source (oneDNN's slow ref_int8 kernel)."""
+    _skip_unavailable("cpu_vnni")
+    x, x_scale, w_q, w_scale, b = _make((16,), 64, 32, "cpu_vnni")
+    packed = K.pack_weight(w_q, w_scale, b, "cpu_vnni")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        K.int8_linear(x, x_scale, packed, fuse_gelu=True)
+    events = [e for e in prof.events() if e.name == "onednn::qlinear_pointwise"]
+    assert len(events) == 1
+    assert not any(e.name in ("aten::_int_mm", "aten::mm") for e in prof.events())
+    assert events[0].input_dtypes[0] == "unsigned char", events[0].input_dtypes  # uint8 source
+
+
+_VERBOSE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from ltp_compress import kernels as K
+    backend = K.resolve_backend("{backend}")
+    print("RESOLVED", backend, K.resolve_backend("auto"), flush=True)
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 64, 384, 256
+    qmax = K.weight_qmax(backend)
+    x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-qmax, qmax + 1, (n, k), dtype=torch.int8, generator=g)
+    x_q[0] = 127; w_q[0] = qmax; x_q[1] = -127
+    packed = K.pack_weight(w_q, torch.ones(n), None, backend)
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        y = K.int8_linear(x_q.float(), 1.0, packed)
+    exact = (x_q.double() @ w_q.double().T)
+    print("EXACT", bool(torch.equal(y.double(), exact)), flush=True)
+    """
+)
+
+
+def _run_verbose(backend: str, env_extra: dict) -> str:
+    env = dict(os.environ, **env_extra)
+    env.pop("ONEDNN_VERBOSE", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _VERBOSE_SCRIPT.format(backend=backend)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def _exec_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith("onednn_verbose") and ",exec," in ln and ",matmul," in ln]
+
+
+def test_cpu_vnni_onednn_implementation_is_not_reference():
+    """oneDNN verbose log: the matmul primitive is a JIT VNNI kernel with a u8 source, never
+    'ref_int8' (the ~1000x slower path signed activations take)."""
+    _skip_unavailable("cpu_vnni")
+    out = _run_verbose("cpu_vnni", {})
+    lines = _exec_lines(out)
+    assert lines, out
+    for ln in lines:
+        assert "ref" not in ln.split(",")[6], ln  # implementation field
+        assert "src:u8" in ln, ln
+    assert "vnni" in lines[0] or "amx" in lines[0], lines[0]
+    assert "EXACT True" in out
+
+
+def test_cpu_avx2_real_avx2_kernel_is_exact():
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 oneDNN really runs its non-VNNI u8 x s8 kernel
+    (vpmaddubsw, int16 saturation); with 7-bit weights the result must still be exact, and
+    'auto' must pick cpu_avx2 because cpu_isa() honours the cap."""
+    if not _avail("cpu_avx2"):
+        pytest.skip(K.backend_unavailable_reason("cpu_avx2"))
+    out = _run_verbose("cpu_avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert "RESOLVED cpu_avx2 cpu_avx2" in out, out
+    lines = _exec_lines(out)
+    assert lines, out
+    for ln in lines:
+        impl = ln.split(",")[6]
+        assert "ref" not in impl and "vnni" not in impl and "avx512" not in impl, ln
+    assert "EXACT True" in out, out
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 30, 33), (17, 384, 1536), (256, 768, 3072)])
+@pytest.mark.parametrize("fuse_gelu", [False, True])
+def test_cuda_matches_reference(shape, fuse_gelu):
+    m, k, n = shape
+    x, x_scale, w_q, w_scale, b = _make((m,), k, n, "cuda")
+    x, w_q, w_scale, b = x.cuda(), w_q.cuda(), w_scale.cuda(), b.cuda()
+    acc = K.int8_matmul_int32(K.quantize_per_tensor_symmetric(x, x_scale), w_q, "cuda")
+    x_q = K.quantize_per_tensor_symmetric(x, x_scale)
+    assert torch.equal(acc.cpu().long(), x_q.cpu().long() @ w_q.cpu().long().T)
+    packed = K.pack_weight(w_q, w_scale, b, "cuda")
+    K.reset_kernel_counters()
+    y = K.int8_linear(x, x_scale, packed, fuse_gelu=fuse_gelu)
+    assert K.kernel_counters() == {"cuda_int_mm": 1}
+    ref = K.int8_linear_reference(x_q, x_scale, w_q, w_scale, b, fuse_gelu=fuse_gelu)
+    _assert_close(y, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_and_module():
+    assert K.resolve_backend("auto", "cuda") == "cuda"
+    lin = torch.nn.Linear(64, 48).cuda()
+    x = torch.randn(4, 5, 64, device="cuda")
+    mod = K.Int8Linear.from_float(lin, float(x.abs().max()) / 127, backend="auto")
+    assert mod.backend == "cuda" and mod(x).shape == (4, 5, 48)

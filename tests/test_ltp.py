@@ -1,0 +1,401 @@
+"""Learned Token Pruning forward passes (modeling/pruned_encoder.py).
+
+Reference: `forward_masked` (padded batch, pruned tokens masked out of attention). The packed
+path (`forward_packed`, pruned tokens physically removed) must give the same logits on the same
+inputs. Tolerance for packed vs masked and for dense vs Hugging Face: atol 1e-5 on logits in
+float32 (the two paths run the same ops on the same values; only the matmul shapes — and so the
+summation order inside BLAS — differ, which moves float32 results by ~1e-7).
+
+Random tiny models with the default init (std 0.02) have almost uniform attention (every score
+≈ 1.0 ± 0.005), so thresholds would sit on top of near-ties. The 4-layer models below use
+initializer_range 0.2, which spreads scores over ~0.5..2, and every threshold test first checks
+that no score lies within 1e-5 of its threshold (scores differ between the two paths by ~1e-7, so
+a kept/pruned decision cannot flip by rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ltp_compress.modeling.pruned_encoder import (
+    PruningConfig, encoder_layers, forward_masked, forward_packed, linear_threshold_init, topk_keep_ratios,
+)
+
+ATOL = 1e-5
+
+TEXTS = [
+    "it 's a charming and often affecting journey .",
+    "bleak",
+    "the part where nothing 's happening , and it goes on and on for a while before the end",
+    "lend some dignity to a dumb story",
+    "a gorgeous , witty , seductive movie .",
+]
+
+
+def _tok(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _hf_model(folder):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def _deep_model(folder, layers=4, init=0.2, seed=0):
+    """A random model with the folder's config but `layers` layers and a wide init (spread scores)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.num_hidden_layers = layers
+    cfg.initializer_range = init
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
+
+
+def _batch(folder, texts=TEXTS):
+    enc = _tok(folder)(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta"])
+def deep(request, tiny_bert, tiny_roberta):
+    folder = tiny_bert if request.param == "bert" else tiny_roberta
+    return _deep_model(folder), _batch(folder)
+
+
+def _masked_trace(model, ids, mask, tt, **kw):
+    """Run forward_masked and record, per layer, the attention probabilities (via a hook on the
+    attention dropout, which receives them). From them: the keep mask entering each layer (a key
+    column is present iff the always-present [CLS] query gives it non-zero probability) and the
+    importance score of each token (mean over heads, summed over present queries)."""
+    probs = []
+    hooks = [l.attention.self.dropout.register_forward_hook(lambda m, i, o: probs.append(i[0].detach()))
+             for l in encoder_layers(model)]
+    try:
+        with torch.no_grad():
+            out = forward_masked(model, ids, mask, tt, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    heads = model.config.num_attention_heads
+    alive = [(p[:, 0, 0, :] > 0) & mask.bool() for p in probs]  # [b, s] per layer
+    scores = [(p * a[:, None, :, None].to(p.dtype)).sum(dim=(1, 2)) / heads for p, a in zip(probs, alive)]
+    return out, alive, scores
+
+
+# ----------------------------------------------------------------------------- (a) dense == HF
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_dense_masked_equals_hf_logits(kind, tiny_bert, tiny_roberta):
+    folder = tiny_bert if kind == "bert" else tiny_roberta
+    model = _hf_model(folder)
+    ids, mask, tt = _batch(folder)
+    assert mask.sum(1).min() < mask.shape[1]  # the batch really has padding
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        out = forward_masked(model, ids, mask, tt, mode="dense")
+    assert out.logits.shape == ref.shape == (len(TEXTS), 2)
+    torch.testing.assert_close(out.logits, ref, atol=ATOL, rtol=0)
+    # dense: every real token enters every layer
+    assert out.kept_tokens.tolist() == [[n] * model.config.num_hidden_layers for n in mask.sum(1).tolist()]
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_dense_equals_hf_on_wide_4_layer_model(kind, tiny_bert, tiny_roberta):
+    folder = tiny_bert if kind == "bert" else tiny_roberta
+    model = _deep_model(folder)
+    ids, mask, tt = _batch(folder)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        dense = forward_masked(model, ids, mask, tt, mode="dense").logits
+        packed = forward_packed(model, ids, mask, tt, PruningConfig()).logits
+    torch.testing.assert_close(dense, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(packed, ref, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- (b) packed == masked
+
+
+THRESHOLDS = [0.9, 1.0, 1.1, 1.2]
+
+
+def test_packed_threshold_equals_masked_hard(deep):
+    model, (ids, mask, tt) = deep
+    th = torch.tensor(THRESHOLDS)
+    ref, alive, scores = _masked_trace(model, ids, mask, tt, mode="hard", thresholds=th)
+    # setup sanity: no score within 1e-5 of its threshold for a present token (no rounding flips)
+    L = len(THRESHOLDS)
+    for l in range(L - 1):
+        margin = (scores[l] - THRESHOLDS[l]).abs()[alive[l]]
+        assert float(margin.min()) > 1e-5
+    out = forward_packed(model, ids, mask, tt, PruningConfig(mode="threshold", thresholds=THRESHOLDS), return_kept=True)
+    lengths = mask.sum(1)
+    # tokens really are pruned, for several examples and at several depths
+    assert (out.kept_tokens[:, -1] < lengths).sum() >= 3
+    assert (out.kept_tokens[:, 1:] < out.kept_tokens[:, :-1]).any()
+    assert out.kept_tokens[:, 0].tolist() == lengths.tolist()
+    assert out.kept_tokens.tolist() == ref.kept_tokens.tolist()
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+    # and pruning changed the result (the comparison is not dense vs dense)
+    dense = forward_masked(model, ids, mask, tt, mode="dense").logits.detach()
+    assert (dense - ref.logits).abs().max() > 1e-3
+
+
+def test_packed_topk_equals_masked_topk(deep):
+    model, (ids, mask, tt) = deep
+    ratios = [0.8, 0.6, 0.4, 0.4]
+    with torch.no_grad():
+        ref = forward_masked(model, ids, mask, tt, mode="topk", keep_ratios=ratios)
+    out = forward_packed(model, ids, mask, tt, PruningConfig(mode="topk", keep_ratios=ratios), return_kept=True)
+    lengths = mask.sum(1)
+    # kept after layer l = ceil(ratio_l * n0), capped by what was present, and at least 1
+    expect = [[int(n)] for n in lengths.tolist()]
+    for row, n in zip(expect, lengths.tolist()):
+        for r in ratios[:-1]:
+            row.append(min(row[-1], max(1, math.ceil(n * r))))
+    assert out.kept_tokens.tolist() == expect
+    assert ref.kept_tokens.tolist() == expect
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+
+
+def test_forward_for_pruning_packed_and_masked_agree(tiny_bert):
+    from ltp_compress.modeling.pruned_encoder import forward_for_pruning
+
+    model = _deep_model(tiny_bert)
+    ids, mask, tt = _batch(tiny_bert)
+
+    class B:
+        pass
+
+    b = B()
+    b.input_ids, b.attention_mask, b.token_type_ids = ids, mask, tt
+    cfg = PruningConfig(mode="threshold", thresholds=THRESHOLDS)
+    packed = forward_for_pruning(model, b, cfg, packed=True, return_kept=True)
+    with torch.no_grad():
+        masked = forward_for_pruning(model, b, cfg, packed=False)
+    assert packed.kept_tokens.tolist() == masked.kept_tokens.tolist()
+    torch.testing.assert_close(packed.logits, masked.logits, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- (c) soft gradient
+
+
+def _soft_loss(model, ids, mask, tt, thresholds, labels, lam, temperature=0.1):
+    out = forward_masked(model, ids, mask, tt, mode="soft", thresholds=thresholds, temperature=temperature)
+    real = mask.to(out.soft_masks[0].dtype)
+    mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
+    return torch.nn.functional.cross_entropy(out.logits, labels) + lam * mask_mean, out
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_soft_mask_gradient_reaches_thresholds(kind, tiny_bert, tiny_roberta):
+    folder = tiny_bert if kind == "bert" else tiny_roberta
+    model = _deep_model(folder).double()
+    ids, mask, tt = _batch(folder)
+    labels = torch.tensor([1, 0, 0, 1, 1])
+    th = torch.tensor(linear_threshold_init(4, 1.28), dtype=torch.float64, requires_grad=True)
+    loss, out = _soft_loss(model, ids, mask, tt, th, labels, lam=0.1)
+    assert len(out.soft_masks) == 4  # soft mode masks every layer (incl. the last, for the loss)
+    loss.backward()
+    g = th.grad
+    assert g is not None and torch.isfinite(g).all()
+    assert (g.abs() > 1e-8).all(), g
+    # the gradient is the true derivative: central finite differences in float64
+    eps = 1e-5
+    for l in range(4):
+        with torch.no_grad():
+            hi, lo = th.detach().clone(), th.detach().clone()
+            hi[l] += eps
+            lo[l] -= eps
+            fd = (_soft_loss(model, ids, mask, tt, hi, labels, 0.1)[0] - _soft_loss(model, ids, mask, tt, lo, labels, 0.1)[0]) / (2 * eps)
+        assert float(g[l]) == pytest.approx(float(fd), rel=1e-4, abs=1e-9)
+
+
+def test_soft_mask_loss_alone_pushes_thresholds_up(tiny_bert):
+    """With only the λ·mean-mask term, raising the last threshold can only lower the loss."""
+    model = _deep_model(tiny_bert)
+    ids, mask, tt = _batch(tiny_bert)
+    th = torch.tensor(linear_threshold_init(4, 1.28), requires_grad=True)
+    out = forward_masked(model, ids, mask, tt, mode="soft", thresholds=th, temperature=0.1)
+    real = mask.float()
+    torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean().backward()
+    assert th.grad[-1] < 0
+    assert th.grad.sum() < 0
+
+
+# ----------------------------------------------------------------------------- (d) pruned stays pruned
+
+
+def test_packed_rows_entering_each_layer_non_increasing(deep):
+    model, (ids, mask, tt) = deep
+    rows = []
+    hooks = [l.attention.self.query.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+             for l in encoder_layers(model)]
+    try:
+        out = forward_packed(model, ids, mask, tt, PruningConfig(mode="threshold", thresholds=THRESHOLDS), return_kept=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(rows) == 4
+    # the Linear layers see exactly the surviving tokens of the whole batch (packed, no padding)
+    assert rows == out.kept_tokens.sum(0).tolist()
+    assert rows[0] == int(mask.sum())
+    assert all(a >= b for a, b in zip(rows, rows[1:]))
+    assert rows[-1] < rows[0]
+    k = out.kept_tokens
+    assert bool((k[:, 1:] <= k[:, :-1]).all())
+
+
+def test_masked_hard_keep_masks_non_increasing_per_token(deep):
+    model, (ids, mask, tt) = deep
+    # thresholds that are NOT monotone in depth: a token pruned early would come back if the rule
+    # were applied per layer without the cumulative mask
+    th = [1.2, 0.6, 1.1, 0.5]
+    out, alive, scores = _masked_trace(model, ids, mask, tt, mode="hard", thresholds=torch.tensor(th))
+    assert alive[0].tolist() == mask.bool().tolist()
+    for l in range(1, 4):
+        assert not bool((alive[l] & ~alive[l - 1]).any()), f"token revived at layer {l}"
+        # position 0 always present
+        assert bool(alive[l][:, 0].all())
+    # some token has a score above layer-1's low threshold but was pruned at layer 0 -> stays out
+    revivable = (~alive[1]) & mask.bool() & (scores[1] > th[1])
+    # scores of pruned tokens are zero (no present query attends to them)
+    assert float(scores[1][~alive[1] & mask.bool()].abs().max()) == 0.0
+    assert int((~alive[1] & mask.bool()).sum()) > 0
+    assert not bool(revivable.any())
+    assert out.kept_tokens.tolist() == torch.stack([a.sum(1) for a in alive], 1).tolist()
+    packed = forward_packed(model, ids, mask, tt, PruningConfig(mode="threshold", thresholds=th), return_kept=True)
+    assert packed.kept_tokens.tolist() == out.kept_tokens.tolist()
+    torch.testing.assert_close(packed.logits, out.logits, atol=ATOL, rtol=0)
+
+
+def test_soft_masks_cumulative_non_increasing(deep):
+    model, (ids, mask, tt) = deep
+    with torch.no_grad():
+        out = forward_masked(model, ids, mask, tt, mode="soft", thresholds=torch.tensor(THRESHOLDS), temperature=0.1)
+    real = mask.bool()
+    prev = mask.float()
+    for m in out.soft_masks:
+        assert bool((m[real] <= prev[real] + 1e-7).all())
+        assert bool((m >= 0).all())
+        prev = m
+    assert float(out.soft_masks[-1][real].min()) < 0.5  # something is (softly) pruned
+
+
+# ----------------------------------------------------------------------------- (e) [CLS] never pruned
+
+
+def test_cls_never_pruned_with_huge_threshold(deep):
+    model, (ids, mask, tt) = deep
+    huge = [1e6] * 4
+    out = forward_packed(model, ids, mask, tt, PruningConfig(mode="threshold", thresholds=huge), return_kept=True)
+    b = ids.shape[0]
+    assert out.kept_tokens[:, 0].tolist() == mask.sum(1).tolist()
+    assert out.kept_tokens[:, 1:].tolist() == [[1, 1, 1]] * b
+    assert out.logits.shape == (b, 2) and torch.isfinite(out.logits).all()
+    ref, alive, _ = _masked_trace(model, ids, mask, tt, mode="hard", thresholds=torch.tensor(huge))
+    for l in range(1, 4):
+        assert alive[l].sum(1).tolist() == [1] * b and bool(alive[l][:, 0].all())
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+    # soft mode: the [CLS] mask stays exactly 1
+    with torch.no_grad():
+        soft = forward_masked(model, ids, mask, tt, mode="soft", thresholds=torch.tensor(huge), temperature=0.1)
+    for m in soft.soft_masks:
+        assert m[:, 0].tolist() == [1.0] * b
+        assert float(m[:, 1:].max()) < 1e-6
+    assert torch.isfinite(soft.logits).all()
+
+
+def test_topk_tiny_ratio_keeps_only_cls(deep):
+    model, (ids, mask, tt) = deep
+    out = forward_packed(model, ids, mask, tt, PruningConfig(mode="topk", keep_ratios=[1e-6] * 4), return_kept=True)
+    assert out.kept_tokens[:, 1:].tolist() == [[1, 1, 1]] * ids.shape[0]
+    with torch.no_grad():
+        ref = forward_masked(model, ids, mask, tt, mode="topk", keep_ratios=[1e-6] * 4)
+    torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- (f) padding independence
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_scores_independent_of_batch_padding(deep, mode):
+    model, (ids, mask, tt) = deep
+    lengths = mask.sum(1)
+    short, long_ = int(lengths.argmin()), int(lengths.argmax())
+    assert lengths[short] < lengths[long_]
+    cfg = (PruningConfig(mode="threshold", thresholds=THRESHOLDS) if mode == "threshold"
+           else PruningConfig(mode="topk", keep_ratios=[0.7, 0.5, 0.3, 0.3]))
+    n = int(lengths[short])
+    alone = [t[short:short + 1, :n] if t is not None else None for t in (ids, mask, tt)]
+    pair = [t[[short, long_]] if t is not None else None for t in (ids, mask, tt)]
+    a = forward_packed(model, *alone, cfg, return_kept=True)
+    p = forward_packed(model, *pair, cfg, return_kept=True)
+    assert p.kept_tokens[0].tolist() == a.kept_tokens[0].tolist()
+    torch.testing.assert_close(p.logits[0], a.logits[0], atol=ATOL, rtol=0)
+    mode_m = "hard" if mode == "threshold" else "topk"
+    kw = dict(thresholds=torch.tensor(THRESHOLDS)) if mode == "threshold" else dict(keep_ratios=cfg.keep_ratios)
+    with torch.no_grad():
+        am = forward_masked(model, *alone, mode=mode_m, **kw)
+        pm = forward_masked(model, *pair, mode=mode_m, **kw)
+    assert pm.kept_tokens[0].tolist() == am.kept_tokens[0].tolist() == a.kept_tokens[0].tolist()
+    torch.testing.assert_close(pm.logits[0], am.logits[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(pm.logits[0], a.logits[0], atol=ATOL, rtol=0)
+    if mode == "threshold":
+        assert a.kept_tokens[0, -1] < n  # the short example itself is pruned
+
+
+def test_soft_scores_independent_of_batch_padding(deep):
+    model, (ids, mask, tt) = deep
+    lengths = mask.sum(1)
+    short, long_ = int(lengths.argmin()), int(lengths.argmax())
+    n = int(lengths[short])
+    th = torch.tensor(THRESHOLDS)
+    with torch.no_grad():
+        a = forward_masked(model, *[t[short:short + 1, :n] if t is not None else None for t in (ids, mask, tt)],
+                           mode="soft", thresholds=th, temperature=0.1)
+        p = forward_masked(model, *[t[[short, long_]] if t is not None else None for t in (ids, mask, tt)],
+                           mode="soft", thresholds=th, temperature=0.1)
+    for ma, mp in zip(a.soft_masks, p.soft_masks):
+        torch.testing.assert_close(mp[0, :n], ma[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(p.logits[0], a.logits[0], atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- (g) schedules
+
+
+def test_linear_threshold_init_values():
+    assert linear_threshold_init(4, 1.28) == pytest.approx([0.32, 0.64, 0.96, 1.28])
+    assert linear_threshold_init(1, 0.5) == pytest.approx([0.5])
+    th = linear_threshold_init(12, 1.28)
+    assert len(th) == 12 and th[-1] == pytest.approx(1.28) and th[0] == pytest.approx(1.28 / 12)
+    assert all(b > a for a, b in zip(th, th[1:]))
+
+
+def test_topk_keep_ratios_values():
+    # L=6, 3 dense layers: fraction entering layers 0..5 = 1, 1, 1, 1-0.7/3, 1-1.4/3, 0.3;
+    # keep_ratios[l] = fraction entering layer l+1 (last entry = final ratio)
+    r = topk_keep_ratios(6, 0.3, 3)
+    assert r == pytest.approx([1.0, 1.0, 1 - 0.7 / 3, 1 - 1.4 / 3, 0.3, 0.3])
+    # no dense layers: decays from the start
+    assert topk_keep_ratios(4, 0.2, 0) == pytest.approx([1 - 0.8 * 2 / 4, 1 - 0.8 * 3 / 4, 0.2, 0.2])
+    # dense_layers >= L is clamped to L-1 (the last layer still reaches the final ratio)
+    assert topk_keep_ratios(2, 0.5, 3) == pytest.approx([0.5, 0.5])
+    r12 = topk_keep_ratios(12, 0.3, 3)
+    assert len(r12) == 12 and r12[-2] == pytest.approx(0.3)
+    assert all(b <= a for a, b in zip(r12, r12[1:]))
+
+
+def test_pruning_config_roundtrip():
+    cfg = PruningConfig(mode="threshold", thresholds=[0.5, 1.0])
+    d = cfg.to_dict()
+    assert d == {"mode": "threshold", "thresholds": [0.5, 1.0], "keep_ratios": None}
+    assert PruningConfig.from_dict(d) == cfg
+    assert PruningConfig.from_dict(None) == PruningConfig()
