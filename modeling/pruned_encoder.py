@@ -119,7 +119,10 @@ def classifier_head(model: nn.Module, h_cls: torch.Tensor) -> torch.Tensor:
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-    """Embedding-layer output [b, s, d] (HF module: RoBERTa derives positions from input_ids)."""
+    """Embedding-layer output [b, s, d] (HF module: RoBERTa derives positions from input_ids).
+    Models with a single token type (RoBERTa) ignore segment ids a BERT-style tokenizer may give."""
+    if model.config.type_vocab_size == 1:
+        token_type_ids = None
     return base_model(model).embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
 
 
@@ -226,6 +229,7 @@ class PackedLayout:
     lengths: torch.Tensor  # [b] tokens per sequence
     flat_index: torch.Tensor  # [T] row r of packed -> b_r * max_len + pos_r
     max_len: int
+    full: bool = False  # every sequence has max_len tokens: pack/unpack are reshapes (always at bs 1)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor) -> "PackedLayout":
@@ -234,7 +238,7 @@ class PackedLayout:
         pos = torch.arange(max_len, device=lengths.device).expand(b, max_len)
         valid = pos < lengths[:, None]  # [b, max_len]
         flat_index = valid.reshape(-1).nonzero().squeeze(1)
-        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len)
+        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len, full=flat_index.numel() == b * max_len)
 
     def valid_mask(self) -> torch.Tensor:
         pos = torch.arange(self.max_len, device=self.lengths.device)
@@ -243,12 +247,16 @@ class PackedLayout:
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[T, f] -> [b, max_len, f] (zeros at padding)."""
         b = self.lengths.shape[0]
+        if self.full:
+            return x.view(b, self.max_len, x.shape[-1])
         out = x.new_zeros(b * self.max_len, x.shape[-1])
         out.index_copy_(0, self.flat_index, x)
         return out.view(b, self.max_len, x.shape[-1])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[b, max_len, f] -> [T, f]."""
+        if self.full:
+            return x.reshape(-1, x.shape[-1])
         return x.reshape(-1, x.shape[-1]).index_select(0, self.flat_index)
 
     def first_rows(self) -> torch.Tensor:

@@ -65,7 +65,7 @@ def steps_plan(num_batches: int, epochs: float) -> tuple[int, int]:
 
 def adamw_with_warmup(param_groups: list[dict], lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
     """AdamW (no decay on biases / LayerNorm) + linear warmup then linear decay to 0."""
-    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=True)  # fused: CPU and CUDA
     warmup = int(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
@@ -74,6 +74,17 @@ def adamw_with_warmup(param_groups: list[dict], lr: float, weight_decay: float, 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(accelerator, model, loss, max_grad_norm: float, optimizers: list, scheduler) -> None:
+    """backward, clip the weights' gradient norm, step every optimizer and the schedule, zero grads."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    for opt in optimizers:
+        opt.step()
+    scheduler.step()
+    for opt in optimizers:
+        opt.zero_grad()
 
 
 def weight_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

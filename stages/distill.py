@@ -32,7 +32,7 @@ from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import DistillStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
+    adamw_with_warmup, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
     task_loss, to_device, train_batches, weight_param_groups,
 )
 
@@ -108,11 +108,7 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
                 s_out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                        mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
                 loss, parts = distill_loss(s_out, t_out, batch.labels, batch.attention_mask, ctx.task.num_labels, cfg)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt], sched)
             step += 1
         if cfg.eval_every_epoch or epoch == n_epochs - 1:
             # quant-aware: this evaluates the fake-quantised student (what INT8 will deploy)

@@ -16,7 +16,7 @@ from ltp_compress.pipeline.models import load_classifier, load_tokenizer, save_s
 from ltp_compress.pipeline.recipe import FinetuneStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
+    adamw_with_warmup, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
     task_loss, to_device, train_batches, weight_param_groups,
 )
 
@@ -57,11 +57,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
                 out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                      mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
                 loss = task_loss(out.logits, batch.labels, ctx.task.num_labels)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt], sched)
             step += 1
         if cfg.eval_every_epoch or epoch == n_epochs - 1:
             metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)

@@ -6,10 +6,12 @@ learning rate, and the loss is
 
     loss = task_loss + λ · (1/L) Σ_l mean_{real tokens}(m_l)
 
-With `target_flops`, λ is steered during training towards that dev relative FLOPs (measured with
-hard thresholds on a fixed dev sample, a few times per epoch), and at the end one common scale
-factor on all thresholds is bisected on training inputs (no labels used) so the final relative
-FLOPs lands on the target. The saved model runs with the hard rule score > θ_l.
+With `target_flops`, λ is steered during training towards that relative FLOPs (measured with
+hard thresholds on a fixed input sample, a few times per epoch), and at the end one common scale
+factor on all thresholds is bisected so the final relative FLOPs lands on the target. Both use
+inputs only, never labels: by default the dev inputs (`flops_calibration_inputs: dev`, the
+deployment distribution; SST-2's training phrases are half as long as its dev sentences), or a
+training sample. The saved model runs with the hard rule score > θ_l.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import LTPSoftStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, evaluate_all, make_accelerator, set_seed, shard, steps_plan, task_loss,
+    adamw_with_warmup, optimizer_step, evaluate_all, make_accelerator, set_seed, shard, steps_plan, task_loss,
     to_device, train_batches, weight_param_groups,
 )
 
@@ -47,8 +49,8 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     model, opt, sched, th_opt = accelerator.prepare(model, opt, sched, th_opt)
     thresholds.data = thresholds.data.to(accelerator.device)
 
-    probe = _flops_probe_batches(ctx, "dev", 256, cfg.eval_batch_size) if cfg.target_flops else None
-    control_every = max(1, total_steps // (4 * n_epochs)) if cfg.target_flops else None
+    probe = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
+    control_every = max(1, total_steps // (8 * n_epochs)) if cfg.target_flops else None
 
     history, step = [], 0
     for epoch in range(n_epochs):
@@ -65,13 +67,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
                 real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
                 mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
                 loss = loss_task + lam * mask_mean
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            th_opt.step()
-            sched.step()
-            opt.zero_grad()
-            th_opt.zero_grad()
+            optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt, th_opt], sched)
             step += 1
             if control_every and step % control_every == 0:
                 rel = _relative_flops(accelerator.unwrap_model(model), probe, _pruning(thresholds))
@@ -90,9 +86,11 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     pruning = _pruning(thresholds)
     calibration = None
     if cfg.target_flops:
-        sample = _flops_probe_batches(ctx, "train", 1024, cfg.eval_batch_size)
+        sample = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
         pruning, calibration = _calibrate_threshold_scale(final, sample, pruning, cfg.target_flops)
-        ctx.log.info("%s: thresholds scaled by %.4f to reach relative FLOPs %.3f on training inputs", cfg.id, calibration["scale"], calibration["relative_flops"])
+        calibration["inputs"] = cfg.flops_calibration_inputs
+        ctx.log.info("%s: thresholds scaled by %.4f to reach relative FLOPs %.3f on %s inputs", cfg.id, calibration["scale"],
+                     calibration["relative_flops"], cfg.flops_calibration_inputs)
     metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
     if cfg.target_flops:
         cost["target_flops"] = cfg.target_flops
@@ -136,9 +134,11 @@ def _relative_flops(model, batches: list, pruning: PruningConfig) -> float:
     return float(encoder_flops(kept, shape).sum() / encoder_flops(dense, shape).sum())
 
 
-def _steer_lambda(lam: float, rel: float, target: float, gain: float = 4.0) -> float:
-    """Multiplicative controller: more FLOPs than the target -> larger λ, and vice versa."""
-    factor = float(np.clip((rel / target) ** gain, 0.5, 2.0))
+def _steer_lambda(lam: float, rel: float, target: float, gain: float = 2.0) -> float:
+    """Multiplicative controller: more FLOPs than the target -> larger λ, and vice versa. Gentle
+    (at most x1.4 / x0.7 per probe): a burst of large λ saturates the sigmoid masks (m ≈ 0 has no
+    gradient), and thresholds that overshoot then never come back."""
+    factor = float(np.clip((rel / target) ** gain, 0.7, 1.4))
     return max(lam, 1e-4) * factor
 
 

@@ -1,0 +1,131 @@
+"""End-to-end benchmark (pipeline/bench.py) on a tiny run directory: our three systems + HF eager."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DEMO_DATA, write_recipe
+
+SYSTEMS = ["hf_fp32_eager", "ltp_fp32", "dense_int8", "ltp_int8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_bert):
+    from ltp_compress.pipeline.runner import run_recipe
+
+    tmp = tmp_path_factory.mktemp("bench_run")
+    recipe = write_recipe(tmp / "bench.yaml", f"""\
+name: bench
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 64, max_dev_examples: 32, max_seq_length: 64}}
+seed: 1
+output_dir: {tmp / 'runs'}
+num_threads: 1
+stages:
+  - {{id: teacher, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+  - {{id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, final_threshold: 1.0, lambda: 0.5}}
+  - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16}}
+  - {{id: int8, stage: quantize, calibration_batches: 2, calibration_batch_size: 16}}
+""")
+    return run_recipe(recipe, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_run, tmp_path_factory):
+    from ltp_compress.pipeline.bench import run_benchmark
+
+    out = tmp_path_factory.mktemp("bench_out")
+    res = run_benchmark(tiny_run, data_dir=DEMO_DATA, task="sst2", threads=1, batch_sizes=(1, 8), max_examples=24,
+                        repeats=1, systems=SYSTEMS, isolation="inprocess", calibration_batches=2,
+                        calibration_batch_size=16, out_dir=out, name="tiny", log=lambda m: None)
+    return res, out
+
+
+def test_models_found_from_meta(bench, tiny_run):
+    res, _ = bench
+    m = res["models"]
+    assert m["teacher"].endswith("00-teacher/model") and m["hard"].endswith("02-hard/model")
+    assert m["int8"].endswith("03-int8/model")
+
+
+def test_fields_accuracy_and_ratios(bench):
+    from ltp_compress.pipeline.metrics import compute_metrics
+    from ltp_compress.pipeline.tasks import get_task
+
+    res, out = bench
+    task = get_task("sst2")
+    assert res["systems"] == SYSTEMS and res["data"]["examples"] == 24
+    hf = res["results"]["hf_fp32_eager"]
+    for s in SYSTEMS:
+        r = res["results"][s]
+        assert r["status"] == "ok", (s, r.get("error"), r.get("traceback"))
+        preds = r["predictions"]
+        assert len(preds) == 24 and all(p in (0, 1) for p in preds)
+        # accuracy recomputed from the system's own predictions and the benchmarked labels
+        from ltp_compress.pipeline.data import DataConfig, load_split
+
+        dev = load_split(DataConfig(source="glue_dir", path=str(DEMO_DATA), max_dev_examples=24), task, "dev")
+        m = compute_metrics(task, preds, [e.label for e in dev.examples])
+        assert r["metrics"]["main"] == pytest.approx(m["main"]) and r["accuracy"] == pytest.approx(m["accuracy"])
+        runs = {x["batch_size"]: x for x in r["runs"]}
+        assert set(runs) == {1, 8}
+        for bs, x in runs.items():
+            assert x["examples"] == 24 and x["examples_per_s"] > 0 and len(x["times_s"]) == 1
+            ratio = r["ratios"][str(bs)]["vs_hf_fp32_eager"]
+            hf_thr = next(y["examples_per_s"] for y in hf["runs"] if y["batch_size"] == bs)
+            assert ratio == pytest.approx(x["examples_per_s"] / hf_thr)
+            assert r["ratios"][str(bs)]["vs_best_int8_peer"] is None  # no peer ran
+        assert r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
+    assert res["results"]["hf_fp32_eager"]["ratios"]["8"]["vs_hf_fp32_eager"] == pytest.approx(1.0)
+    # the real INT8 kernel ran for our INT8 systems
+    for s in ("dense_int8", "ltp_int8"):
+        kc = res["results"][s]["kernel_counters"]
+        backend = res["results"][s]["info"]["backend"]
+        kernel = {"cpu_vnni": "onednn_qlinear_u8s8", "cpu_avx2": "onednn_qlinear_u8s8_w7", "cpu_int_mm": "int_mm_s8s8",
+                  "reference": "reference", "cuda": "cuda_int_mm"}[backend]
+        assert kc.get(kernel, 0) > 0 and set(kc) == {kernel}
+    assert "kernel_counters" not in res["results"]["ltp_fp32"]
+    prof = res["results"]["ltp_int8"]["profile"]
+    assert prof["status"] == "ok" and prof["batch_size"] == 8 and prof["int8_linear_calls"] > 0
+    assert prof["int8_gemm_macs"] > 0 and sum(prof["fraction_by_class"].values()) == pytest.approx(1.0)
+    assert sum(prof["fraction_by_summary_class"].values()) == pytest.approx(1.0)
+    assert prof["time_by_class_s"].get("int8_linear_gemm", 0) > 0 and prof["effective_gemm_gops"] > 0
+    # outputs
+    saved = json.loads((out / "tiny.json").read_text())
+    assert saved["results"]["ltp_int8"]["metrics"] == res["results"]["ltp_int8"]["metrics"]
+    md = (out / "tiny.md").read_text()
+    assert all(s in md for s in SYSTEMS)
+
+
+def test_failed_system_is_recorded_not_dropped(tiny_run, tmp_path):
+    from ltp_compress.pipeline.bench import render_markdown, run_benchmark
+
+    int8 = tiny_run / "stages" / "03-int8" / "model"
+    res = run_benchmark(int8, run_dir=None, teacher=tmp_path / "missing", data_dir=DEMO_DATA, task="sst2", threads=1,
+                        batch_sizes=(8,), max_examples=8, repeats=1, systems=["hf_fp32_eager", "ltp_int8"],
+                        isolation="inprocess", profile_bs=None, log=lambda m: None)
+    assert res["results"]["hf_fp32_eager"]["status"] == "failed" and res["results"]["hf_fp32_eager"]["error"]
+    assert res["results"]["ltp_int8"]["status"] == "ok"
+    assert "failed:" in render_markdown(res)
+
+
+def test_bench_cli_subprocess_isolation(tiny_run, tmp_path, capsys):
+    """bench_cli on the run's deployable checkpoint; the system runs in a spawn child (own peak RSS)."""
+    import argparse
+
+    from ltp_compress.pipeline.bench import bench_cli
+
+    args = argparse.Namespace(checkpoint=tiny_run / "stages" / "03-int8" / "model", data=DEMO_DATA, task="sst2",
+                              out_dir=tmp_path, threads=1, batch_sizes=(8,), max_examples=8, repeats=1,
+                              systems=["ltp_int8"], isolation="subprocess", profile_bs=None, name="cli")
+    assert bench_cli(args) == 0
+    res = json.loads((tmp_path / "cli.json").read_text())
+    r = res["results"]["ltp_int8"]
+    assert r["status"] == "ok", r.get("error")
+    assert res["models"]["teacher"].endswith("00-teacher/model")  # found from the checkpoint's run
+    assert r["peak_rss_mb"] > 0 and "spawn child" in r["rss_method"]
+    assert sum(r["kernel_counters"].values()) > 0
+    assert "ltp_int8" in capsys.readouterr().out
