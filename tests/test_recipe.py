@@ -68,8 +68,9 @@ def test_lambda_alias_and_field_name(tmp_path):
 
 def test_demo_recipe_validates(capsys):
     r = load_recipe(REPO / "recipes" / "demo.yaml")
-    assert [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard"]
-    assert r.stages[1].lambda_ == 0.2 and r.stages[1].temperature == 0.05
+    assert [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize", "quantize"]
+    assert r.stages[1].lambda_ == 0.2 and r.stages[1].temperature == 0.1
+    assert r.stages[3].teacher == "teacher" and r.stages[5].init_from == "hard"  # INT8 without KD, for comparison
     # data path is relative to the recipe file; preflight resolves it
     resolved, problems = preflight(r, REPO / "recipes" / "demo.yaml")
     data_problems = [p for p in problems if p.startswith("data")]
@@ -82,7 +83,7 @@ def test_demo_recipe_validate_command(capsys):
     rc = main(["validate", str(REPO / "recipes" / "demo.yaml")])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "valid (3 stages: teacher -> soft -> hard)" in out
+    assert "valid (6 stages: teacher -> soft -> hard -> student -> int8 -> int8_nokd)" in out
 
 
 # ----------------------------------------------------------------------------- unknown keys, types
