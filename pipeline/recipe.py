@@ -66,7 +66,8 @@ class LTPSoftStage(_TrainBase):
     temperature: float = Field(0.1, gt=0, description="sigmoid temperature T in normalised-score units (paper 1e-4..2e-3 x 128)")
     lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight λ of the mean-mask loss")
     final_threshold: float = Field(1.28, gt=0, description="θ_L at the last layer; θ_l = θ_L·(l+1)/L (paper 0.01 x 128)")
-    threshold_lr: float = Field(0.01, gt=0, description="Adam learning rate of the thresholds")
+    threshold_lr: float = Field(0.002, gt=0, description="Adam learning rate of the thresholds (normalised-score units per step; "
+                                                        "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
     target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so dev relative FLOPs lands at this value (±5%)")
     target_tolerance: float = Field(0.05, gt=0, le=0.5)
     flops_calibration_inputs: Literal["dev", "train"] = Field(

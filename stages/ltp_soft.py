@@ -50,7 +50,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     thresholds.data = thresholds.data.to(accelerator.device)
 
     probe = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
-    control_every = max(1, total_steps // (8 * n_epochs)) if cfg.target_flops else None
+    control_every = max(1, total_steps // (8 * n_epochs)) if cfg.target_flops else None  # ~8 probes per epoch
 
     history, step = [], 0
     for epoch in range(n_epochs):
@@ -71,7 +71,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             step += 1
             if control_every and step % control_every == 0:
                 rel = _relative_flops(accelerator.unwrap_model(model), probe, _pruning(thresholds))
-                lam = _steer_lambda(lam, rel, cfg.target_flops)
+                lam = _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
                 model.train()
         pruning = _pruning(thresholds)
         metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
@@ -134,12 +134,15 @@ def _relative_flops(model, batches: list, pruning: PruningConfig) -> float:
     return float(encoder_flops(kept, shape).sum() / encoder_flops(dense, shape).sum())
 
 
-def _steer_lambda(lam: float, rel: float, target: float, gain: float = 2.0) -> float:
-    """Multiplicative controller: more FLOPs than the target -> larger λ, and vice versa. Gentle
-    (at most x1.4 / x0.7 per probe): a burst of large λ saturates the sigmoid masks (m ≈ 0 has no
-    gradient), and thresholds that overshoot then never come back."""
-    factor = float(np.clip((rel / target) ** gain, 0.7, 1.4))
-    return max(lam, 1e-4) * factor
+def _steer_lambda(lam: float, rel: float, target: float, lam0: float, gain: float = 1.0) -> float:
+    """Bounded multiplicative controller: more FLOPs than the target -> larger λ, and vice versa,
+    at most x1.25 / x0.8 per probe and within [λ0/4, 2·λ0]. Thresholds move slowly (Adam, one
+    threshold_lr per step), so an unbounded controller winds up: a burst of large λ saturates the
+    sigmoid masks (m ≈ 0 carries no gradient), the thresholds overshoot and never come back, and
+    accuracy collapses. The final threshold scaling (`_calibrate_threshold_scale`) lands the
+    target; λ steering only keeps training near it."""
+    factor = float(np.clip((rel / target) ** gain, 0.8, 1.25))
+    return float(np.clip(lam * factor, lam0 / 4, lam0 * 2))
 
 
 def _calibrate_threshold_scale(model, batches: list, pruning: PruningConfig, target: float, iters: int = 14):
