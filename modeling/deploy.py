@@ -100,6 +100,7 @@ def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: st
         files = {}
         for p in sorted(tmp.rglob("*")):
             if p.is_file():
+                os.chmod(p, 0o644)  # readable by whoever serves the model
                 rel = p.relative_to(tmp).as_posix()
                 files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
                 with open(p, "rb") as f:

@@ -85,6 +85,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp files are owner-only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
