@@ -21,9 +21,11 @@ inputs far more than short ones. We use the length-normalised score
     score_l(i) = n * s_l(i) = 1/H * sum_h sum_{j present} A_h(j, i)
 
 ("how many queries' worth of attention the token receives"; 1.0 = an average share), which
-means the same for any length and is independent of batch padding. A paper threshold θ at the
-paper's padded length 128 corresponds to 128·θ here (θ_L = 0.01 -> 1.28), and the paper's
-temperature range 1e-4..2e-3 to 0.0128..0.256.
+means the same for any length and is independent of batch padding. The paper's θ on s at an
+example's real length n corresponds to n·θ here: θ_L = 0.01 is 0.25 for a 25-token SST-2
+sentence and 1.28 at the paper's padded length 128 (the recipe default, 0.5, sits at n ≈ 50).
+The paper's temperature range 1e-4..2e-3 likewise scales by n (0.0025..0.05 at n=25,
+0.0128..0.256 at n=128).
 
 Never pruned: position 0 ([CLS] / <s>), which the classifier reads. [SEP] / </s> tokens are
 scored like any other token (they usually receive the most attention and so survive anyway).

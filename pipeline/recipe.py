@@ -65,7 +65,8 @@ class LTPSoftStage(_TrainBase):
     epochs: float = Field(1.0, gt=0)
     temperature: float = Field(0.1, gt=0, description="sigmoid temperature T in normalised-score units (paper 1e-4..2e-3 x 128)")
     lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight λ of the mean-mask loss")
-    final_threshold: float = Field(1.28, gt=0, description="θ_L at the last layer; θ_l = θ_L·(l+1)/L (paper 0.01 x 128)")
+    final_threshold: float = Field(0.5, gt=0, description="initial θ_L at the last layer; θ_l = θ_L·(l+1)/L. The paper's 0.01 on its "
+                                                          "un-normalised score is 0.01·n here: 0.25 at n=25 tokens, 1.28 at 128; 0.5 ~ n=50")
     threshold_lr: float = Field(0.002, gt=0, description="Adam learning rate of the thresholds (normalised-score units per step; "
                                                         "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
     target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so dev relative FLOPs lands at this value (±5%)")
@@ -86,7 +87,7 @@ class ManualPruneStage(_TrainBase):
     """Baseline: fixed thresholds rising linearly with depth (nothing learned); optional finetune."""
 
     stage: Literal["manual_prune"]
-    final_threshold: float = Field(1.28, gt=0)
+    final_threshold: float = Field(0.5, gt=0, description="θ_L of the fixed linear thresholds (normalised-score units)")
     epochs: float = Field(0.0, ge=0)
 
 

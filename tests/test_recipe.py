@@ -54,7 +54,7 @@ def test_valid_recipe_loads(tmp_path):
     soft = r.stages[1]
     assert isinstance(soft, LTPSoftStage)
     assert soft.lambda_ == 0.2  # YAML key `lambda` (alias)
-    assert soft.temperature == 0.1 and soft.final_threshold == 1.28  # defaults
+    assert soft.temperature == 0.1 and soft.final_threshold == 0.5  # defaults
     assert check_stage_graph(r) == []
     assert [source_stage_index(r, i) for i in range(3)] == [None, 0, 1]
 
