@@ -39,7 +39,7 @@ def _time(fn, repeats: int = 3, warmup: int = 1) -> float:
 
 def model_speed(model_dir: Path, data_dir: Path, task_name: str, threads: int, max_examples: int, bs1_examples: int) -> dict:
     from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
-    from ltp_compress.pipeline.accounting import EncoderShape, encoder_flops
+    from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
     from ltp_compress.pipeline.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
     from ltp_compress.pipeline.models import load_stage_model
     from ltp_compress.pipeline.tasks import get_task
@@ -77,7 +77,7 @@ def model_speed(model_dir: Path, data_dir: Path, task_name: str, threads: int, m
 
         run(pruning, collect=True)
         kept_a, len_a = np.concatenate(kept), np.concatenate(lengths)
-        rel_flops = float(encoder_flops(kept_a, shape).sum() / encoder_flops(np.repeat(len_a[:, None], shape.num_layers, 1), shape).sum())
+        rel_flops = relative_flops(kept_a, len_a, shape)
         t_dense = _time(lambda: run(dense))
         t_pruned = _time(lambda: run(pruning))
         t_hf = _time(run_hf)

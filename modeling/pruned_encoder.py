@@ -34,12 +34,10 @@ A token pruned at layer l has score 0 at every later layer and stays pruned.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PruningMode = Literal["none", "threshold", "topk"]
@@ -298,13 +296,15 @@ def forward_packed(
         v = _split_heads(layout.unpack(v), heads)
         valid = layout.valid_mask()  # [b, smax]
         att = torch.matmul(q, k.transpose(-1, -2)) * layer.attention.self.scaling  # [b, H, smax, smax]
-        att = att.masked_fill(~valid[:, None, None, :], torch.finfo(att.dtype).min)
+        if not layout.full:  # no padding -> nothing to mask
+            att = att.masked_fill(~valid[:, None, None, :], torch.finfo(att.dtype).min)
         probs = att.softmax(-1)
         ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, smax, d)  # [b, smax, d]
         x = _post_attention(layer, layout.pack(ctx), x)  # [T, d]
         if not prune or l == len(layers) - 1:
             continue
-        score = (probs * valid[:, None, :, None]).sum(dim=(1, 2)) / heads  # [b, smax]
+        present_probs = probs if layout.full else probs * valid[:, None, :, None]  # padded queries score nothing
+        score = present_probs.sum(dim=(1, 2)) / heads  # [b, smax]
         if pruning.mode == "threshold":
             keep = score > thresholds[l]
         else:

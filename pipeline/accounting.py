@@ -99,6 +99,14 @@ def encoder_bops(tokens_per_layer: np.ndarray, shape: EncoderShape, precision: P
     return total
 
 
+def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape) -> float:
+    """Σ FLOPs with the tokens actually present / Σ FLOPs of the same inputs unpruned (every layer
+    sees all `lengths[i]` tokens): a ratio of sums over the examples. [N, L], [N] -> float"""
+    tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
+    dense_tokens = np.repeat(np.asarray(lengths, dtype=np.float64)[:, None], shape.num_layers, axis=1)
+    return float(encoder_flops(tokens_per_layer, shape).sum() / encoder_flops(dense_tokens, shape).sum())
+
+
 def cost_summary(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, precision: Precision) -> dict:
     """Dev-set cost report: mean GFLOPs/example, relative FLOPs vs the same model unpruned on the
     same inputs, kept tokens per layer, BOPs relative to FP16 and FP32 dense on the same inputs."""
@@ -114,7 +122,7 @@ def cost_summary(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: Encod
     return {
         "gflops_per_example": float(flops.mean() / 1e9),
         "dense_gflops_per_example": float(dense_flops.mean() / 1e9),
-        "relative_flops": float(flops.sum() / dense_flops.sum()),
+        "relative_flops": relative_flops(tokens_per_layer, lengths, shape),
         "gbops_per_example": float(bops.mean() / 1e9),
         "relative_bops_vs_fp16_dense": float(bops.sum() / bops_fp16.sum()),
         "relative_bops_vs_fp32_dense": float(bops.sum() / bops_fp32.sum()),

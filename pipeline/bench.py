@@ -418,12 +418,6 @@ def _version(mod: str) -> str | None:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _predictions(logits, num_labels: int) -> list:
-    if num_labels == 1:
-        return [float(x) for x in logits[:, 0]]
-    return [int(x) for x in logits.argmax(-1)]
-
-
 def _observed_int8_ops(system: System, batch) -> list[str]:
     """Names of int8 / quantized ops seen by the profiler on one batch (honesty check for peers)."""
     import torch
@@ -459,6 +453,7 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
 
     from ltp_compress.kernels import kernel_counters
     from ltp_compress.pipeline.metrics import compute_metrics
+    from ltp_compress.stages.common import predictions_from_logits
 
     t0 = time.perf_counter()
     system = build_system(name, inp)
@@ -476,7 +471,7 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
             tw = time.perf_counter()
             for b in batches:  # warmup pass (compilation for compiled systems), predictions
                 out = system.logits(b)
-                for j, p in zip(b.index.tolist(), _predictions(out, task.num_labels)):
+                for j, p in zip(b.index.tolist(), predictions_from_logits(out, task.num_labels).tolist()):
                     preds[j] = p
             warmup_s = time.perf_counter() - tw
             preds_by_bs[bs] = preds
@@ -510,7 +505,7 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     res["predictions_batch_size"] = main_bs
     res["predictions"] = preds
     res["metrics"] = {k: float(v) for k, v in compute_metrics(task, preds, inp.labels).items()}
-    res["accuracy"] = res["metrics"].get("accuracy", compute_metrics_accuracy(preds, inp.labels, task))
+    res["accuracy"] = res["metrics"].get("accuracy")  # None for regression (STS-B)
     agree = {}
     for bs, p in preds_by_bs.items():
         if bs != main_bs:
@@ -534,12 +529,6 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     res["rss_after_mb"] = _rss_mb()
     res["peak_rss_mb_process"] = _maxrss_mb()
     return res
-
-
-def compute_metrics_accuracy(preds, labels, task) -> float | None:
-    if task.num_labels == 1:
-        return None
-    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
 
 
 def _same(a, b) -> bool:

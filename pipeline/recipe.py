@@ -63,7 +63,7 @@ class LTPSoftStage(_TrainBase):
     stage: Literal["ltp_soft"]
     lr: float = Field(2.0e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
-    temperature: float = Field(0.1, gt=0, description="sigmoid temperature T in normalised-score units (paper 1e-4..2e-3 x 128)")
+    temperature: float = Field(0.1, gt=0, description="sigmoid temperature T in normalised-score units (the paper's 1e-4..2e-3 times the length n)")
     lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight λ of the mean-mask loss")
     final_threshold: float = Field(0.5, gt=0, description="initial θ_L at the last layer; θ_l = θ_L·(l+1)/L. The paper's 0.01 on its "
                                                           "un-normalised score is 0.01·n here: 0.25 at n=25 tokens, 1.28 at 128; 0.5 ~ n=50")

@@ -8,7 +8,6 @@ one curve per method. Each point is an ordinary, resumable run named `<name>-p<k
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ltp_compress.pipeline.recipe import RecipeError, load_recipe

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, forward_packed, linear_threshold_init
-from ltp_compress.pipeline.accounting import EncoderShape, encoder_flops
+from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
 from ltp_compress.pipeline.data import length_bucketed_batches
 from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import LTPSoftStage
@@ -122,16 +122,13 @@ def _flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int)
 def _relative_flops(model, batches: list, pruning: PruningConfig) -> float:
     model.eval()
     device = next(model.parameters()).device
-    shape = EncoderShape.from_config(model.config)
     kept, lengths = [], []
     for b in batches:
         b = to_device(copy.copy(b), device)
         out = forward_packed(model, b.input_ids, b.attention_mask, b.token_type_ids, pruning, return_kept=True)
         kept.append(out.kept_tokens.cpu().numpy())
         lengths.append(b.attention_mask.sum(1).cpu().numpy())
-    kept, lengths = np.concatenate(kept), np.concatenate(lengths)
-    dense = np.repeat(lengths[:, None], shape.num_layers, axis=1)
-    return float(encoder_flops(kept, shape).sum() / encoder_flops(dense, shape).sum())
+    return relative_flops(np.concatenate(kept), np.concatenate(lengths), EncoderShape.from_config(model.config))
 
 
 def _steer_lambda(lam: float, rel: float, target: float, lam0: float, gain: float = 1.0) -> float:
