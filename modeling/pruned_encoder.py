@@ -5,10 +5,13 @@ Two implementations of the same model, sharing the per-layer blocks below:
 * ``forward_masked`` — padded batch ``[b, s, d]``; pruned tokens stay in the tensor but are
   removed from attention (as keys and as score-contributing queries). Used for training
   (``dense``, ``soft``, ``hard`` modes) and as the reference for the packed path.
-* ``forward_packed`` — inference that really removes tokens: after each layer the kept tokens
-  of the whole batch are gathered into one packed ``[T, d]`` matrix (no padding) that feeds the
-  linear layers; attention runs per sequence, padded only to the longest *surviving* sequence of
-  the batch at that layer. Pruned tokens never enter another matmul.
+* ``forward_packed`` — inference that really removes tokens: right after layer l's attention
+  softmax (where the importance scores come from) the kept tokens of the whole batch are gathered
+  into one packed ``[T, d]`` matrix (no padding) that feeds layer l's output projection and FFN
+  and every later layer; attention runs per sequence, padded only to the longest *surviving*
+  sequence of the batch at that layer. Pruned tokens never enter another matmul. (The masked
+  path computes layer l's output rows of the tokens it prunes there, but nothing reads them, so
+  both give the same logits.)
 
 Token importance (Kim et al., KDD'22, Eq. 6) is the attention probability a token receives,
 averaged over heads and query rows, over **real, still-present tokens only**:
@@ -300,20 +303,25 @@ def forward_packed(
             att = att.masked_fill(~valid[:, None, None, :], torch.finfo(att.dtype).min)
         probs = att.softmax(-1)
         ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, smax, d)  # [b, smax, d]
-        x = _post_attention(layer, layout.pack(ctx), x)  # [T, d]
-        if not prune or l == len(layers) - 1:
-            continue
-        present_probs = probs if layout.full else probs * valid[:, None, :, None]  # padded queries score nothing
-        score = present_probs.sum(dim=(1, 2)) / heads  # [b, smax]
-        if pruning.mode == "threshold":
-            keep = score > thresholds[l]
+        if prune and l < len(layers) - 1:
+            # the keep decision exists as soon as the softmax does: a token pruned here is never a
+            # key/value again and the classifier reads only position 0, so its output projection
+            # and FFN rows would be dead work. Drop it now, before them.
+            present_probs = probs if layout.full else probs * valid[:, None, :, None]  # padded queries score nothing
+            score = present_probs.sum(dim=(1, 2)) / heads  # [b, smax]
+            if pruning.mode == "threshold":
+                keep = score > thresholds[l]
+            else:
+                keep = _topk_keep(score, valid, n0, pruning.keep_ratios[l])
+            keep[:, 0] = True
+            keep = keep & valid
+            keep_rows = layout.pack(keep.unsqueeze(-1)).squeeze(-1)  # [T] bool
+            x = x[keep_rows]  # [T', d]
+            layout = PackedLayout.from_lengths(keep.sum(1))
+            ctx = ctx.reshape(b * smax, d).index_select(0, (keep.reshape(-1)).nonzero().squeeze(1))  # [T', d]
         else:
-            keep = _topk_keep(score, valid, n0, pruning.keep_ratios[l])
-        keep[:, 0] = True
-        keep = keep & valid
-        keep_rows = layout.pack(keep.unsqueeze(-1)).squeeze(-1)  # [T] bool
-        x = x[keep_rows]
-        layout = PackedLayout.from_lengths(keep.sum(1))
+            ctx = layout.pack(ctx)  # [T, d]
+        x = _post_attention(layer, ctx, x)  # [T', d]
     logits = classifier_head(model, x[layout.first_rows()])
     return ForwardOutput(logits=logits, kept_tokens=torch.stack(kept, 1) if return_kept else None)
 

@@ -25,34 +25,58 @@ class EncoderShape:
 OP_CLASSES = ("qkv_proj", "attn_scores", "attn_context", "out_proj", "ffn")
 
 
-def layer_macs(n: np.ndarray | int, d: int, d_ff: int) -> dict[str, np.ndarray]:
-    """MACs of one encoder layer that n tokens enter.
+def layer_macs(n: np.ndarray | int, d: int, d_ff: int, n_out: np.ndarray | int | None = None) -> dict[str, np.ndarray]:
+    """MACs of one encoder layer that n tokens enter and n_out tokens leave (n_out <= n; default n).
 
     Per layer (Vaswani et al. 2017; the accounting of Kim et al. KDD'22 §5 / Kaplan et al. 2020):
-      qkv_proj     3 · n · d · d        (Q, K, V projections, [n, d] x [d, d] each)
-      attn_scores  n · n · d            (Q Kᵀ summed over all heads: H · n · n · d/H)
-      attn_context n · n · d            (A V, same shape)
-      out_proj     n · d · d            (attention output projection)
-      ffn          2 · n · d · d_ff     (two FFN matmuls)
+      qkv_proj     3 · n · d · d          (Q, K, V projections, [n, d] x [d, d] each)
+      attn_scores  n · n · d              (Q Kᵀ summed over all heads: H · n · n · d/H)
+      attn_context n · n · d              (A V, same shape; computed for every query row)
+      out_proj     n_out · d · d          (attention output projection)
+      ffn          2 · n_out · d · d_ff   (two FFN matmuls)
+
+    Why n_out: a token's importance at layer l is read off layer l's attention probabilities, so
+    the keep decision exists right after the softmax. A token pruned at layer l is, from then on,
+    neither a key nor a value of any later layer and not read by the classifier, so its layer-l
+    output projection and FFN rows are dead computation; the runtime (`forward_packed`) drops the
+    row before them. The official LTP code makes the same split (its FLOPs bookkeeping records an
+    "attn" length before and an "ffn" length after pruning, LTPSelfAttention). The dense model
+    has n_out = n. We still count the A·V product for all n query rows, because that is what the
+    runtime computes.
     Excluded: embeddings (lookups), softmax, LayerNorm, GELU, residual adds, biases, the pooler
     and classifier (O(d²) per example, independent of n), and score/threshold computation.
     FLOPs = 2 · MACs.
     """
     n = np.asarray(n, dtype=np.float64)
+    n_out = n if n_out is None else np.asarray(n_out, dtype=np.float64)
     return {
         "qkv_proj": 3 * n * d * d,
         "attn_scores": n * n * d,
         "attn_context": n * n * d,
-        "out_proj": n * d * d,
-        "ffn": 2 * n * d * d_ff,
+        "out_proj": n_out * d * d,
+        "ffn": 2 * n_out * d * d_ff,
     }
 
 
-def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape) -> np.ndarray:
-    """Total MACs per example. tokens_per_layer: [N, L] tokens entering each layer -> [N]."""
+def tokens_leaving_layers(tokens_per_layer: np.ndarray) -> np.ndarray:
+    """Tokens that leave each layer's attention (= enter the next layer); the last layer prunes
+    nothing, so its count is the one entering it. [N, L] -> [N, L]"""
     tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
-    total = np.zeros(tokens_per_layer.shape[0])
-    for ops in (layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate) for l in range(shape.num_layers)):
+    return np.concatenate([tokens_per_layer[:, 1:], tokens_per_layer[:, -1:]], axis=1)
+
+
+def _per_layer_ops(tokens_per_layer: np.ndarray, shape: "EncoderShape"):
+    tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
+    leaving = tokens_leaving_layers(tokens_per_layer)
+    for l in range(shape.num_layers):
+        yield layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate, leaving[:, l])
+
+
+def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape) -> np.ndarray:
+    """Total MACs per example. tokens_per_layer: [N, L] tokens entering each layer -> [N].
+    Layer l's output projection and FFN see the tokens entering layer l+1 (see layer_macs)."""
+    total = np.zeros(np.shape(tokens_per_layer)[0])
+    for ops in _per_layer_ops(tokens_per_layer, shape):
         total += sum(ops.values())
     return total
 
@@ -90,10 +114,9 @@ def encoder_bops(tokens_per_layer: np.ndarray, shape: EncoderShape, precision: P
     """BOPs per example = Σ_ops MACs(op) · b_w(op) · b_a(op)  (Kim et al. KDD'22 §5.3, following
     van Baalen et al. 2020 "Bayesian Bits"), with MACs from the token-aware count (layer_macs) —
     i.e. only the tokens actually present at each layer. [N, L] -> [N]"""
-    tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
-    total = np.zeros(tokens_per_layer.shape[0])
-    for l in range(shape.num_layers):
-        for op, macs in layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate).items():
+    total = np.zeros(np.shape(tokens_per_layer)[0])
+    for ops in _per_layer_ops(tokens_per_layer, shape):
+        for op, macs in ops.items():
             wb, ab = precision.bits[op]
             total += macs * wb * ab
     return total

@@ -57,7 +57,16 @@ class EvaluateStage(_StageBase):
     eval_batch_size: int = Field(64, ge=1)
 
 
-class LTPSoftStage(_TrainBase):
+class _PruneTrainBase(_TrainBase):
+    """Training under token pruning, optionally with logit distillation from an unpruned teacher."""
+
+    kd_teacher: str | None = Field(None, description="stage id (or 'model') of an unpruned FP teacher: adds logit KD to the loss, "
+                                                     "loss = kd_alpha·task + (1-kd_alpha)·T²·KL(teacher || student)")
+    kd_alpha: float = Field(0.5, ge=0, le=1, description="weight of the task loss when kd_teacher is set")
+    kd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the logit KD term")
+
+
+class LTPSoftStage(_PruneTrainBase):
     """Soft Learned Token Pruning: thresholds and weights train jointly with a sigmoid mask."""
 
     stage: Literal["ltp_soft"]
@@ -76,14 +85,14 @@ class LTPSoftStage(_TrainBase):
                            "'dev' targets the dev-set FLOPs directly, 'train' uses a training sample (length mismatch possible)")
 
 
-class LTPHardStage(_TrainBase):
+class LTPHardStage(_PruneTrainBase):
     """Hard pruning: thresholds frozen, binary mask, weights finetuned again."""
 
     stage: Literal["ltp_hard"]
     epochs: float = Field(1.0, gt=0)
 
 
-class ManualPruneStage(_TrainBase):
+class ManualPruneStage(_PruneTrainBase):
     """Baseline: fixed thresholds rising linearly with depth (nothing learned); optional finetune."""
 
     stage: Literal["manual_prune"]
@@ -91,7 +100,7 @@ class ManualPruneStage(_TrainBase):
     epochs: float = Field(0.0, ge=0)
 
 
-class TopkPruneStage(_TrainBase):
+class TopkPruneStage(_PruneTrainBase):
     """Baseline (SpAtten-style top-k): first layers keep all, then keep ratio decays linearly."""
 
     stage: Literal["topk_prune"]
@@ -175,6 +184,8 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
         refs = [("init_from", st.init_from)]
         if isinstance(st, DistillStage):
             refs.append(("teacher", st.teacher))
+        if isinstance(st, _PruneTrainBase) and st.kd_teacher is not None:
+            refs.append(("kd_teacher", st.kd_teacher))
         bad_ref = False
         for field_name, ref in refs:
             if ref is None or ref == RECIPE_MODEL:
@@ -197,6 +208,8 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
             problems.append(f"{key}: ltp_hard needs an earlier ltp_soft stage to take thresholds from")
         if isinstance(st, DistillStage) and st.teacher != RECIPE_MODEL and _stage(recipe, st.teacher).stage == "quantize":
             problems.append(f"{key}.teacher: the teacher must be a floating-point model, not the quantize stage '{st.teacher}'")
+        if isinstance(st, _PruneTrainBase) and st.kd_teacher not in (None, RECIPE_MODEL) and _stage(recipe, st.kd_teacher).stage == "quantize":
+            problems.append(f"{key}.kd_teacher: the teacher must be a floating-point model, not the quantize stage '{st.kd_teacher}'")
         if isinstance(st, (FinetuneStage, LTPSoftStage, LTPHardStage, ManualPruneStage, TopkPruneStage, DistillStage)) and _quantized_source(recipe, i):
             problems.append(f"{key}: starts from an INT8 model; training stages must come before 'quantize'")
     return problems

@@ -102,6 +102,41 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> to
     return F.cross_entropy(logits, labels)
 
 
+def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Classification: T² · KL(softmax(t/T) || softmax(s/T)), averaged over the batch
+    (Hinton et al. 2015). Regression (one output): MSE(s, t) (temperature unused)."""
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
+    T = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [b]
+    return kl.mean() * T * T
+
+
+def load_kd_teacher(cfg, ctx, device):
+    """The unpruned FP teacher named by a pruning stage's `kd_teacher` (eval, frozen), or None."""
+    ref = getattr(cfg, "kd_teacher", None)
+    if ref is None:
+        return None
+    from ltp_compress.pipeline.models import load_stage_model
+
+    teacher, _, _ = load_stage_model(ctx.model_source_of(ref), ctx.task)
+    return teacher.eval().requires_grad_(False).to(device)
+
+
+def pruning_stage_loss(logits: torch.Tensor, batch, teacher, cfg, num_labels: int) -> torch.Tensor:
+    """Task loss, or with a teacher kd_alpha·task + (1-kd_alpha)·KD_logit (teacher runs dense)."""
+    loss = task_loss(logits, batch.labels, num_labels)
+    if teacher is None:
+        return loss
+    from ltp_compress.modeling.pruned_encoder import forward_masked
+
+    with torch.no_grad():
+        t_logits = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense").logits
+    return cfg.kd_alpha * loss + (1 - cfg.kd_alpha) * kd_logit_loss(logits, t_logits, cfg.kd_temperature)
+
+
 def predictions_from_logits(logits: torch.Tensor, num_labels: int) -> np.ndarray:
     if num_labels == 1:
         return logits.squeeze(-1).float().cpu().numpy()

@@ -32,24 +32,12 @@ from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import DistillStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
+    adamw_with_warmup, kd_logit_loss, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
     task_loss, to_device, train_batches, weight_param_groups,
 )
 
 _MASK_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
 ACT_SCALES_FILE = "act_scales.json"
-
-
-def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Classification: T² · KL(softmax(t/T) || softmax(s/T)), averaged over the batch.
-    Regression (one output): MSE(s, t) (temperature unused)."""
-    if student_logits.shape[-1] == 1:
-        return F.mse_loss(student_logits.float(), teacher_logits.float())
-    T = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # [b]
-    return kl.mean() * T * T
 
 
 def embedding_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

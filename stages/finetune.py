@@ -16,8 +16,8 @@ from ltp_compress.pipeline.models import load_classifier, load_tokenizer, save_s
 from ltp_compress.pipeline.recipe import FinetuneStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
-    task_loss, to_device, train_batches, weight_param_groups,
+    adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, main_metric, make_accelerator, pruning_stage_loss,
+    set_seed, shard, steps_plan, to_device, train_batches, weight_param_groups,
 )
 
 _MASK_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
@@ -44,6 +44,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
     model, opt, sched = accelerator.prepare(model, opt, sched)
     if thresholds is not None:
         thresholds = thresholds.to(accelerator.device)
+    teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
     history, best, best_state, step = [], None, None, 0
     for epoch in range(n_epochs):
@@ -56,7 +57,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
             with accelerator.autocast():
                 out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                      mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
-                loss = task_loss(out.logits, batch.labels, ctx.task.num_labels)
+                loss = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
             optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt], sched)
             step += 1
         if cfg.eval_every_epoch or epoch == n_epochs - 1:

@@ -6,6 +6,8 @@ learning rate, and the loss is
 
     loss = task_loss + λ · (1/L) Σ_l mean_{real tokens}(m_l)
 
+(with `kd_teacher`, task_loss is kd_alpha·CE + (1-kd_alpha)·logit KD from the unpruned teacher).
+
 With `target_flops`, λ is steered during training towards that relative FLOPs (measured with
 hard thresholds on a fixed input sample, a few times per epoch), and at the end one common scale
 factor on all thresholds is bisected so the final relative FLOPs lands on the target. Both use
@@ -29,8 +31,8 @@ from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import LTPSoftStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, optimizer_step, evaluate_all, make_accelerator, set_seed, shard, steps_plan, task_loss,
-    to_device, train_batches, weight_param_groups,
+    adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, make_accelerator, pruning_stage_loss, set_seed,
+    shard, steps_plan, to_device, train_batches, weight_param_groups,
 )
 
 
@@ -48,6 +50,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     th_opt = torch.optim.Adam([thresholds], lr=cfg.threshold_lr)
     model, opt, sched, th_opt = accelerator.prepare(model, opt, sched, th_opt)
     thresholds.data = thresholds.data.to(accelerator.device)
+    teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
     probe = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
     control_every = max(1, total_steps // (8 * n_epochs)) if cfg.target_flops else None  # ~8 probes per epoch
@@ -63,7 +66,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             with accelerator.autocast():
                 out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                      mode="soft", thresholds=thresholds, temperature=cfg.temperature)
-                loss_task = task_loss(out.logits, batch.labels, ctx.task.num_labels)
+                loss_task = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
                 real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
                 mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
                 loss = loss_task + lam * mask_mean

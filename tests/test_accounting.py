@@ -7,6 +7,7 @@ import pytest
 
 from ltp_compress.pipeline.accounting import (
     OP_CLASSES, EncoderShape, Precision, cost_summary, encoder_bops, encoder_flops, encoder_macs, layer_macs,
+    tokens_leaving_layers,
 )
 
 SMALL = EncoderShape(num_layers=2, hidden=4, intermediate=8)
@@ -33,10 +34,23 @@ def test_layer_macs_small_shape_golden():
 
 def test_encoder_macs_and_flops_small_shape_golden():
     # L=2: [3, 3] tokens -> 2·456 = 912 MACs = 1824 FLOPs;
-    #      [3, 1] tokens -> 456 + 136 = 592 MACs = 1184 FLOPs
+    #      [3, 1] tokens: layer 0 has 3 tokens in attention but only the 1 survivor goes through
+    #      its output projection and FFN: 144 + 36 + 36 + 1·16 + 2·1·4·8 = 296; layer 1 (n=1) = 136;
+    #      total 432 MACs = 864 FLOPs
     tokens = np.array([[3, 3], [3, 1]])
-    assert encoder_macs(tokens, SMALL).tolist() == [912.0, 592.0]
-    assert encoder_flops(tokens, SMALL).tolist() == [1824.0, 1184.0]
+    assert encoder_macs(tokens, SMALL).tolist() == [912.0, 432.0]
+    assert encoder_flops(tokens, SMALL).tolist() == [1824.0, 864.0]
+
+
+def test_layer_macs_with_tokens_pruned_after_attention_golden():
+    # d=4, d_ff=8, 3 tokens enter, 1 leaves: qkv 3·3·16 = 144, scores 9·4 = 36, context 36,
+    # out_proj 1·16 = 16, ffn 2·1·4·8 = 64
+    m = layer_macs(3, 4, 8, n_out=1)
+    assert {k: float(v) for k, v in m.items()} == {
+        "qkv_proj": 144.0, "attn_scores": 36.0, "attn_context": 36.0, "out_proj": 16.0, "ffn": 64.0,
+    }
+    # the last layer prunes nothing: its output rows are the tokens entering it
+    assert tokens_leaving_layers(np.array([[5, 3, 2]])).tolist() == [[3.0, 2.0, 2.0]]
 
 
 def test_bert_base_golden():
@@ -61,13 +75,11 @@ def test_encoder_shape_from_config():
 def test_relative_flops_of_half_pruned_schedule():
     # d=4, d_ff=8, n=4 -> layer(4) = 192 + 64 + 64 + 64 + 256 = 640 MACs;
     #            n=2 -> layer(2) =  96 + 16 + 16 + 32 + 128 = 288 MACs.
-    # tokens [4, 2] vs dense [4, 4]: (640 + 288) / (640 + 640) = 928 / 1280 = 0.725
+    # layer 0 with 4 in, 2 out: 192 + 64 + 64 + 2·16 + 2·2·4·8 = 480 MACs.
+    # tokens [4, 2] vs dense [4, 4]: (480 + 288) / (640 + 640) = 768 / 1280 = 0.6
     pruned = encoder_flops(np.array([[4, 2]]), SMALL)
     dense = encoder_flops(np.array([[4, 4]]), SMALL)
-    assert float(pruned[0] / dense[0]) == pytest.approx(0.725, abs=1e-15)
-    # attention is quadratic, so halving tokens saves more than half of the attention part but
-    # exactly half of the linear part: relative FLOPs strictly between 0.5 and 0.75
-    assert 0.5 < float(pruned[0] / dense[0]) < 0.75
+    assert float(pruned[0] / dense[0]) == pytest.approx(0.6, abs=1e-15)
 
 
 def test_bops_int8_dense_is_quarter_of_fp16():
@@ -97,19 +109,19 @@ def test_bops_int8_linear_fp32_attention_golden():
 
 def test_cost_summary_fields_golden():
     # two examples, lengths 4 and 2; tokens entering layers: [4, 2] and [2, 2]
-    # MACs: ex0 640 + 288 = 928, ex1 288 + 288 = 576; dense ex0 1280, ex1 576
-    # FLOPs: 1856, 1152 (dense 2560, 1152)
-    # relative_flops = ratio of sums = 3008 / 3712 (NOT the mean of ratios (0.725 + 1) / 2)
+    # MACs: ex0 480 + 288 = 768 (layer 0: 4 tokens in, 2 out), ex1 288 + 288 = 576;
+    # dense ex0 1280, ex1 576. FLOPs: 1536, 1152 (dense 2560, 1152)
+    # relative_flops = ratio of sums = 2688 / 3712 (NOT the mean of ratios (0.6 + 1) / 2)
     tokens = np.array([[4, 2], [2, 2]])
     lengths = np.array([4, 2])
     s = cost_summary(tokens, lengths, SMALL, Precision.uniform(32, 32))
-    assert s["gflops_per_example"] == pytest.approx((1856 + 1152) / 2 / 1e9, rel=1e-12)
+    assert s["gflops_per_example"] == pytest.approx((1536 + 1152) / 2 / 1e9, rel=1e-12)
     assert s["dense_gflops_per_example"] == pytest.approx((2560 + 1152) / 2 / 1e9, rel=1e-12)
-    assert s["relative_flops"] == pytest.approx(3008 / 3712, rel=1e-12)
-    assert s["gbops_per_example"] == pytest.approx((1856 + 1152) / 2 * 1024 / 2 / 1e9, rel=1e-12)  # MACs·32·32
+    assert s["relative_flops"] == pytest.approx(2688 / 3712, rel=1e-12)
+    assert s["gbops_per_example"] == pytest.approx((1536 + 1152) / 2 * 1024 / 2 / 1e9, rel=1e-12)  # MACs·32·32
     # FP32 precision: BOPs vs FP32 dense = relative FLOPs; vs FP16 dense = 4x that
-    assert s["relative_bops_vs_fp32_dense"] == pytest.approx(3008 / 3712, rel=1e-12)
-    assert s["relative_bops_vs_fp16_dense"] == pytest.approx(4 * 3008 / 3712, rel=1e-12)
+    assert s["relative_bops_vs_fp32_dense"] == pytest.approx(2688 / 3712, rel=1e-12)
+    assert s["relative_bops_vs_fp16_dense"] == pytest.approx(4 * 2688 / 3712, rel=1e-12)
     assert s["mean_tokens_per_layer"] == [3.0, 2.0]
     assert s["mean_keep_fraction_per_layer"] == [1.0, 0.75]  # ex0 [1, .5], ex1 [1, 1]
     q = s["keep_fraction_quantiles_per_layer"]

@@ -190,7 +190,7 @@ data: {{source: glue_dir, path: {REPO / 'data' / 'sst2_demo'}, max_train_example
 stages:
   - {{id: teacher, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
   - {{id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, lr: 1.0e-3, final_threshold: 1.0}}
-  - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+  - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, lr: 1.0e-3, kd_teacher: teacher}}
   - {{id: kd, stage: distill, teacher: teacher, epochs: 1, batch_size: 16, lr: 1.0e-3, quant_aware: true}}
   - {{id: int8, stage: quantize, calibration_batches: 4, calibration_batch_size: 16, observer: percentile, percentile: 99.9}}
 """)

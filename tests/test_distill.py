@@ -80,6 +80,30 @@ def test_distill_loss_combines_terms():
     assert parts["task"] == pytest.approx(float(task))
 
 
+def test_pruning_stage_loss_adds_logit_kd_from_dense_teacher(tiny_bert):
+    """`kd_teacher` on ltp_soft / ltp_hard / baselines: kd_alpha·CE + (1-kd_alpha)·KD, where the
+    teacher's logits come from its dense (unpruned) forward."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ltp_compress.modeling.pruned_encoder import forward_masked
+    from ltp_compress.stages.common import pruning_stage_loss
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 60, (3, 7), generator=g)
+    batch = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=None, labels=torch.tensor([0, 1, 1]))
+    student_logits = torch.randn(3, 2, generator=g)
+    cfg = SimpleNamespace(kd_alpha=0.25, kd_temperature=3.0)
+    t_logits = forward_masked(teacher, ids, batch.attention_mask, None, mode="dense").logits
+    ce = torch.nn.functional.cross_entropy(student_logits, batch.labels)
+    expect = 0.25 * ce + 0.75 * kd_logit_loss(student_logits, t_logits, 3.0)
+    assert float(pruning_stage_loss(student_logits, batch, teacher, cfg, 2)) == pytest.approx(float(expect), rel=1e-6)
+    assert float(pruning_stage_loss(student_logits, batch, None, cfg, 2)) == pytest.approx(float(ce), rel=1e-6)
+    assert float(kd_logit_loss(t_logits, t_logits, 3.0)) == pytest.approx(0.0, abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 

@@ -253,6 +253,28 @@ def test_packed_rows_entering_each_layer_non_increasing(deep):
     assert bool((k[:, 1:] <= k[:, :-1]).all())
 
 
+def test_pruned_tokens_skip_their_layers_output_projection_and_ffn(deep):
+    """A token pruned at layer l is dropped right after l's softmax: layer l's output projection
+    and FFN see only the survivors, exactly the counts the FLOPs accountant charges them."""
+    from ltp_compress.pipeline.accounting import tokens_leaving_layers
+
+    model, (ids, mask, tt) = deep
+    rows_o, rows_ffn = [], []
+    hooks = []
+    for layer in encoder_layers(model):
+        hooks.append(layer.attention.output.dense.register_forward_hook(lambda m, i, o: rows_o.append(i[0].shape[0])))
+        hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, i, o: rows_ffn.append(i[0].shape[0])))
+    try:
+        out = forward_packed(model, ids, mask, tt, PruningConfig(mode="threshold", thresholds=THRESHOLDS), return_kept=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    expect = tokens_leaving_layers(out.kept_tokens.numpy()).sum(0).astype(int).tolist()
+    assert rows_o == rows_ffn == expect
+    assert rows_o[0] < int(mask.sum())  # layer 0 already pruned before its FFN
+    assert rows_o[-1] == int(out.kept_tokens[:, -1].sum())  # the last layer prunes nothing
+
+
 def test_masked_hard_keep_masks_non_increasing_per_token(deep):
     model, (ids, mask, tt) = deep
     # thresholds that are NOT monotone in depth: a token pruned early would come back if the rule

@@ -219,6 +219,23 @@ def test_distill_teacher_valid(tmp_path):
     assert source_stage_index(r, 3) == 2  # student starts from the previous model stage
 
 
+def test_pruning_stage_kd_teacher_rules(tmp_path):
+    text = _head() + """\
+stages:
+  - {id: ft, stage: finetune, epochs: 1}
+  - {id: soft, stage: ltp_soft, epochs: 1, kd_teacher: ft, kd_alpha: 0.3}
+  - {id: hard, stage: ltp_hard, epochs: 1, kd_teacher: techer}
+  - {id: q, stage: quantize}
+  - {id: top, stage: topk_prune, init_from: ft, kd_teacher: q}
+"""
+    msg = _err(tmp_path, text)
+    assert "stages[2] (hard).kd_teacher: 'techer' is not a stage id of this recipe" in msg
+    assert "stages[4] (top).kd_teacher: the teacher must be a floating-point model, not the quantize stage 'q'" in msg
+    ok = load_recipe(_write(tmp_path, _head() + STAGES.replace("ltp_hard, epochs: 1", "ltp_hard, epochs: 1, kd_teacher: ft"), "ok.yaml"))
+    assert ok.stages[2].kd_teacher == "ft" and ok.stages[2].kd_alpha == 0.5
+    assert "kd_teacher: unknown key" in _err(tmp_path, _head() + "stages:\n  - {id: ft, stage: finetune, kd_teacher: model}\n")
+
+
 def test_ltp_hard_without_earlier_soft(tmp_path):
     text = _head() + """\
 stages:
