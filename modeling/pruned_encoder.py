@@ -135,9 +135,16 @@ def _qkv(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _post_attention(layer: nn.Module, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Attention output projection + residual + LayerNorm, then the FFN block. [..., d] -> [..., d]"""
-    h = layer.attention.output(ctx, x)  # dense, dropout, LayerNorm(· + x)
-    return layer.output(layer.intermediate(h), h)  # dense+act, dense, dropout, LayerNorm(· + h)
+    """Attention output projection + residual + LayerNorm, then the FFN block. [..., d] -> [..., d]
+    Same computation as HF's BertSelfOutput / BertIntermediate / BertOutput (and the RoBERTa
+    twins), calling their submodules directly (swapped-in INT8 Linears and a GELU fused into
+    the FFN kernel are respected); dropout only runs in training."""
+    so, inter, out = layer.attention.output, layer.intermediate, layer.output
+    a = so.dense(ctx)
+    h = so.LayerNorm((so.dropout(a) if so.training else a) + x)
+    f = inter.intermediate_act_fn(inter.dense(h))
+    o = out.dense(f)
+    return out.LayerNorm((out.dropout(o) if out.training else o) + h)
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -230,7 +237,7 @@ class PackedLayout:
     """Where each packed row lives in the per-layer padded attention layout."""
 
     lengths: torch.Tensor  # [b] tokens per sequence
-    flat_index: torch.Tensor  # [T] row r of packed -> b_r * max_len + pos_r
+    flat_index: torch.Tensor | None  # [T] row r of packed -> b_r * max_len + pos_r (None when full)
     max_len: int
     full: bool = False  # every sequence has max_len tokens: pack/unpack are reshapes (always at bs 1)
 
@@ -238,10 +245,12 @@ class PackedLayout:
     def from_lengths(cls, lengths: torch.Tensor) -> "PackedLayout":
         max_len = int(lengths.max())
         b = lengths.shape[0]
+        if b == 1 or int(lengths.min()) == max_len:
+            return cls(lengths=lengths, flat_index=None, max_len=max_len, full=True)
         pos = torch.arange(max_len, device=lengths.device).expand(b, max_len)
         valid = pos < lengths[:, None]  # [b, max_len]
         flat_index = valid.reshape(-1).nonzero().squeeze(1)
-        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len, full=flat_index.numel() == b * max_len)
+        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len, full=False)
 
     def valid_mask(self) -> torch.Tensor:
         pos = torch.arange(self.max_len, device=self.lengths.device)
@@ -297,30 +306,31 @@ def forward_packed(
         q = _split_heads(layout.unpack(q), heads)  # [b, H, smax, dh]
         k = _split_heads(layout.unpack(k), heads)
         v = _split_heads(layout.unpack(v), heads)
-        valid = layout.valid_mask()  # [b, smax]
+        valid = None if layout.full else layout.valid_mask()  # [b, smax]; None: no padding
         att = torch.matmul(q, k.transpose(-1, -2)) * layer.attention.self.scaling  # [b, H, smax, smax]
-        if not layout.full:  # no padding -> nothing to mask
+        if valid is not None:
             att = att.masked_fill(~valid[:, None, None, :], torch.finfo(att.dtype).min)
         probs = att.softmax(-1)
-        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, smax, d)  # [b, smax, d]
+        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b * smax, d)  # [b*smax, d]
         if prune and l < len(layers) - 1:
             # the keep decision exists as soon as the softmax does: a token pruned here is never a
             # key/value again and the classifier reads only position 0, so its output projection
             # and FFN rows would be dead work. Drop it now, before them.
-            present_probs = probs if layout.full else probs * valid[:, None, :, None]  # padded queries score nothing
+            present_probs = probs if valid is None else probs * valid[:, None, :, None]  # padded queries score nothing
             score = present_probs.sum(dim=(1, 2)) / heads  # [b, smax]
             if pruning.mode == "threshold":
                 keep = score > thresholds[l]
             else:
-                keep = _topk_keep(score, valid, n0, pruning.keep_ratios[l])
+                keep = _topk_keep(score, layout.valid_mask(), n0, pruning.keep_ratios[l])
             keep[:, 0] = True
-            keep = keep & valid
-            keep_rows = layout.pack(keep.unsqueeze(-1)).squeeze(-1)  # [T] bool
-            x = x[keep_rows]  # [T', d]
+            if valid is not None:
+                keep &= valid
+            rows = keep.reshape(-1).nonzero().squeeze(1)  # kept rows of the padded [b*smax] layout
+            ctx = ctx.index_select(0, rows)  # [T', d]
+            x = x.index_select(0, rows) if layout.full else x[layout.pack(keep.unsqueeze(-1)).squeeze(-1)]  # [T', d]
             layout = PackedLayout.from_lengths(keep.sum(1))
-            ctx = ctx.reshape(b * smax, d).index_select(0, (keep.reshape(-1)).nonzero().squeeze(1))  # [T', d]
-        else:
-            ctx = layout.pack(ctx)  # [T, d]
+        elif not layout.full:
+            ctx = ctx.index_select(0, layout.flat_index)  # [T, d]
         x = _post_attention(layer, ctx, x)  # [T', d]
     logits = classifier_head(model, x[layout.first_rows()])
     return ForwardOutput(logits=logits, kept_tokens=torch.stack(kept, 1) if return_kept else None)

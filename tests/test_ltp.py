@@ -421,3 +421,70 @@ def test_pruning_config_roundtrip():
     assert d == {"mode": "threshold", "thresholds": [0.5, 1.0], "keep_ratios": None}
     assert PruningConfig.from_dict(d) == cfg
     assert PruningConfig.from_dict(None) == PruningConfig()
+
+
+# ----------------------------------------------------------------------------- target_flops
+
+
+def test_lambda_steering_is_bounded_per_probe_and_overall():
+    from ltp_compress.stages.ltp_soft import _steer_lambda
+
+    assert _steer_lambda(0.2, 0.9, 0.45, 0.2) == pytest.approx(0.25)  # 2x over target -> x1.25 at most
+    assert _steer_lambda(0.2, 0.46, 0.45, 0.2) == pytest.approx(0.2 * 0.46 / 0.45)  # small error: proportional
+    assert _steer_lambda(0.2, 0.2, 0.45, 0.2) == pytest.approx(0.16)  # far under target -> x0.8
+    lam = 0.2
+    for _ in range(100):
+        lam = _steer_lambda(lam, 0.9, 0.45, 0.2)
+    assert lam == pytest.approx(2.0)  # capped at 10·λ0
+    for _ in range(200):
+        lam = _steer_lambda(lam, 0.1, 0.45, 0.2)
+    assert lam == pytest.approx(0.02)  # floored at λ0/10
+
+
+def test_threshold_offset_calibration_lands_target_along_linear_ramp(deep):
+    from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
+    from ltp_compress.stages.ltp_soft import _calibrate_threshold_offset
+
+    model, (ids, mask, tt) = deep
+    batch = type("B", (), {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})()
+    base = PruningConfig(mode="threshold", thresholds=[-0.1, 0.2, 0.3, 0.4])  # one negative: a scale could not move it
+    for target in (0.7, 0.5):
+        cal, info = _calibrate_threshold_offset(model, [batch], base, target)
+        moved = [c - b for c, b in zip(cal.thresholds, base.thresholds)]
+        assert moved == pytest.approx([info["offset"] * (l + 1) / 4 for l in range(4)])  # along the ramp
+        out = forward_packed(model, ids, mask, tt, cal, return_kept=True)
+        rel = relative_flops(out.kept_tokens.numpy(), mask.sum(1).numpy(), EncoderShape.from_config(model.config))
+        assert rel == pytest.approx(info["relative_flops"])
+        # at or just under the target; a few tokens of 6 short examples are the granularity
+        assert target - 0.08 <= rel <= target + 1e-9
+
+
+def test_soft_stage_reports_and_lands_target_flops(tmp_path, tiny_bert):
+    """`target_flops`: λ is steered during training (reported per epoch) and the final calibration
+    puts dev relative FLOPs within ±target_tolerance of the target."""
+    import json
+
+    from ltp_compress.pipeline.runner import run_recipe
+
+    from conftest import DEMO_DATA, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", f"""\
+name: tf
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 128, max_dev_examples: 96, max_seq_length: 64}}
+seed: 3
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+  - {{id: soft, stage: ltp_soft, epochs: 2, batch_size: 16, target_flops: 0.6, kd_teacher: ft}}
+""")
+    run_dir = run_recipe(recipe, progress=False)
+    meta = json.loads((run_dir / "stages" / "01-soft" / "meta.json").read_text())
+    cost, extra = meta["cost"], meta["extra"]
+    assert cost["target_flops"] == 0.6
+    assert abs(cost["relative_flops"] - 0.6) <= 0.05 * 0.6 and cost["within_target_tolerance"] is True
+    assert [h["epoch"] for h in extra["history"]] == [1, 2]
+    assert all("relative_flops" in h and "lambda" in h for h in extra["history"])
+    assert extra["calibration"]["inputs"] == "dev" and extra["calibration"]["relative_flops"] == pytest.approx(cost["relative_flops"])
