@@ -90,6 +90,13 @@ class LTPHardStage(_PruneTrainBase):
 
     stage: Literal["ltp_hard"]
     epochs: float = Field(1.0, gt=0)
+    target_flops: float | None = Field(None, gt=0, le=1, description="re-fit the thresholds (one offset along the linear ramp) during the "
+                                                                     "first retarget_until of training so dev relative FLOPs stays at this value; "
+                                                                     "None: thresholds stay exactly as ltp_soft left them (the paper)")
+    target_tolerance: float = Field(0.05, gt=0, le=0.5)
+    retargets: int = Field(8, ge=1, description="how many re-fits (evenly spaced over the first retarget_until of the steps)")
+    retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
+    flops_calibration_inputs: Literal["dev", "train"] = Field("dev", description="inputs (never labels) the re-fits measure FLOPs on")
 
 
 class ManualPruneStage(_PruneTrainBase):

@@ -30,9 +30,12 @@ def run(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
     return train_with_fixed_pruning(cfg, ctx, model, tokenizer, PruningConfig())
 
 
-def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: PruningConfig) -> StageResult:
+def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: PruningConfig, retarget=None) -> StageResult:
     """Finetune all weights under a frozen pruning rule; evaluate each epoch with the packed
-    (token-removing) runtime; keep the best; save to ctx.out_dir/model."""
+    (token-removing) runtime; keep the best; save to ctx.out_dir/model.
+
+    `retarget(model, pruning, step, total_steps) -> (PruningConfig, info) | None`, if given, is
+    called after every step and may replace the rule (ltp_hard's `target_flops`)."""
     set_seed(ctx.seed)
     accelerator = make_accelerator(cfg.mixed_precision)
     mode = _MASK_MODE[pruning.mode]
@@ -46,7 +49,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
         thresholds = thresholds.to(accelerator.device)
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
-    history, best, best_state, step = [], None, None, 0
+    history, best, best_state, step, retargets = [], None, None, 0, []
     for epoch in range(n_epochs):
         model.train()
         batches = shard(train_batches(ctx, cfg.batch_size, epoch), accelerator)
@@ -60,6 +63,13 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
                 loss = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
             optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt], sched)
             step += 1
+            if retarget is not None:
+                new = retarget(accelerator.unwrap_model(model), pruning, step, total_steps)
+                if new is not None:
+                    pruning, info = new
+                    thresholds = torch.tensor(pruning.thresholds, device=accelerator.device)
+                    retargets.append({"step": step, **info})
+                    model.train()
         if cfg.eval_every_epoch or epoch == n_epochs - 1:
             metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
             score = main_metric(metrics)
@@ -67,12 +77,16 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
                             "relative_flops": cost["relative_flops"]})
             ctx.log.info("%s epoch %d: loss %.4f, dev main %.4f, relative FLOPs %.3f", cfg.id, epoch + 1, loss.item(), score, cost["relative_flops"])
             if cfg.keep_best and (best is None or score > best):
-                best, best_state = score, copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+                best, best_state, best_pruning = score, copy.deepcopy(accelerator.unwrap_model(model).state_dict()), pruning
 
     final = accelerator.unwrap_model(model)
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
+        pruning = best_pruning
     metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
     if accelerator.is_main_process:
         save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
-    return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "pruning": pruning.to_dict()})
+    extra = {"history": history, "train_steps": step, "pruning": pruning.to_dict()}
+    if retarget is not None:
+        extra["retargets"] = retargets
+    return StageResult(metrics=metrics, cost=cost, extra=extra)

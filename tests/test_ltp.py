@@ -479,6 +479,7 @@ num_threads: 1
 stages:
   - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
   - {{id: soft, stage: ltp_soft, epochs: 2, batch_size: 16, target_flops: 0.6, kd_teacher: ft}}
+  - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, lr: 1.0e-3, target_flops: 0.5, retargets: 2, retarget_until: 1.0}}
 """)
     run_dir = run_recipe(recipe, progress=False)
     meta = json.loads((run_dir / "stages" / "01-soft" / "meta.json").read_text())
@@ -488,3 +489,8 @@ stages:
     assert [h["epoch"] for h in extra["history"]] == [1, 2]
     assert all("relative_flops" in h and "lambda" in h for h in extra["history"])
     assert extra["calibration"]["inputs"] == "dev" and extra["calibration"]["relative_flops"] == pytest.approx(cost["relative_flops"])
+    # ltp_hard re-fits the thresholds while finetuning (a large lr makes the drift real) and ends at its target
+    hard = json.loads((run_dir / "stages" / "02-hard" / "meta.json").read_text())
+    assert [r["step"] for r in hard["extra"]["retargets"]] == [4, 8]  # 128 examples / 16 = 8 steps, 2 re-fits
+    assert abs(hard["cost"]["relative_flops"] - 0.5) <= 0.05 * 0.5 and hard["cost"]["within_target_tolerance"] is True
+    assert hard["extra"]["pruning"]["thresholds"] != extra["pruning"]["thresholds"]
