@@ -37,7 +37,9 @@ def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
                          info["offset"], info["relative_flops"], cfg.flops_calibration_inputs, np.round(new.thresholds, 3).tolist())
             return new, info
 
-    result = train_with_fixed_pruning(cfg, ctx, model, tokenizer, pruning, retarget=retarget)
+    # keep_best only among evaluations made after the thresholds froze
+    result = train_with_fixed_pruning(cfg, ctx, model, tokenizer, pruning, retarget=retarget,
+                                      select_after=cfg.retarget_until if retarget is not None else 0.0)
     if cfg.target_flops is not None:
         result.cost["target_flops"] = cfg.target_flops
         result.cost["within_target_tolerance"] = abs(result.cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops

@@ -479,7 +479,7 @@ num_threads: 1
 stages:
   - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
   - {{id: soft, stage: ltp_soft, epochs: 2, batch_size: 16, target_flops: 0.6, kd_teacher: ft}}
-  - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, lr: 1.0e-3, target_flops: 0.5, retargets: 2, retarget_until: 1.0}}
+  - {{id: hard, stage: ltp_hard, epochs: 2, batch_size: 16, lr: 1.0e-3, target_flops: 0.5, retargets: 2, retarget_until: 0.9}}
 """)
     run_dir = run_recipe(recipe, progress=False)
     meta = json.loads((run_dir / "stages" / "01-soft" / "meta.json").read_text())
@@ -491,6 +491,10 @@ stages:
     assert extra["calibration"]["inputs"] == "dev" and extra["calibration"]["relative_flops"] == pytest.approx(cost["relative_flops"])
     # ltp_hard re-fits the thresholds while finetuning (a large lr makes the drift real) and ends at its target
     hard = json.loads((run_dir / "stages" / "02-hard" / "meta.json").read_text())
-    assert [r["step"] for r in hard["extra"]["retargets"]] == [4, 8]  # 128 examples / 16 = 8 steps, 2 re-fits
+    # 128 examples / 16 = 8 steps per epoch, 16 in all; 2 re-fits spread over the first 90% (14 steps)
+    assert [r["step"] for r in hard["extra"]["retargets"]] == [7, 14]
     assert abs(hard["cost"]["relative_flops"] - 0.5) <= 0.05 * 0.5 and hard["cost"]["within_target_tolerance"] is True
+    # keep_best may only pick the epoch-2 checkpoint: epoch 1 (step 8) was evaluated before the thresholds froze
+    assert [h["step"] for h in hard["extra"]["history"]] == [8, 16]
+    assert hard["cost"]["relative_flops"] == pytest.approx(hard["extra"]["history"][1]["relative_flops"])
     assert hard["extra"]["pruning"]["thresholds"] != extra["pruning"]["thresholds"]
