@@ -31,14 +31,14 @@ def run(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
 
 
 def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: PruningConfig, retarget=None,
-                             select_after: float = 0.0) -> StageResult:
+                             eligible=None) -> StageResult:
     """Finetune all weights under a frozen pruning rule; evaluate each epoch with the packed
     (token-removing) runtime; keep the best; save to ctx.out_dir/model.
 
     `retarget(model, pruning, step, total_steps) -> (PruningConfig, info) | None`, if given, is
-    called after every step and may replace the rule (ltp_hard's `target_flops`). `keep_best` only
-    considers evaluations after `select_after` of the steps (the rule is final by then, so the kept
-    checkpoint has the FLOPs the rule was fitted for)."""
+    called after every step and may replace the rule (ltp_hard's `target_flops`). `eligible(cost)`,
+    if given, limits `keep_best` to evaluations whose dev cost passes it (ltp_hard: relative FLOPs
+    within the target's tolerance); with none eligible, the last weights are kept."""
     set_seed(ctx.seed)
     accelerator = make_accelerator(cfg.mixed_precision)
     mode = _MASK_MODE[pruning.mode]
@@ -79,7 +79,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
             history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "metrics": metrics,
                             "relative_flops": cost["relative_flops"]})
             ctx.log.info("%s epoch %d: loss %.4f, dev main %.4f, relative FLOPs %.3f", cfg.id, epoch + 1, loss.item(), score, cost["relative_flops"])
-            if cfg.keep_best and step >= select_after * total_steps and (best is None or score > best):
+            if cfg.keep_best and (eligible is None or eligible(cost)) and (best is None or score > best):
                 best, best_state, best_pruning = score, copy.deepcopy(accelerator.unwrap_model(model).state_dict()), pruning
 
     final = accelerator.unwrap_model(model)

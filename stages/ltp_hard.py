@@ -6,7 +6,9 @@ Finetuning changes the attention patterns, so with frozen thresholds the relativ
 attention spreads out again). With `target_flops`, the thresholds are re-fitted a few times
 during the first `retarget_until` fraction of the steps, by the same one-offset move along the
 linear ramp that `ltp_soft` uses at its end (inputs only, never labels), and are frozen for the
-rest of training, so the weights finish adapting to the final thresholds."""
+rest of training, so the weights finish adapting to the final thresholds. `keep_best` then only
+chooses among evaluated checkpoints (each with the thresholds it was evaluated with) whose dev
+relative FLOPs is within `target_tolerance` of the target."""
 
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
                          info["offset"], info["relative_flops"], cfg.flops_calibration_inputs, np.round(new.thresholds, 3).tolist())
             return new, info
 
-    # keep_best only among evaluations made after the thresholds froze
+    def within_target(cost: dict) -> bool:  # keep_best only among checkpoints that meet the FLOPs target
+        return abs(cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
+
     result = train_with_fixed_pruning(cfg, ctx, model, tokenizer, pruning, retarget=retarget,
-                                      select_after=cfg.retarget_until if retarget is not None else 0.0)
+                                      eligible=within_target if cfg.target_flops is not None else None)
     if cfg.target_flops is not None:
         result.cost["target_flops"] = cfg.target_flops
         result.cost["within_target_tolerance"] = abs(result.cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
