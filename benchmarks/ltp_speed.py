@@ -100,6 +100,8 @@ def model_speed(model_dir: Path, data_dir: Path, task_name: str, threads: int, m
         speedup = statistics.median(r[0] / r[1] for r in rounds)
         # what the FLOPs reduction allows once the floor is respected: t_dense / max(t_floor, t_dense/red.)
         attainable = min(1 / rel_flops, t_dense / t_floor)
+        # where the time goes: one profiled pass each; GEMM = self time of aten::addmm/mm/bmm
+        gemm = {name: _gemm_seconds(lambda p=p: run(p)) for name, p in (("dense", dense), ("pruned", pruning))}
         out["runs"].append({
             "batch_size": bs, "examples": n_ex, "mean_tokens": float(len_a.mean()), "rounds": rounds_n,
             "speedup_per_round": [r[0] / r[1] for r in rounds],
@@ -109,8 +111,22 @@ def model_speed(model_dir: Path, data_dir: Path, task_name: str, threads: int, m
             "speedup_over_flops_reduction": speedup * rel_flops,
             "one_token_floor_s": t_floor, "one_token_floor_ex_per_s": n_ex / t_floor,
             "attainable_speedup": attainable, "speedup_over_attainable": speedup / attainable,
+            "profiled": gemm, "gemm_speedup": gemm["dense"]["gemm_s"] / gemm["pruned"]["gemm_s"],
         })
     return out
+
+
+def _gemm_seconds(fn) -> dict:
+    """One pass under torch.profiler: seconds in GEMM kernels (self CPU of aten::addmm, aten::mm,
+    aten::bmm) and in everything else (profiler overhead inflates the small ops somewhat)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    g = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm", "aten::bmm")) / 1e6
+    return {"gemm_s": g, "other_s": total - g}
 
 
 def selection_cost(threads: int, repeats: int = 200) -> list[dict]:
@@ -166,6 +182,14 @@ def render(result: dict) -> str:
                   "| bs | 1-token floor ex/s | attainable speedup | speedup / attainable |", "|---|---|---|---|"]
         for r in m["runs"]:
             lines.append(f"| {r['batch_size']} | {r['one_token_floor_ex_per_s']:.1f} | {r['attainable_speedup']:.2f}x | {r['speedup_over_attainable']:.2f} |")
+        lines += ["", "Where the time goes (one profiled pass each; GEMM = aten::addmm/mm/bmm self time; "
+                  "the profiler inflates the many small non-GEMM ops):", "",
+                  "| bs | unpruned GEMM s | unpruned other s | pruned GEMM s | pruned other s | GEMM-time speedup | FLOPs reduction |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in m["runs"]:
+            d_, p_ = r["profiled"]["dense"], r["profiled"]["pruned"]
+            lines.append(f"| {r['batch_size']} | {d_['gemm_s']:.3f} | {d_['other_s']:.3f} | {p_['gemm_s']:.3f} | {p_['other_s']:.3f} | "
+                         f"{r['gemm_speedup']:.2f}x | {r['flops_reduction']:.2f}x |")
         lines.append("")
     lines += ["# Selection cost: threshold vs top-k (bs 32, random scores)", "",
               "| seq | threshold µs | top-k µs | top-k / threshold | threshold+gather µs | top-k+gather µs | ratio with gather |", "|---|---|---|---|---|---|---|"]
