@@ -101,7 +101,7 @@ def test_pruning_stage_loss_adds_logit_kd_from_dense_teacher(tiny_bert):
     expect = 0.25 * ce + 0.75 * kd_logit_loss(student_logits, t_logits, 3.0)
     assert float(pruning_stage_loss(student_logits, batch, teacher, cfg, 2).detach()) == pytest.approx(float(expect.detach()), rel=1e-6)
     assert float(pruning_stage_loss(student_logits, batch, None, cfg, 2)) == pytest.approx(float(ce), rel=1e-6)
-    assert float(kd_logit_loss(t_logits, t_logits, 3.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_logit_loss(t_logits, t_logits, 3.0).detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- the stage
