@@ -329,8 +329,8 @@ def forward_packed(
             ctx = ctx.index_select(0, rows)  # [T', d]
             x = x.index_select(0, rows) if layout.full else x[layout.pack(keep.unsqueeze(-1)).squeeze(-1)]  # [T', d]
             layout = PackedLayout.from_lengths(keep.sum(1))
-        elif not layout.full:
-            ctx = ctx.index_select(0, layout.flat_index)  # [T, d]
+        else:
+            ctx = layout.pack(ctx)  # [T, d]
         x = _post_attention(layer, ctx, x)  # [T', d]
     logits = classifier_head(model, x[layout.first_rows()])
     return ForwardOutput(logits=logits, kept_tokens=torch.stack(kept, 1) if return_kept else None)

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_for_pruning
+from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_for_pruning, forward_masked
 from ltp_compress.pipeline.accounting import EncoderShape, Precision, cost_summary
 from ltp_compress.pipeline.data import length_bucketed_batches
 from ltp_compress.pipeline.metrics import compute_metrics
+from ltp_compress.pipeline.models import load_stage_model
 from ltp_compress.pipeline.state import StageContext
 
 
@@ -119,8 +120,6 @@ def load_kd_teacher(cfg, ctx, device):
     ref = getattr(cfg, "kd_teacher", None)
     if ref is None:
         return None
-    from ltp_compress.pipeline.models import load_stage_model
-
     teacher, _, _ = load_stage_model(ctx.model_source_of(ref), ctx.task)
     return teacher.eval().requires_grad_(False).to(device)
 
@@ -130,8 +129,6 @@ def pruning_stage_loss(logits: torch.Tensor, batch, teacher, cfg, num_labels: in
     loss = task_loss(logits, batch.labels, num_labels)
     if teacher is None:
         return loss
-    from ltp_compress.modeling.pruned_encoder import forward_masked
-
     with torch.no_grad():
         t_logits = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense").logits
     return cfg.kd_alpha * loss + (1 - cfg.kd_alpha) * kd_logit_loss(logits, t_logits, cfg.kd_temperature)

@@ -23,7 +23,6 @@ import copy
 import json
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import forward_masked

@@ -18,6 +18,7 @@ from ltp_compress.pipeline.models import load_stage_model
 from ltp_compress.pipeline.recipe import LTPHardStage
 from ltp_compress.pipeline.state import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
+from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, within_target
 
 
 def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
@@ -26,25 +27,23 @@ def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
         raise ValueError(f"{cfg.id}: source model {ctx.source_model} has no learned thresholds (pruning mode '{pruning.mode}')")
     retarget = None
     if cfg.target_flops is not None:
-        from ltp_compress.stages.ltp_soft import _calibrate_threshold_offset, _flops_probe_batches
-
-        probe = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 512, cfg.eval_batch_size)
+        probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 512, cfg.eval_batch_size)
 
         def retarget(m, current, step, total):
             every = max(1, int(total * cfg.retarget_until) // cfg.retargets)
             if step % every or step > total * cfg.retarget_until:
                 return None
-            new, info = _calibrate_threshold_offset(m, probe, current, cfg.target_flops)
+            new, info = calibrate_threshold_offset(m, probe, current, cfg.target_flops)
             ctx.log.info("%s step %d: thresholds re-fitted (offset %+.4f) -> relative FLOPs %.3f on %s inputs: θ %s", cfg.id, step,
                          info["offset"], info["relative_flops"], cfg.flops_calibration_inputs, np.round(new.thresholds, 3).tolist())
             return new, info
 
-    def within_target(cost: dict) -> bool:  # keep_best only among checkpoints that meet the FLOPs target
-        return abs(cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
+    def meets_target(cost: dict) -> bool:  # keep_best only among checkpoints that meet the FLOPs target
+        return within_target(cost["relative_flops"], cfg.target_flops, cfg.target_tolerance)
 
     result = train_with_fixed_pruning(cfg, ctx, model, tokenizer, pruning, retarget=retarget,
-                                      eligible=within_target if cfg.target_flops is not None else None)
+                                      eligible=meets_target if cfg.target_flops is not None else None)
     if cfg.target_flops is not None:
         result.cost["target_flops"] = cfg.target_flops
-        result.cost["within_target_tolerance"] = abs(result.cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
+        result.cost["within_target_tolerance"] = meets_target(result.cost)
     return result

@@ -18,15 +18,11 @@ training sample. The saved model runs with the hard rule score > θ_l.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, forward_packed, linear_threshold_init
-from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
-from ltp_compress.pipeline.data import length_bucketed_batches
+from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, linear_threshold_init
 from ltp_compress.pipeline.models import load_stage_model, save_stage_model
 from ltp_compress.pipeline.recipe import LTPSoftStage
 from ltp_compress.pipeline.state import StageContext, StageResult
@@ -34,6 +30,7 @@ from ltp_compress.stages.common import (
     adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, make_accelerator, pruning_stage_loss, set_seed,
     shard, steps_plan, to_device, train_batches, weight_param_groups,
 )
+from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, within_target
 
 
 def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
@@ -52,7 +49,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     thresholds.data = thresholds.data.to(accelerator.device)
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
-    probe = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
+    probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
 
     history, step = [], 0
@@ -73,7 +70,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt, th_opt], sched)
             step += 1
             if control_every and step % control_every == 0:
-                rel = _relative_flops(accelerator.unwrap_model(model), probe, _pruning(thresholds))
+                rel = relative_flops_on(accelerator.unwrap_model(model), probe, _pruning(thresholds))
                 lam = _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
                 model.train()
         pruning = _pruning(thresholds)
@@ -89,16 +86,16 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     pruning = _pruning(thresholds)
     calibration = None
     if cfg.target_flops:
-        sample = _flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
+        sample = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
         calibration = {"before": {"thresholds": pruning.thresholds}}
-        pruning, found = _calibrate_threshold_offset(final, sample, pruning, cfg.target_flops)
+        pruning, found = calibrate_threshold_offset(final, sample, pruning, cfg.target_flops)
         calibration.update(found, inputs=cfg.flops_calibration_inputs)
         ctx.log.info("%s: thresholds offset by %.4f·(l+1)/L to reach relative FLOPs %.3f on %s inputs", cfg.id, calibration["offset"],
                      calibration["relative_flops"], cfg.flops_calibration_inputs)
     metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
     if cfg.target_flops:
         cost["target_flops"] = cfg.target_flops
-        cost["within_target_tolerance"] = abs(cost["relative_flops"] - cfg.target_flops) <= cfg.target_tolerance * cfg.target_flops
+        cost["within_target_tolerance"] = within_target(cost["relative_flops"], cfg.target_flops, cfg.target_tolerance)
     if accelerator.is_main_process:
         save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
     return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "final_lambda": lam,
@@ -109,32 +106,6 @@ def _pruning(thresholds: torch.Tensor) -> PruningConfig:
     return PruningConfig(mode="threshold", thresholds=[float(t) for t in thresholds.detach().cpu()])
 
 
-def _flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int) -> list:
-    """A fixed, seeded sample of inputs (labels unused) for FLOPs measurements."""
-    ts = ctx.data.train if split == "train" else ctx.data.dev[next(iter(ctx.data.dev))]
-    batches = length_bucketed_batches(ts, batch_size, shuffle=True, seed=ctx.seed, pad_token_id=ctx.data.pad_token_id)
-    out, count = [], 0
-    for b in batches:
-        out.append(b)
-        count += b.input_ids.shape[0]
-        if count >= n:
-            break
-    return out
-
-
-@torch.no_grad()
-def _relative_flops(model, batches: list, pruning: PruningConfig) -> float:
-    model.eval()
-    device = next(model.parameters()).device
-    kept, lengths = [], []
-    for b in batches:
-        b = to_device(copy.copy(b), device)
-        out = forward_packed(model, b.input_ids, b.attention_mask, b.token_type_ids, pruning, return_kept=True)
-        kept.append(out.kept_tokens.cpu().numpy())
-        lengths.append(b.attention_mask.sum(1).cpu().numpy())
-    return relative_flops(np.concatenate(kept), np.concatenate(lengths), EncoderShape.from_config(model.config))
-
-
 def _steer_lambda(lam: float, rel: float, target: float, lam0: float, gain: float = 1.0) -> float:
     """Bounded multiplicative controller: more FLOPs than the target -> larger λ, and vice versa,
     at most x1.25 / x0.8 per probe and within [λ0/10, 10·λ0]. The per-probe bound is what keeps it
@@ -142,40 +113,7 @@ def _steer_lambda(lam: float, rel: float, target: float, lam0: float, gain: floa
     winds up: a burst of large λ saturates the sigmoid masks (m ≈ 0 carries no gradient), the
     thresholds overshoot and never come back, and accuracy collapses. (A cap of 2·λ0 was too
     tight on SST-2: λ sat at the cap at relative FLOPs 0.59 for a 0.43 target.) The final offset
-    calibration (`_calibrate_threshold_offset`) lands the target; λ steering brings training
+    calibration (`flops_target.calibrate_threshold_offset`) lands the target; λ steering brings training
     close to it so that the calibration is a small move."""
     factor = float(np.clip((rel / target) ** gain, 0.8, 1.25))
     return float(np.clip(lam * factor, lam0 / 10, lam0 * 10))
-
-
-def _calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, target: float, iters: int = 16):
-    """Bisect one offset c on the linear ramp, θ_l -> θ_l + c·(l+1)/L, so relative FLOPs on
-    `batches` ≈ target. The ramp is the paper's initialisation shape: later layers move most, the
-    learned differences between layers are kept. (A multiplicative scale cannot move thresholds
-    that learned to be ~0 or negative, and on SST-2 it produced a keep-all-then-drop-all cliff.)
-    Relative FLOPs is non-increasing in c up to score ties."""
-    base = np.asarray(pruning.thresholds, dtype=np.float64)
-    ramp = np.arange(1, len(base) + 1) / len(base)
-
-    def at(c: float) -> float:
-        return _relative_flops(model, batches, PruningConfig(mode="threshold", thresholds=(base + c * ramp).tolist()))
-
-    step = 0.25
-    if at(0.0) > target:  # prune more: c > 0
-        lo, hi = 0.0, step
-        while at(hi) > target and hi < 64:
-            lo, hi = hi, hi * 2
-    else:  # pruned more than asked: c < 0
-        lo, hi = -step, 0.0
-        while at(lo) <= target and lo > -64:
-            lo, hi = lo * 2, lo
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    offset = hi
-    return (PruningConfig(mode="threshold", thresholds=(base + offset * ramp).tolist()),
-            {"offset": offset, "direction": "theta_l + offset*(l+1)/L", "relative_flops": at(offset),
-             "sample_examples": sum(b.input_ids.shape[0] for b in batches)})

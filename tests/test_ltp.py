@@ -443,13 +443,13 @@ def test_lambda_steering_is_bounded_per_probe_and_overall():
 
 def test_threshold_offset_calibration_lands_target_along_linear_ramp(deep):
     from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
-    from ltp_compress.stages.ltp_soft import _calibrate_threshold_offset
+    from ltp_compress.stages.flops_target import calibrate_threshold_offset
 
     model, (ids, mask, tt) = deep
     batch = type("B", (), {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})()
     base = PruningConfig(mode="threshold", thresholds=[-0.1, 0.2, 0.3, 0.4])  # one negative: a scale could not move it
     for target in (0.7, 0.5):
-        cal, info = _calibrate_threshold_offset(model, [batch], base, target)
+        cal, info = calibrate_threshold_offset(model, [batch], base, target)
         moved = [c - b for c, b in zip(cal.thresholds, base.thresholds)]
         assert moved == pytest.approx([info["offset"] * (l + 1) / 4 for l in range(4)])  # along the ramp
         out = forward_packed(model, ids, mask, tt, cal, return_kept=True)

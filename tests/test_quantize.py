@@ -10,12 +10,11 @@ rare rounding-boundary flip of one activation code may propagate, so logits must
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ltp_compress.kernels import Int8Linear, kernel_counters, quantize_per_channel_symmetric, reset_kernel_counters, resolve_backend
+from ltp_compress.kernels import Int8Linear, kernel_counters, quantize_per_channel_symmetric, reset_kernel_counters
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, forward_packed
 from ltp_compress.modeling.quantized import (
     FakeQuantLinear, MinMaxObserver, PercentileObserver, QATLinear, calibrate, convert_to_int8,
