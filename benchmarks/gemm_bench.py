@@ -74,10 +74,8 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, backends: list[str
             packed = K.pack_weight(w_q, w_scale, b, be)
             add(be, "int8_linear", lambda: K.int8_linear(x, x_scale, packed))
             if be in ("cpu_vnni", "cpu_avx2"):
-                x_u8 = (K.quantize_per_tensor_symmetric(x, x_scale).to(torch.int16) + 128).to(torch.uint8)
-                args = (x_u8, x_scale, 128, packed.packed, packed.w_scale, packed.w_zero_point, packed.bias,
-                        1.0, 0, torch.float32, "none", [], "")
-                add(f"{be}:gemm", "int8_gemm", lambda: torch.ops.onednn.qlinear_pointwise(*args))
+                x_u8 = K.quantize_u8_zp128(x, x_scale)
+                add(f"{be}:gemm", "int8_gemm", lambda: K.onednn_qlinear_u8(x_u8, x_scale, packed))
             elif be == "cpu_int_mm":
                 x_q = K.quantize_per_tensor_symmetric(x, x_scale)
                 add(f"{be}:gemm", "int8_gemm", lambda: torch._int_mm(x_q, packed.packed))

@@ -40,10 +40,10 @@ def _time(fn, repeats: int = 3, warmup: int = 1) -> float:
 def model_speed(model_dir: Path, data_dir: Path, task_name: str, threads: int, max_examples: int, bs1_examples: int,
                 rounds_n: int = 7) -> dict:
     from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
-    from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
-    from ltp_compress.pipeline.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
-    from ltp_compress.pipeline.models import load_stage_model
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.modeling.accounting import EncoderShape, relative_flops
+    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
+    from ltp_compress.modeling.model_io import load_stage_model
+    from ltp_compress.tasks.glue import get_task
 
     torch.set_num_threads(threads)
     task = get_task(task_name)

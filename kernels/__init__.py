@@ -1,57 +1,34 @@
 """INT8 GEMM kernels and token packing for the pruned BERT runtime.
 
-Importing this package imports torch but probes no hardware and picks no backend; call
-:func:`resolve_backend` (or build :class:`Int8Linear` with a backend) to do that, once.
+Importing this package imports nothing heavy: `BACKENDS` is a plain tuple (the recipe schema
+reads it), and the torch-based names below are loaded on first use. No hardware is probed and no
+backend is picked at import; call :func:`resolve_backend` (or build :class:`Int8Linear` with a
+backend) to do that, once.
 """
 
-from .int8_linear import (
-    BACKENDS,
-    Int8Linear,
-    PackedInt8Weight,
-    available_backends,
-    backend_unavailable_reason,
-    cpu_isa,
-    int8_linear,
-    int8_linear_reference,
-    int8_matmul_int32,
-    kernel_counters,
-    pack_weight,
-    quantize_per_channel_symmetric,
-    quantize_per_tensor_symmetric,
-    reset_kernel_counters,
-    resolve_backend,
-    weight_qmax,
-)
-from .token_pack import (
-    gather_kept,
-    gather_kept_reference,
-    pack_tokens,
-    pack_tokens_reference,
-    unpack_tokens,
-    unpack_tokens_reference,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BACKENDS",
-    "Int8Linear",
-    "PackedInt8Weight",
-    "available_backends",
-    "backend_unavailable_reason",
-    "cpu_isa",
-    "int8_linear",
-    "int8_linear_reference",
-    "int8_matmul_int32",
-    "kernel_counters",
-    "pack_weight",
-    "quantize_per_channel_symmetric",
-    "quantize_per_tensor_symmetric",
-    "reset_kernel_counters",
-    "resolve_backend",
-    "weight_qmax",
-    "gather_kept",
-    "gather_kept_reference",
-    "pack_tokens",
-    "pack_tokens_reference",
-    "unpack_tokens",
-    "unpack_tokens_reference",
-]
+import importlib
+
+from .backends import BACKENDS
+
+# public name -> submodule that defines it (loaded on first attribute access)
+_LAZY = {
+    **{name: "linear_int8" for name in (
+        "Int8Linear", "PackedInt8Weight", "available_backends", "backend_unavailable_reason", "cpu_isa", "int8_linear",
+        "int8_linear_reference", "int8_matmul_int32", "kernel_counters", "onednn_qlinear_u8", "pack_weight",
+        "quantize_per_channel_symmetric", "quantize_per_tensor_symmetric", "quantize_u8_zp128", "reset_kernel_counters",
+        "resolve_backend", "weight_qmax",
+    )},
+    "PackedLayout": "token_pack",
+}
+
+__all__ = ["BACKENDS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

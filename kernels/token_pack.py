@@ -1,133 +1,79 @@
-"""Token packing for the pruned runtime: move between a padded batch [b, s, d] and a packed
-matrix [T, d] of the surviving tokens (no padding), which is what the linear layers consume.
+"""Token packing for the pruned runtime: the surviving tokens of a batch as one packed matrix
+[T, d] (no padding), which is what the linear layers consume, and the per-sequence padded layout
+[b, max_len, d] that attention needs.
 
-Layout of a packed matrix: the tokens of sequence 0 (in their original order), then those of
-sequence 1, ...; ``lengths[i]`` (int64 [b]) tokens belong to sequence i, sum(lengths) = T.
+Packed order: the tokens of sequence 0 (in their original order), then those of sequence 1, ...;
+`lengths[i]` tokens belong to sequence i, T = sum(lengths).
 
-Every function has a ``*_reference`` twin written as a Python loop over sequences; the fast
-versions are vectorised (boolean masking / index_put) and work on CPU and CUDA. Shapes that
-depend on the data (T, max_len) need one host sync on CUDA (``.item()`` / boolean indexing).
+`PackedLayout` is what `modeling.pruned_encoder.forward_packed` runs; `pack_reference` /
+`unpack_reference` are plain Python loops over sequences that the tests compare it with.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-# ----------------------------------------------------------------------------- pack
+
+@dataclass
+class PackedLayout:
+    """Where each packed row lives in the per-layer padded attention layout."""
+
+    lengths: Tensor  # [b] tokens per sequence (int64)
+    flat_index: Tensor | None  # [T] row r of packed -> b_r * max_len + pos_r (None when full)
+    max_len: int
+    full: bool = False  # every sequence has max_len tokens: pack/unpack are reshapes (always at bs 1)
+
+    @classmethod
+    def from_lengths(cls, lengths: Tensor) -> "PackedLayout":
+        max_len = int(lengths.max())
+        b = lengths.shape[0]
+        if b == 1 or int(lengths.min()) == max_len:
+            return cls(lengths=lengths, flat_index=None, max_len=max_len, full=True)
+        pos = torch.arange(max_len, device=lengths.device).expand(b, max_len)
+        valid = pos < lengths[:, None]  # [b, max_len]
+        flat_index = valid.reshape(-1).nonzero().squeeze(1)
+        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len, full=False)
+
+    def valid_mask(self) -> Tensor:
+        pos = torch.arange(self.max_len, device=self.lengths.device)
+        return pos[None, :] < self.lengths[:, None]  # [b, max_len]
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """[T, f] -> [b, max_len, f] (zeros at padding)."""
+        b = self.lengths.shape[0]
+        if self.full:
+            return x.view(b, self.max_len, x.shape[-1])
+        out = x.new_zeros(b * self.max_len, x.shape[-1])
+        out.index_copy_(0, self.flat_index, x)
+        return out.view(b, self.max_len, x.shape[-1])
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[b, max_len, f] -> [T, f] (padding rows dropped)."""
+        if self.full:
+            return x.reshape(-1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat_index)
+
+    def first_rows(self) -> Tensor:
+        """Packed row index of each sequence's first token. [b]"""
+        return torch.cumsum(self.lengths, 0) - self.lengths
 
 
-def pack_tokens(x_padded: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """x_padded [b, s, d], keep bool [b, s] -> (x_packed [T, d], lengths int64 [b]).
-
-    T = keep.sum(); row-major order (sequence by sequence, positions ascending) preserved.
-    """
-    _check_keep(x_padded, keep)
-    keep = keep.to(torch.bool)
-    lengths = keep.sum(dim=1, dtype=torch.int64)  # [b]
-    return x_padded[keep], lengths  # boolean mask indexing is row-major: [T, d]
+# ----------------------------------------------------------------------------- references
 
 
-def pack_tokens_reference(x_padded: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    _check_keep(x_padded, keep)
-    rows, lengths = [], []
-    for i in range(x_padded.shape[0]):
-        k = keep[i].to(torch.bool)
-        rows.append(x_padded[i][k])  # [n_i, d]
-        lengths.append(int(k.sum()))
-    x_packed = torch.cat(rows, 0) if rows else x_padded.new_zeros(0, x_padded.shape[-1])
-    return x_packed, torch.tensor(lengths, dtype=torch.int64, device=x_padded.device)
+def pack_reference(x_padded: Tensor, lengths: Tensor) -> Tensor:
+    """[b, s, f] with sequence i's tokens at positions < lengths[i] -> [T, f], one sequence at a time."""
+    return torch.cat([x_padded[i, : int(n)] for i, n in enumerate(lengths.tolist())], dim=0)
 
 
-# ----------------------------------------------------------------------------- unpack
-
-
-def unpack_tokens(x_packed: Tensor, lengths: Tensor, max_len: int | None = None) -> tuple[Tensor, Tensor]:
-    """x_packed [T, d], lengths int64 [b] -> (x_padded [b, max_len, d], pad_mask bool [b, max_len]).
-
-    Sequence i occupies positions 0..lengths[i]-1 of row i; everything else is zero.
-    ``pad_mask`` is True at PADDING positions (False where a real token sits), i.e. the mask to
-    use with ``masked_fill(pad_mask, -inf)``; ``~pad_mask`` is the valid-token mask.
-    max_len defaults to max(lengths) (0 for an empty batch) and must be >= max(lengths).
-    """
-    lengths = lengths.to(device=x_packed.device, dtype=torch.int64)
-    _check_lengths(x_packed, lengths)
-    b, d = lengths.shape[0], x_packed.shape[-1]
-    longest = int(lengths.max()) if b > 0 else 0
-    if max_len is None:
-        max_len = longest
-    elif max_len < longest:
-        raise ValueError(f"max_len={max_len} < longest sequence {longest}")
-    pos = torch.arange(max_len, device=x_packed.device)  # [max_len]
-    valid = pos[None, :] < lengths[:, None]  # [b, max_len]
-    x_padded = x_packed.new_zeros(b, max_len, d)
-    x_padded[valid] = x_packed  # row-major order of `valid` == packed order
-    return x_padded, ~valid
-
-
-def unpack_tokens_reference(x_packed: Tensor, lengths: Tensor, max_len: int | None = None) -> tuple[Tensor, Tensor]:
-    lengths_l = [int(n) for n in lengths]
-    _check_lengths(x_packed, lengths)
-    b, d = len(lengths_l), x_packed.shape[-1]
-    longest = max(lengths_l, default=0)
-    if max_len is None:
-        max_len = longest
-    elif max_len < longest:
-        raise ValueError(f"max_len={max_len} < longest sequence {longest}")
-    x_padded = x_packed.new_zeros(b, max_len, d)
-    pad_mask = torch.ones(b, max_len, dtype=torch.bool, device=x_packed.device)
+def unpack_reference(x_packed: Tensor, lengths: Tensor, max_len: int) -> Tensor:
+    """[T, f] -> [b, max_len, f] with zeros at padding, one sequence at a time."""
+    out = x_packed.new_zeros(len(lengths), max_len, x_packed.shape[-1])
     start = 0
-    for i, n in enumerate(lengths_l):
-        x_padded[i, :n] = x_packed[start : start + n]
-        pad_mask[i, :n] = False
+    for i, n in enumerate(lengths.tolist()):
+        out[i, :n] = x_packed[start:start + n]
         start += n
-    return x_padded, pad_mask
-
-
-# ----------------------------------------------------------------------------- gather
-
-
-def gather_kept(x_packed: Tensor, lengths: Tensor, keep_packed: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop pruned tokens from a packed matrix.
-
-    x_packed [T, d], lengths int64 [b], keep_packed bool [T] -> (x_packed' [T', d], lengths' [b])
-    with T' = keep_packed.sum() and lengths'[i] = kept tokens of sequence i (order preserved).
-    """
-    lengths = lengths.to(device=x_packed.device, dtype=torch.int64)
-    _check_lengths(x_packed, lengths)
-    keep_packed = keep_packed.to(torch.bool)
-    if keep_packed.shape != (x_packed.shape[0],):
-        raise ValueError(f"keep_packed must be bool [T={x_packed.shape[0]}], got {tuple(keep_packed.shape)}")
-    b = lengths.shape[0]
-    seq_id = torch.repeat_interleave(torch.arange(b, device=x_packed.device), lengths)  # [T]
-    new_lengths = torch.zeros(b, dtype=torch.int64, device=x_packed.device)
-    new_lengths.index_add_(0, seq_id, keep_packed.to(torch.int64))
-    return x_packed[keep_packed], new_lengths
-
-
-def gather_kept_reference(x_packed: Tensor, lengths: Tensor, keep_packed: Tensor) -> tuple[Tensor, Tensor]:
-    _check_lengths(x_packed, lengths)
-    rows, new_lengths, start = [], [], 0
-    for n in (int(v) for v in lengths):
-        k = keep_packed[start : start + n].to(torch.bool)
-        rows.append(x_packed[start : start + n][k])
-        new_lengths.append(int(k.sum()))
-        start += n
-    out = torch.cat(rows, 0) if rows else x_packed.new_zeros(0, x_packed.shape[-1])
-    return out, torch.tensor(new_lengths, dtype=torch.int64, device=x_packed.device)
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_keep(x_padded: Tensor, keep: Tensor) -> None:
-    if x_padded.dim() != 3 or keep.shape != x_padded.shape[:2]:
-        raise ValueError(f"expected x_padded [b, s, d] and keep [b, s], got {tuple(x_padded.shape)} and {tuple(keep.shape)}")
-
-
-def _check_lengths(x_packed: Tensor, lengths: Tensor) -> None:
-    if x_packed.dim() != 2 or lengths.dim() != 1:
-        raise ValueError(f"expected x_packed [T, d] and lengths [b], got {tuple(x_packed.shape)} and {tuple(lengths.shape)}")
-    total = int(lengths.sum()) if lengths.numel() else 0
-    if total != x_packed.shape[0]:
-        raise ValueError(f"sum(lengths)={total} != T={x_packed.shape[0]}")
+    return out

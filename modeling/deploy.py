@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ltp_compress.console import install_known_message_filters
+from ltp_compress.errors import UserError
+
 FORMAT = "ltp-compress-deployable"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -42,7 +45,7 @@ MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, LTP_FILE)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A deployable checkpoint that is missing, incomplete, corrupted or of an unknown format."""
 
 
@@ -249,6 +252,20 @@ class DeployedModel:
         return results  # type: ignore[return-value]
 
 
+def read_deployable_info(path: str | Path) -> dict:
+    """The checkpoint's ltp.json (pruning rule, quantisation info, max_seq_length), after verifying
+    every file against the manifest: nothing is parsed before the bytes are known to be intact."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        ltp = json.loads((path / LTP_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path / LTP_FILE}: not valid JSON: {e}") from None
+    if ltp.get("format") != FORMAT or ltp.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / LTP_FILE}: unsupported format {ltp.get('format')!r} version {ltp.get('format_version')!r}")
+    return ltp
+
+
 def load_deployable(path: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> DeployedModel:
     """Verify, then load a deployable checkpoint. Needs torch, safetensors and transformers only.
 
@@ -257,19 +274,16 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
     if device is None:
         device = "cuda" if backend == "cuda" else "cpu"
     from safetensors import safe_open
+
+    install_known_message_filters()  # before transformers (which imports torchao when installed)
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from ltp_compress.kernels import Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
     from ltp_compress.modeling.pruned_encoder import PruningConfig
+    from ltp_compress.modeling.quantized import swap_linear
 
     path = Path(path)
-    verify_checkpoint(path)  # FIRST: nothing is parsed before the bytes are known to be intact
-    try:
-        ltp = json.loads((path / LTP_FILE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{path / LTP_FILE}: not valid JSON: {e}") from None
-    if ltp.get("format") != FORMAT or ltp.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / LTP_FILE}: unsupported format {ltp.get('format')!r} version {ltp.get('format_version')!r}")
+    ltp = read_deployable_info(path)
     q = ltp.get("quantization") or {}
     int8_layers = q.get("int8_layers")
     if not isinstance(int8_layers, list):
@@ -319,11 +333,7 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
         dev = torch.device(device)
         mod = Int8Linear(w_q.to(dev), w_scale.to(dev), None if bias is None else bias.to(dev), float(x_scale),
                          backend=concrete, fuse_gelu=fuse)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, mod)
-        if fuse:
-            parent.intermediate_act_fn = nn.Identity()
+        swap_linear(model, name, mod, gelu_fused=fuse)
     expected = set(model.state_dict().keys()) - {f"{n}.{b}" for n in int8_layers for b in ("w_q", "w_scale", "x_scale", "bias")}
     got = set(tensors)
     if expected - got or got - expected:

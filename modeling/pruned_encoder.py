@@ -43,7 +43,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ltp_compress.kernels.token_pack import PackedLayout
+
 PruningMode = Literal["none", "threshold", "topk"]
+#: pruning mode of an inference model -> `forward_masked` mode with the same binary keep rule
+MASKED_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
 
 
 @dataclass
@@ -58,6 +62,15 @@ class PruningConfig:
     mode: PruningMode = "none"
     thresholds: list[float] | None = None  # [L], normalised-score units
     keep_ratios: list[float] | None = None  # [L], fraction of the original length
+
+    @property
+    def masked_mode(self) -> str:
+        """The `forward_masked` mode that trains/evaluates under this rule with binary masks."""
+        return MASKED_MODE[self.mode]
+
+    @property
+    def thresholds_tensor(self) -> torch.Tensor | None:
+        return None if self.thresholds is None else torch.tensor(self.thresholds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,50 +245,6 @@ def _topk_keep(score: torch.Tensor, present: torch.Tensor, n0: torch.Tensor, rat
 # ----------------------------------------------------------------------------- packed path
 
 
-@dataclass
-class PackedLayout:
-    """Where each packed row lives in the per-layer padded attention layout."""
-
-    lengths: torch.Tensor  # [b] tokens per sequence
-    flat_index: torch.Tensor | None  # [T] row r of packed -> b_r * max_len + pos_r (None when full)
-    max_len: int
-    full: bool = False  # every sequence has max_len tokens: pack/unpack are reshapes (always at bs 1)
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor) -> "PackedLayout":
-        max_len = int(lengths.max())
-        b = lengths.shape[0]
-        if b == 1 or int(lengths.min()) == max_len:
-            return cls(lengths=lengths, flat_index=None, max_len=max_len, full=True)
-        pos = torch.arange(max_len, device=lengths.device).expand(b, max_len)
-        valid = pos < lengths[:, None]  # [b, max_len]
-        flat_index = valid.reshape(-1).nonzero().squeeze(1)
-        return cls(lengths=lengths, flat_index=flat_index, max_len=max_len, full=False)
-
-    def valid_mask(self) -> torch.Tensor:
-        pos = torch.arange(self.max_len, device=self.lengths.device)
-        return pos[None, :] < self.lengths[:, None]  # [b, max_len]
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, f] -> [b, max_len, f] (zeros at padding)."""
-        b = self.lengths.shape[0]
-        if self.full:
-            return x.view(b, self.max_len, x.shape[-1])
-        out = x.new_zeros(b * self.max_len, x.shape[-1])
-        out.index_copy_(0, self.flat_index, x)
-        return out.view(b, self.max_len, x.shape[-1])
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, max_len, f] -> [T, f]."""
-        if self.full:
-            return x.reshape(-1, x.shape[-1])
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat_index)
-
-    def first_rows(self) -> torch.Tensor:
-        """Packed row index of each sequence's first token. [b]"""
-        return torch.cumsum(self.lengths, 0) - self.lengths
-
-
 @torch.no_grad()
 def forward_packed(
     model: nn.Module,
@@ -340,6 +309,5 @@ def forward_for_pruning(model: nn.Module, batch, pruning: PruningConfig, *, pack
     """Inference forward for a `Batch` under a pruning config (packed by default)."""
     if packed:
         return forward_packed(model, batch.input_ids, batch.attention_mask, batch.token_type_ids, pruning, return_kept=return_kept)
-    mode = {"none": "dense", "threshold": "hard", "topk": "topk"}[pruning.mode]
-    th = torch.tensor(pruning.thresholds) if pruning.thresholds is not None else None
-    return forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode=mode, thresholds=th, keep_ratios=pruning.keep_ratios)
+    return forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode=pruning.masked_mode,
+                          thresholds=pruning.thresholds_tensor, keep_ratios=pruning.keep_ratios)

@@ -22,7 +22,7 @@ The two attention matmuls (Q·Kᵀ and A·V)
     (per-batch) quantisation, their inputs are small after token pruning (n² · d per layer with
     n the *kept* tokens, versus n · d² for the projections), and the softmax probabilities are
     sensitive to quantisation. The cost accounting counts them at 32 x 32 bits:
-    :meth:`ltp_compress.pipeline.accounting.Precision.int8_linear_fp_attention` (``attn_bits=32``),
+    :meth:`ltp_compress.modeling.accounting.Precision.int8_linear_fp_attention` (``attn_bits=32``),
     returned by :func:`int8_precision`.
 
 Two executable forms share the same scales:
@@ -214,13 +214,17 @@ class QuantInfo:
         }
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def swap_linear(model: nn.Module, name: str, new: nn.Module, *, gelu_fused: bool = False) -> None:
+    """Put `new` in place of the Linear `name`. With `gelu_fused` (`new` applies the FFN's GELU
+    itself, see `gelu_fusable`) the FFN block's own activation becomes the identity."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    if gelu_fused:
+        parent.intermediate_act_fn = nn.Identity()
 
 
-def _gelu_fusable(model: nn.Module, name: str) -> bool:
+def gelu_fusable(model: nn.Module, name: str) -> bool:
     """True for `...intermediate.dense` when the model's activation is exact erf GELU."""
     if not name.endswith("intermediate.dense") or getattr(model.config, "hidden_act", None) != "gelu":
         return False
@@ -235,10 +239,9 @@ def _replace_linears(model: nn.Module, act_scales: dict[str, float], make, fuse_
             continue
         if name not in act_scales:
             raise KeyError(f"no activation scale for Linear '{name}'")
-        fuse = fuse_gelu and _gelu_fusable(model, name)
-        _set_module(model, name, make(model.get_submodule(name), act_scales[name], fuse))
+        fuse = fuse_gelu and gelu_fusable(model, name)
+        swap_linear(model, name, make(model.get_submodule(name), act_scales[name], fuse), gelu_fused=fuse)
         if fuse:
-            model.get_submodule(name.rpartition(".")[0]).intermediate_act_fn = nn.Identity()
             fused.append(name)
     return fused
 
@@ -271,7 +274,7 @@ def fake_quant_model(model: nn.Module, act_scales: dict[str, float], weight_qmax
 
 def int8_precision():
     """Per-op bits of the converted model for BOPs: Linear W8A8, attention matmuls FP32."""
-    from ltp_compress.pipeline.accounting import Precision
+    from ltp_compress.modeling.accounting import Precision
 
     return Precision.int8_linear_fp_attention(attn_bits=32)
 
@@ -304,6 +307,39 @@ class QATLinear(nn.Linear):
             s = self.qat_amax / QMAX
             x = x + (fake_quant_per_tensor(x.detach(), s) - x).detach()
         return F.linear(x, w_fq, self.bias)
+
+
+#: file beside a quant-aware distilled model holding the activation scales it observed
+ACT_SCALES_FILE = "act_scales.json"
+
+
+def save_act_scales(model_dir, scales: dict[str, float]) -> None:
+    """Write the activation scales observed by quant-aware training beside the model."""
+    from pathlib import Path
+
+    from ltp_compress.fileio import atomic_write_json
+
+    atomic_write_json(Path(model_dir) / ACT_SCALES_FILE, {
+        "source": f"quant-aware distillation (EMA of per-batch max |x|, momentum {QATLinear.ema_momentum})",
+        "qmax": QMAX, "act_scales": scales})
+
+
+def load_act_scales(model_dir, names: list[str]) -> tuple[dict[str, float], str]:
+    """(scales, file) saved by `save_act_scales`; every Linear in `names` must have one."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / ACT_SCALES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (run distill with quant_aware: true)")
+    saved = json.loads(path.read_text())
+    if saved.get("qmax", QMAX) != QMAX:
+        raise ValueError(f"{path}: scales were saved for qmax {saved.get('qmax')}, this version uses {QMAX}")
+    scales = saved["act_scales"]
+    missing = set(names) - set(scales)
+    if missing:
+        raise ValueError(f"{path}: no activation scale for {sorted(missing)}")
+    return scales, str(path)
 
 
 def enable_qat(model: nn.Module) -> list[str]:

@@ -51,10 +51,11 @@ from pathlib import Path
 
 import numpy as np
 
-OURS = ("ltp_fp32", "dense_int8", "ltp_int8")
-INT8_PEERS = ("torch_dynamic_int8", "inc_static_int8", "torchao_static_int8_compiled")
-BASELINE = "hf_fp32_eager"
-SYSTEMS = (BASELINE,) + INT8_PEERS + OURS
+from ltp_compress.errors import UserError
+from ltp_compress.modeling.deploy import MANIFEST_FILE, read_deployable_info
+from ltp_compress.pipeline.run_dir import RunDir
+
+from ltp_compress.pipeline.bench_args import BASELINE, INT8_PEERS, OURS, SYSTEMS  # noqa: F401 (re-exported)
 NEEDS = {  # which model each system is built from
     "hf_fp32_eager": "teacher", "torch_dynamic_int8": "teacher", "inc_static_int8": "teacher",
     "torchao_static_int8_compiled": "teacher", "dense_int8": "teacher", "ltp_fp32": "hard", "ltp_int8": "int8",
@@ -70,21 +71,11 @@ DESCRIPTIONS = {
 }
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """Bad benchmark arguments (missing checkpoint / stage, unknown system)."""
 
 
 # ----------------------------------------------------------------------------- locating models
-
-
-def _stage_metas(run_dir: Path) -> list[tuple[int, str, Path, dict]]:
-    out = []
-    for d in sorted((run_dir / "stages").glob("[0-9][0-9]-*")):
-        mp = d / "meta.json"
-        if mp.is_file():
-            meta = json.loads(mp.read_text())
-            out.append((int(meta.get("index", d.name[:2])), meta.get("stage", ""), d, meta))
-    return sorted(out, key=lambda t: t[0])
 
 
 def resolve_models(checkpoint: str | Path | None = None, *, run_dir: str | Path | None = None,
@@ -104,35 +95,36 @@ def resolve_models(checkpoint: str | Path | None = None, *, run_dir: str | Path 
         cp = Path(checkpoint)
         if not cp.exists():
             raise BenchError(f"{cp}: not found (expected a run directory or a deployable INT8 checkpoint folder)")
-        if (cp / "manifest.json").is_file():
+        if (cp / MANIFEST_FILE).is_file():
             paths["int8"] = cp
-            if run_dir is None and cp.name == "model" and cp.parent.parent.name == "stages":
-                run_dir = cp.parent.parent.parent
+            containing = RunDir.containing_model(cp)
+            if run_dir is None and containing is not None:
+                run_dir = containing.path
                 notes.append(f"checkpoint is a stage of run {run_dir}: teacher / hard models taken from that run")
             elif run_dir is None:
                 notes.append("checkpoint is a standalone deployable folder: no teacher / hard model, only ltp_int8 can run")
-        elif (cp / "stages").is_dir():
+        elif RunDir(cp).is_run():
             run_dir = cp
         else:
-            raise BenchError(f"{cp}: neither a run directory (stages/) nor a deployable checkpoint (manifest.json)")
+            raise BenchError(f"{cp}: neither a run directory (recipe.json, stages/) nor a deployable checkpoint ({MANIFEST_FILE})")
     if run_dir is not None:
-        run_dir = Path(run_dir)
-        metas = _stage_metas(run_dir)
-        if not metas:
-            raise BenchError(f"{run_dir}: no finished stages (stages/NN-<id>/meta.json)")
-        ft = [m for m in metas if m[1] == "finetune" and (m[2] / "model").is_dir()]
-        hd = [m for m in metas if m[1] == "ltp_hard" and (m[2] / "model").is_dir()]
-        qz = [m for m in metas if m[1] == "quantize" and (m[2] / "model" / "manifest.json").is_file()]
+        run = RunDir(Path(run_dir))
+        records = run.finished()
+        if not records:
+            raise BenchError(f"{run.path}: no finished stages")
+        ft = [r for r in records if r.stage == "finetune" and r.model_dir is not None]
+        hd = [r for r in records if r.stage == "ltp_hard" and r.model_dir is not None]
+        qz = [r for r in records if r.stage == "quantize" and r.model_dir is not None and (r.model_dir / MANIFEST_FILE).is_file()]
         if paths["teacher"] is None and ft:
-            paths["teacher"] = ft[0][2] / "model"
+            paths["teacher"] = ft[0].model_dir
         if paths["hard"] is None and hd:
-            paths["hard"] = hd[-1][2] / "model"
+            paths["hard"] = hd[-1].model_dir
         if paths["int8"] is None and qz:
-            paths["int8"], int8_meta = qz[0][2] / "model", qz[0][3]
+            paths["int8"], int8_meta = qz[0].model_dir, qz[0].meta
         elif paths["int8"] is not None:
-            for m in qz:
-                if (m[2] / "model").resolve() == Path(paths["int8"]).resolve():
-                    int8_meta = m[3]
+            for r in qz:
+                if r.model_dir.resolve() == Path(paths["int8"]).resolve():
+                    int8_meta = r.meta
     for k, v in (("teacher", teacher), ("hard", hard), ("int8", int8)):
         if v is not None:
             paths[k] = Path(v)
@@ -208,8 +200,8 @@ def _pad_to_multiple(ids, mask, tt, multiple: int, pad_id: int):
 
 
 def _load_teacher(inp: BenchInputs):
-    from ltp_compress.pipeline.models import load_stage_model
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.modeling.model_io import load_stage_model
+    from ltp_compress.tasks.glue import get_task
 
     if not inp.models.get("teacher"):
         raise BenchError("no FP teacher model available (pass a run directory or --teacher)")
@@ -289,8 +281,8 @@ def build_system(name: str, inp: BenchInputs) -> System:
         return _build_torchao(inp)
 
     if name == "ltp_fp32":
-        from ltp_compress.pipeline.models import load_stage_model
-        from ltp_compress.pipeline.tasks import get_task
+        from ltp_compress.modeling.model_io import load_stage_model
+        from ltp_compress.tasks.glue import get_task
 
         if not inp.models.get("hard"):
             raise BenchError("no hard-pruned FP model available (pass a run directory with an ltp_hard stage or --hard)")
@@ -433,7 +425,7 @@ def measure_system(name: str, inp: BenchInputs) -> dict:
     """Build one system and measure it (in the current process)."""
     import torch
 
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.tasks.glue import get_task
 
     torch.set_num_threads(inp.threads)
     task = get_task(inp.task)
@@ -452,7 +444,7 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     import torch
 
     from ltp_compress.kernels import kernel_counters
-    from ltp_compress.pipeline.metrics import compute_metrics
+    from ltp_compress.tasks.metrics import compute_metrics
     from ltp_compress.stages.common import predictions_from_logits
 
     t0 = time.perf_counter()
@@ -710,8 +702,7 @@ def standalone_int8_rate(model, batches, inp: BenchInputs) -> dict:
     that file is present (its best at any shape is reported for context only)."""
     import torch
 
-    from ltp_compress.kernels import Int8Linear, int8_linear
-    from ltp_compress.kernels.int8_linear import _quantize_u8_zp128
+    from ltp_compress.kernels import Int8Linear, int8_linear, onednn_qlinear_u8, quantize_u8_zp128
 
     out: dict = {}
     shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8Linear)}
@@ -740,11 +731,10 @@ def standalone_int8_rate(model, batches, inp: BenchInputs) -> dict:
         with torch.inference_mode():
             if packed.backend in ("cpu_vnni", "cpu_avx2"):
                 xs = float(x.abs().max()) / 127.0
-                xu8 = _quantize_u8_zp128(x, xs)
+                xu8 = quantize_u8_zp128(x, xs)
 
                 def fn():
-                    return torch.ops.onednn.qlinear_pointwise(xu8, xs, 128, packed.packed, packed.w_scale, packed.w_zero_point,
-                                                              packed.bias, 1.0, 0, torch.float32, "none", [], "")
+                    return onednn_qlinear_u8(xu8, xs, packed)
                 what = "onednn::qlinear_pointwise on pre-quantised u8 input"
             else:
                 xs = float(x.abs().max()) / 127.0
@@ -831,9 +821,9 @@ def _load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_
                  calibration_batches: int, calibration_batch_size: int, backend: str, profile_bs, gemm_bench_json) -> tuple[BenchInputs, dict]:
     import torch
 
-    from ltp_compress.pipeline.data import DataConfig, length_bucketed_batches, load_split, split_file, tokenize_split
-    from ltp_compress.pipeline.models import load_tokenizer
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, split_file, tokenize_split
+    from ltp_compress.modeling.model_io import load_tokenizer
+    from ltp_compress.tasks.glue import get_task
 
     torch.set_num_threads(threads)
     task = get_task(task_name)
@@ -843,14 +833,14 @@ def _load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_
     tok = load_tokenizer(src)
     max_seq = 128
     quant = {"observer": "minmax", "percentile": None, "fuse_gelu": True}
-    if models.get("int8") and (Path(models["int8"]) / "ltp.json").is_file():
-        ltp = json.loads((Path(models["int8"]) / "ltp.json").read_text())
+    if models.get("int8") and (Path(models["int8"]) / MANIFEST_FILE).is_file():
+        ltp = read_deployable_info(models["int8"])
         max_seq = int(ltp.get("max_seq_length", max_seq))
         q = ltp.get("quantization") or {}
         quant.update({"observer": q.get("observer") or "minmax", "percentile": q.get("percentile"),
                       "fuse_gelu": bool(q.get("fused_gelu", True))})
-    elif models.get("run_dir") and (Path(models["run_dir"]) / "recipe.json").is_file():
-        max_seq = int(json.loads((Path(models["run_dir"]) / "recipe.json").read_text()).get("data", {}).get("max_seq_length", 128))
+    elif models.get("run_dir"):
+        max_seq = int(RunDir(Path(models["run_dir"])).recipe().get("data", {}).get("max_seq_length", 128))
     stage_cfg = (models.get("int8_stage") or {}).get("config") or {}
     if stage_cfg:
         quant["observer"] = stage_cfg.get("observer", quant["observer"])
@@ -1086,19 +1076,19 @@ def write_outputs(res: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
     return jp, mp
 
 
-def bench_cli(args) -> int:
-    """`ltp-compress bench CHECKPOINT --data DIR --task T [--out-dir D] [--threads N]`: all systems,
-    batch sizes 1/8/32, full dev set, 3 repeats, each system in its own subprocess. Optional
-    attributes on `args` (batch_sizes, max_examples, repeats, systems, isolation, name) override."""
-    name = getattr(args, "name", None) or "e2e_bench"
-    res = run_benchmark(args.checkpoint, data_dir=args.data, task=args.task, threads=args.threads,
-                        batch_sizes=getattr(args, "batch_sizes", None) or (1, 8, 32),
-                        max_examples=getattr(args, "max_examples", None), repeats=getattr(args, "repeats", None) or 3,
-                        systems=getattr(args, "systems", None), isolation=getattr(args, "isolation", None) or "subprocess",
-                        profile_bs=getattr(args, "profile_bs", 32), out_dir=args.out_dir, name=name,
-                        command="ltp-compress " + " ".join(sys.argv[1:]), log=lambda m: print(m, file=sys.stderr))
+def bench_cli(args, command: str | None = None) -> int:
+    """Run the benchmark from parsed `bench_args.add_bench_arguments` arguments; print the Markdown table."""
+    res = run_benchmark(args.checkpoint, run_dir=args.run_dir, teacher=args.teacher, hard=args.hard, data_dir=args.data,
+                        task=args.task, threads=args.threads,
+                        batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
+                        max_examples=args.max_examples, repeats=args.repeats,
+                        systems=[x.strip() for x in args.systems.split(",")] if args.systems else None,
+                        isolation=args.isolation, calibration_batches=args.calibration_batches, backend=args.backend,
+                        profile_bs=args.profile_bs or None, gemm_bench_json=args.gemm_bench, out_dir=args.out_dir,
+                        name=args.name, command=command or "ltp-compress " + " ".join(sys.argv[1:]),
+                        log=lambda m: print(m, file=sys.stderr))
     print(render_markdown(res))
-    print(f"wrote {Path(args.out_dir) / (name + '.json')} and {name}.md", file=sys.stderr)
+    print(f"wrote {Path(args.out_dir) / (args.name + '.json')} and {args.name}.md", file=sys.stderr)
     failed = [s for s, r in res["results"].items() if r.get("status") != "ok"]
     if failed:
         print(f"note: failed systems: {failed} (see the JSON for the errors)", file=sys.stderr)

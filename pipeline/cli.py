@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ltp_compress.console import install_known_message_filters
+from ltp_compress.errors import UserError
+
 COMMANDS = ("run", "validate", "report", "schema", "predict", "bench", "sweep")
 
 
@@ -34,12 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
     pr.add_argument("--backend", default="auto")
     pr.add_argument("--batch-size", type=int, default=32)
-    b = sub.add_parser("bench", help="end-to-end benchmark of a checkpoint on a dev set")
-    b.add_argument("checkpoint", type=Path)
-    b.add_argument("--data", type=Path, required=True, help="GLUE-format folder with dev.tsv")
-    b.add_argument("--task", required=True)
-    b.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    b.add_argument("--threads", type=int, default=2)
+    from ltp_compress.pipeline.bench_args import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="end-to-end speed and accuracy vs peers on a dev set"))
     sw = sub.add_parser("sweep", help="run a recipe over a grid of values and plot accuracy vs relative FLOPs")
     sw.add_argument("recipe", type=Path)
     sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...", help="e.g. stages.soft.lambda=0.01,0.05,0.2")
@@ -53,26 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run"] + argv  # short form: ltp-compress RECIPE
     args = _parser().parse_args(argv)
+    install_known_message_filters()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume after the last finished stage", file=sys.stderr)
         return 130
-    except Exception as e:  # one-paragraph error, non-zero exit
-        from ltp_compress.pipeline.errors import is_user_error
-
-        if not is_user_error(e):
-            raise
+    except (UserError, FileNotFoundError) as e:  # the user's to fix: one paragraph, exit 2 (anything else keeps its traceback)
         print(f"ltp-compress: error: {e}", file=sys.stderr)
         return 2
 
 
 def _dispatch(args) -> int:
     if args.command == "run":
+        from ltp_compress.pipeline.run_dir import RunDir
         from ltp_compress.pipeline.runner import run_recipe
 
         run_dir = run_recipe(args.recipe, args.overrides, overwrite=args.overwrite, progress=not args.no_progress, stop_after=args.stop_after)
-        print(f"report: {run_dir / 'report.md'}")
+        print(f"report: {RunDir(run_dir).report_md}")
         return 0
     if args.command == "validate":
         from ltp_compress.pipeline.recipe import RecipeError, load_recipe
@@ -86,9 +84,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "report":
         from ltp_compress.pipeline.report import write_report
+        from ltp_compress.pipeline.run_dir import RunDir
 
-        if not (args.run_dir / "recipe.json").is_file():
-            raise FileNotFoundError(f"{args.run_dir}: not a run directory (no recipe.json)")
+        RunDir(args.run_dir).recipe()  # a clear error if this is not a run folder
         _, md = write_report(args.run_dir)
         print(md.read_text())
         return 0

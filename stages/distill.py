@@ -20,23 +20,20 @@ Same loop conventions as finetune (accelerate, AdamW + warmup, eval each epoch, 
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import forward_masked
-from ltp_compress.modeling.quantized import disable_qat, enable_qat
-from ltp_compress.pipeline.models import load_stage_model, save_stage_model
-from ltp_compress.pipeline.recipe import DistillStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.quantized import QATLinear, QMAX, disable_qat, enable_qat, save_act_scales
+from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
+from ltp_compress.stages.configs import DistillStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.common import (
     adamw_with_warmup, kd_logit_loss, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
-    task_loss, to_device, train_batches, weight_param_groups,
+    task_loss, train_batches, weight_param_groups,
 )
 
-_MASK_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
-ACT_SCALES_FILE = "act_scales.json"
 
 
 def embedding_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,8 +64,8 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
     teacher_dir = ctx.model_source_of(cfg.teacher)
     teacher, _, _ = load_stage_model(teacher_dir, ctx.task)
     teacher.eval().requires_grad_(False)
-    mode = _MASK_MODE[pruning.mode]
-    thresholds = torch.tensor(pruning.thresholds) if pruning.thresholds is not None else None
+    mode = pruning.masked_mode
+    thresholds = pruning.thresholds_tensor
     if cfg.quant_aware:
         enable_qat(model)
 
@@ -88,7 +85,7 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
         for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
             if step >= total_steps:
                 break
-            batch = to_device(batch, accelerator.device)
+            batch = batch.to(accelerator.device)
             with torch.no_grad():
                 t_out = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense")
             with accelerator.autocast():
@@ -118,7 +115,6 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
     act_scales = None
     if cfg.quant_aware:
         if best_scales:
-            from ltp_compress.modeling.quantized import QMAX
             for n, m in final.named_modules():
                 if n in best_scales:
                     m.qat_amax = best_scales[n] * QMAX
@@ -127,15 +123,11 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
         act_scales = disable_qat(final)  # plain nn.Linear again (float weights)
     metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
     if accelerator.is_main_process:
-        save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
+        save_stage_model(final, tokenizer, pruning, ctx.model_out)
         if act_scales is not None:
-            (ctx.out_dir / "model" / ACT_SCALES_FILE).write_text(json.dumps(
-                {"source": "quant-aware distillation (EMA of per-batch max |x|, momentum 0.9)", "qmax": 127,
-                 "act_scales": act_scales}, indent=2))
+            save_act_scales(ctx.model_out, act_scales)
     return StageResult(metrics=metrics, cost=cost, extra=extra)
 
 
 def _qat_scales(model) -> dict[str, float]:
-    from ltp_compress.modeling.quantized import QATLinear, QMAX
-
     return {n: m.qat_amax / QMAX for n, m in model.named_modules() if isinstance(m, QATLinear) and m.qat_amax}

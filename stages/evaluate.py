@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from ltp_compress.pipeline.models import load_stage_model
-from ltp_compress.pipeline.recipe import EvaluateStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.model_io import load_stage_model
+from ltp_compress.stages.configs import EvaluateStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.common import evaluate_all, set_seed
 
 

@@ -12,20 +12,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked
-from ltp_compress.pipeline.models import load_classifier, load_tokenizer, save_stage_model
-from ltp_compress.pipeline.recipe import FinetuneStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.model_io import load_classifier, load_tokenizer, save_stage_model
+from ltp_compress.stages.configs import FinetuneStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.common import (
     adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, main_metric, make_accelerator, pruning_stage_loss,
-    set_seed, shard, steps_plan, to_device, train_batches, weight_param_groups,
+    set_seed, shard, steps_plan, train_batches, weight_param_groups,
 )
 
-_MASK_MODE = {"none": "dense", "threshold": "hard", "topk": "topk"}
 
 
 def run(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
     set_seed(ctx.seed)  # a base model without a head gets a freshly initialised one: seed it
-    model = load_classifier(ctx.source_model, ctx.task)
+    model = load_classifier(ctx.source_model, ctx.task, log=ctx.log.info)
     tokenizer = load_tokenizer(ctx.source_model)
     return train_with_fixed_pruning(cfg, ctx, model, tokenizer, PruningConfig())
 
@@ -33,7 +32,7 @@ def run(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
 def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: PruningConfig, retarget=None,
                              eligible=None) -> StageResult:
     """Finetune all weights under a frozen pruning rule; evaluate each epoch with the packed
-    (token-removing) runtime; keep the best; save to ctx.out_dir/model.
+    (token-removing) runtime; keep the best; save to ctx.model_out.
 
     `retarget(model, pruning, step, total_steps) -> (PruningConfig, info) | None`, if given, is
     called after every step and may replace the rule (ltp_hard's `target_flops`). `eligible(cost)`,
@@ -41,8 +40,8 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
     within the target's tolerance); with none eligible, the last weights are kept."""
     set_seed(ctx.seed)
     accelerator = make_accelerator(cfg.mixed_precision)
-    mode = _MASK_MODE[pruning.mode]
-    thresholds = torch.tensor(pruning.thresholds) if pruning.thresholds is not None else None
+    mode = pruning.masked_mode
+    thresholds = pruning.thresholds_tensor
 
     n_batches = len(shard(train_batches(ctx, cfg.batch_size, 0), accelerator))
     total_steps, n_epochs = steps_plan(n_batches, cfg.epochs) if cfg.epochs > 0 else (0, 0)
@@ -59,7 +58,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
         for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
             if step >= total_steps:
                 break
-            batch = to_device(batch, accelerator.device)
+            batch = batch.to(accelerator.device)
             with accelerator.autocast():
                 out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                      mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
@@ -88,7 +87,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
         pruning = best_pruning
     metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
     if accelerator.is_main_process:
-        save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
+        save_stage_model(final, tokenizer, pruning, ctx.model_out)
     extra = {"history": history, "train_steps": step, "pruning": pruning.to_dict()}
     if retarget is not None:
         extra["retargets"] = retargets

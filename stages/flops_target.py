@@ -3,16 +3,13 @@ final calibration) and `ltp_hard` (re-fits while finetuning). Inputs only, never
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
-from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
-from ltp_compress.pipeline.data import length_bucketed_batches
-from ltp_compress.pipeline.state import StageContext
-from ltp_compress.stages.common import to_device
+from ltp_compress.modeling.accounting import EncoderShape, relative_flops
+from ltp_compress.tasks.data import length_bucketed_batches
+from ltp_compress.stages.context import StageContext
 
 
 def within_target(rel: float, target: float, tolerance: float) -> bool:
@@ -39,7 +36,7 @@ def relative_flops_on(model, batches: list, pruning: PruningConfig) -> float:
     device = next(model.parameters()).device
     kept, lengths = [], []
     for b in batches:
-        b = to_device(copy.copy(b), device)
+        b = b.to(device)
         out = forward_packed(model, b.input_ids, b.attention_mask, b.token_type_ids, pruning, return_kept=True)
         kept.append(out.kept_tokens.cpu().numpy())
         lengths.append(b.attention_mask.sum(1).cpu().numpy())
@@ -50,7 +47,7 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
     """Bisect one offset c on the linear ramp, θ_l -> θ_l + c·(l+1)/L, so relative FLOPs on
     `batches` ≈ target. The ramp is the paper's initialisation shape: later layers move most, the
     learned differences between layers are kept. (A multiplicative scale cannot move thresholds
-    that learned to be ~0 or negative, and on SST-2 it produced a keep-all-then-drop-all cliff.)
+    that learned to be ~0 or negative; see benchmarks/results/design_observations.md.)
     Relative FLOPs is non-increasing in c up to score ties."""
     base = np.asarray(pruning.thresholds, dtype=np.float64)
     ramp = np.arange(1, len(base) + 1) / len(base)

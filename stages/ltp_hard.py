@@ -2,8 +2,8 @@
 all weights are finetuned again under it.
 
 Finetuning changes the attention patterns, so with frozen thresholds the relative FLOPs drifts
-(on SST-2 / MiniLM: 0.40 after `ltp_soft` -> 0.51 after one hard epoch: without the λ pressure the
-attention spreads out again). With `target_flops`, the thresholds are re-fitted a few times
+upwards (without the λ pressure attention spreads out again; the run that showed it is in
+benchmarks/results/design_observations.md). With `target_flops`, the thresholds are re-fitted a few times
 during the first `retarget_until` fraction of the steps, by the same one-offset move along the
 linear ramp that `ltp_soft` uses at its end (inputs only, never labels), and are frozen for the
 rest of training, so the weights finish adapting to the final thresholds. `keep_best` then only
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ltp_compress.pipeline.models import load_stage_model
-from ltp_compress.pipeline.recipe import LTPHardStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.model_io import load_stage_model
+from ltp_compress.stages.configs import LTPHardStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
 from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, within_target
 

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, linear_threshold_init
-from ltp_compress.pipeline.models import load_stage_model, save_stage_model
-from ltp_compress.pipeline.recipe import LTPSoftStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
+from ltp_compress.stages.configs import LTPSoftStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.common import (
     adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, make_accelerator, pruning_stage_loss, set_seed,
-    shard, steps_plan, to_device, train_batches, weight_param_groups,
+    shard, steps_plan, train_batches, weight_param_groups,
 )
 from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, within_target
 
@@ -59,7 +59,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
             if step >= total_steps:
                 break
-            batch = to_device(batch, accelerator.device)
+            batch = batch.to(accelerator.device)
             with accelerator.autocast():
                 out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                      mode="soft", thresholds=thresholds, temperature=cfg.temperature)
@@ -97,7 +97,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         cost["target_flops"] = cfg.target_flops
         cost["within_target_tolerance"] = within_target(cost["relative_flops"], cfg.target_flops, cfg.target_tolerance)
     if accelerator.is_main_process:
-        save_stage_model(final, tokenizer, pruning, ctx.out_dir / "model")
+        save_stage_model(final, tokenizer, pruning, ctx.model_out)
     return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "final_lambda": lam,
                                                           "pruning": pruning.to_dict(), "calibration": calibration})
 
@@ -111,8 +111,8 @@ def _steer_lambda(lam: float, rel: float, target: float, lam0: float, gain: floa
     at most x1.25 / x0.8 per probe and within [λ0/10, 10·λ0]. The per-probe bound is what keeps it
     stable: thresholds move slowly (Adam, one threshold_lr per step), so an unbounded controller
     winds up: a burst of large λ saturates the sigmoid masks (m ≈ 0 carries no gradient), the
-    thresholds overshoot and never come back, and accuracy collapses. (A cap of 2·λ0 was too
-    tight on SST-2: λ sat at the cap at relative FLOPs 0.59 for a 0.43 target.) The final offset
+    thresholds overshoot and never come back, and accuracy collapses. (Why the cap is 10·λ0:
+    benchmarks/results/design_observations.md.) The final offset
     calibration (`flops_target.calibrate_threshold_offset`) lands the target; λ steering brings training
     close to it so that the calibration is a small move."""
     factor = float(np.clip((rel / target) ** gain, 0.8, 1.25))

@@ -9,9 +9,9 @@ Both optionally finetune the weights under the fixed rule (`epochs` > 0)."""
 from __future__ import annotations
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, linear_threshold_init, topk_keep_ratios
-from ltp_compress.pipeline.models import load_stage_model
-from ltp_compress.pipeline.recipe import ManualPruneStage, TopkPruneStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.model_io import load_stage_model
+from ltp_compress.stages.configs import ManualPruneStage, TopkPruneStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
 
 

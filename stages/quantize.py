@@ -13,24 +13,21 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
 from ltp_compress.kernels import kernel_counters, reset_kernel_counters
 from ltp_compress.modeling.deploy import save_deployable
 from ltp_compress.modeling.quantized import (
-    calibrate, convert_to_int8, fake_quant_weight, fake_quant_per_tensor, int8_precision, linear_names,
+    calibrate, convert_to_int8, fake_quant_weight, fake_quant_per_tensor, int8_precision, linear_names, load_act_scales,
 )
-from ltp_compress.pipeline.accounting import Precision
-from ltp_compress.pipeline.data import length_bucketed_batches
-from ltp_compress.pipeline.models import load_stage_model
-from ltp_compress.pipeline.recipe import QuantizeStage
-from ltp_compress.pipeline.state import StageContext, StageResult
+from ltp_compress.modeling.accounting import Precision
+from ltp_compress.tasks.data import length_bucketed_batches
+from ltp_compress.modeling.model_io import load_stage_model
+from ltp_compress.stages.configs import QuantizeStage
+from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.common import evaluate_all, main_metric, set_seed
 
-ACT_SCALES_FILE = "act_scales.json"  # written by the quant-aware distill stage beside its model
 
 
 def calibration_batches(ctx: StageContext, n_batches: int, batch_size: int) -> list:
@@ -85,27 +82,14 @@ def layer_sensitivity(model, batch, pruning, act_scales: dict[str, float]) -> di
     return errs
 
 
-def _final_dir(out_dir: Path) -> Path:
-    """The stage folder after the runner renames `.tmp-NN-id` into place."""
-    name = out_dir.name
-    return out_dir.with_name(name[len(".tmp-"):]) if name.startswith(".tmp-") else out_dir
-
-
 def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     set_seed(ctx.seed)
     model, tokenizer, pruning = load_stage_model(ctx.source_model, ctx.task)
     model.eval()
     calib = calibration_batches(ctx, cfg.calibration_batches, cfg.calibration_batch_size)
-    qat_file = Path(ctx.source_model) / ACT_SCALES_FILE
     scale_source = "calibration"
     if cfg.reuse_qat_scales:
-        if not qat_file.is_file():
-            raise ValueError(f"{cfg.id}: reuse_qat_scales is set but {qat_file} does not exist (run distill with quant_aware: true)")
-        act_scales = json.loads(qat_file.read_text())["act_scales"]
-        missing = set(linear_names(model)) - set(act_scales)
-        if missing:
-            raise ValueError(f"{qat_file}: no activation scale for {sorted(missing)}")
-        scale_source = str(qat_file)
+        act_scales, scale_source = load_act_scales(ctx.source_model, linear_names(model))
     else:
         act_scales = calibrate(model, calib, pruning, cfg.observer, cfg.percentile)
 
@@ -138,11 +122,11 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     metrics, cost = evaluate_all(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision)
     counters = kernel_counters()
     ctx.log.info("%s: INT8 backend %s, kernels run: %s", cfg.id, info.backend, counters)
-    deploy_dir = ctx.out_dir / "model"
-    save_deployable(qmodel, tokenizer, pruning, info, deploy_dir, max_seq_length=ctx.recipe.data.max_seq_length)
+    deploy_dir = ctx.model_out
+    save_deployable(qmodel, tokenizer, pruning, info, deploy_dir, max_seq_length=ctx.max_seq_length)
     extra = {
         "kernel": {"backend": info.backend, "counters": counters},
-        "deploy_dir": str(_final_dir(ctx.out_dir) / "model"),
+        "deploy_dir": str(ctx.final_model_dir),
         "act_scale_source": scale_source,
         "observer": info.observer,
         "int8_layers": len(linear_names(model)) - len(fp_layers),
@@ -150,7 +134,6 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         "attention_matmuls": "fp32",
         "fused_gelu": len(info.fused_gelu),
         "pruning": pruning.to_dict(),
-        "parameter_count": sum(p.numel() for p in model.parameters()),
     }
     if fallback is not None:
         extra["fallback"] = fallback

@@ -1,11 +1,11 @@
-"""Token-aware cost accounting (pipeline/accounting.py): golden values computed by hand."""
+"""Token-aware cost accounting (modeling/accounting.py): golden values computed by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ltp_compress.pipeline.accounting import (
+from ltp_compress.modeling.accounting import (
     OP_CLASSES, EncoderShape, Precision, cost_summary, encoder_bops, encoder_flops, encoder_macs, layer_macs,
     tokens_leaving_layers,
 )

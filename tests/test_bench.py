@@ -52,8 +52,8 @@ def test_models_found_from_meta(bench, tiny_run):
 
 
 def test_fields_accuracy_and_ratios(bench):
-    from ltp_compress.pipeline.metrics import compute_metrics
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.tasks.metrics import compute_metrics
+    from ltp_compress.tasks.glue import get_task
 
     res, out = bench
     task = get_task("sst2")
@@ -65,7 +65,7 @@ def test_fields_accuracy_and_ratios(bench):
         preds = r["predictions"]
         assert len(preds) == 24 and all(p in (0, 1) for p in preds)
         # accuracy recomputed from the system's own predictions and the benchmarked labels
-        from ltp_compress.pipeline.data import DataConfig, load_split
+        from ltp_compress.tasks.data import DataConfig, load_split
 
         dev = load_split(DataConfig(source="glue_dir", path=str(DEMO_DATA), max_dev_examples=24), task, "dev")
         m = compute_metrics(task, preds, [e.label for e in dev.examples])
@@ -113,15 +113,13 @@ def test_failed_system_is_recorded_not_dropped(tiny_run, tmp_path):
 
 
 def test_bench_cli_subprocess_isolation(tiny_run, tmp_path, capsys):
-    """bench_cli on the run's deployable checkpoint; the system runs in a spawn child (own peak RSS)."""
-    import argparse
+    """`ltp-compress bench` on the run's deployable checkpoint; the system runs in a spawn child (own peak RSS)."""
+    from ltp_compress.pipeline.cli import main
 
-    from ltp_compress.pipeline.bench import bench_cli
-
-    args = argparse.Namespace(checkpoint=tiny_run / "stages" / "03-int8" / "model", data=DEMO_DATA, task="sst2",
-                              out_dir=tmp_path, threads=1, batch_sizes=(8,), max_examples=8, repeats=1,
-                              systems=["ltp_int8"], isolation="subprocess", profile_bs=None, name="cli")
-    assert bench_cli(args) == 0
+    ckpt = tiny_run / "stages" / "03-int8" / "model"
+    assert main(["bench", str(ckpt), "--data", str(DEMO_DATA), "--task", "sst2", "--out-dir", str(tmp_path), "--threads", "1",
+                 "--batch-sizes", "8", "--max-examples", "8", "--repeats", "1", "--systems", "ltp_int8",
+                 "--isolation", "subprocess", "--profile-bs", "0", "--name", "cli"]) == 0
     res = json.loads((tmp_path / "cli.json").read_text())
     r = res["results"]["ltp_int8"]
     assert r["status"] == "ok", r.get("error")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ltp_compress.pipeline.data import (
+from ltp_compress.tasks.data import (
     DataConfig,
     DataError,
     SplitData,
@@ -23,7 +23,7 @@ from ltp_compress.pipeline.data import (
     resolve_paths,
     tokenize_split,
 )
-from ltp_compress.pipeline.tasks import TASK_NAMES, get_task
+from ltp_compress.tasks.glue import TASK_NAMES, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data"

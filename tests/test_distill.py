@@ -108,11 +108,11 @@ def test_pruning_stage_loss_adds_logit_kd_from_dense_teacher(tiny_bert):
 
 
 def _context(tmp_path: Path, student: Path, teacher: Path, cfg_yaml: str):
-    from ltp_compress.pipeline.models import load_tokenizer
+    from ltp_compress.modeling.model_io import load_tokenizer
     from ltp_compress.pipeline.recipe import load_recipe
     from ltp_compress.pipeline.runner import load_task_data
-    from ltp_compress.pipeline.state import StageContext, StageRecord
-    from ltp_compress.pipeline.tasks import get_task
+    from ltp_compress.stages.context import StageContext
+    from ltp_compress.tasks.glue import get_task
 
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(f"""
@@ -132,9 +132,9 @@ stages:
     shutil.copytree(teacher, teacher_stage / "model")
     out = tmp_path / "stages" / ".tmp-01-kd"
     out.mkdir(parents=True)
-    rec = StageRecord(0, "teacher", "finetune", teacher_stage, {})
-    ctx = StageContext(recipe=recipe, task=task, data=data, run_dir=tmp_path, out_dir=out, source_model=str(student),
-                       source_record=None, records={"teacher": rec}, seed=0, log=log, progress=False)
+    ctx = StageContext(task=task, data=data, out_dir=out, final_dir=tmp_path / "stages" / "01-kd", source_model=str(student),
+                       stage_models={"teacher": str(teacher_stage / "model"), "model": str(teacher)}, seed=0, log=log,
+                       max_seq_length=recipe.data.max_seq_length, progress=False)
     return recipe.stages[1], ctx
 
 

@@ -256,7 +256,7 @@ def test_packed_rows_entering_each_layer_non_increasing(deep):
 def test_pruned_tokens_skip_their_layers_output_projection_and_ffn(deep):
     """A token pruned at layer l is dropped right after l's softmax: layer l's output projection
     and FFN see only the survivors, exactly the counts the FLOPs accountant charges them."""
-    from ltp_compress.pipeline.accounting import tokens_leaving_layers
+    from ltp_compress.modeling.accounting import tokens_leaving_layers
 
     model, (ids, mask, tt) = deep
     rows_o, rows_ffn = [], []
@@ -442,11 +442,13 @@ def test_lambda_steering_is_bounded_per_probe_and_overall():
 
 
 def test_threshold_offset_calibration_lands_target_along_linear_ramp(deep):
-    from ltp_compress.pipeline.accounting import EncoderShape, relative_flops
+    from ltp_compress.modeling.accounting import EncoderShape, relative_flops
     from ltp_compress.stages.flops_target import calibrate_threshold_offset
 
     model, (ids, mask, tt) = deep
-    batch = type("B", (), {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})()
+    from ltp_compress.tasks.data import Batch
+
+    batch = Batch(ids, mask, tt, torch.zeros(len(ids), dtype=torch.long), torch.arange(len(ids)))
     base = PruningConfig(mode="threshold", thresholds=[-0.1, 0.2, 0.3, 0.4])  # one negative: a scale could not move it
     for target in (0.7, 0.5):
         cal, info = calibrate_threshold_offset(model, [batch], base, target)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ltp_compress.pipeline.metrics import (
+from ltp_compress.tasks.metrics import (
     accuracy,
     compute_metrics,
     f1,
@@ -14,7 +14,7 @@ from ltp_compress.pipeline.metrics import (
     rankdata,
     spearman,
 )
-from ltp_compress.pipeline.tasks import TASK_NAMES, get_task
+from ltp_compress.tasks.glue import TASK_NAMES, get_task
 
 # Binary case A
 #   y = 1 1 1 0 0 0 1 0

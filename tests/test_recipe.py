@@ -10,9 +10,10 @@ import pytest
 
 from ltp_compress.pipeline.cli import main
 from ltp_compress.pipeline.recipe import (
-    LTPSoftStage, Recipe, RecipeError, check_stage_graph, load_recipe, parse_override, source_stage_index,
+    Recipe, RecipeError, check_stage_graph, load_recipe, parse_override, source_stage_index,
 )
 from ltp_compress.pipeline.runner import preflight
+from ltp_compress.stages.configs import LTPSoftStage
 
 from conftest import DEMO_DATA, REPO, write_recipe
 

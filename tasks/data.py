@@ -25,7 +25,9 @@ from typing import Any, Iterable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .tasks import TaskSpec
+from ltp_compress.errors import UserError
+
+from .glue import TaskSpec
 
 __all__ = [
     "DataError",
@@ -49,7 +51,7 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 _COLUMN_KEYS = ("text_a", "text_b", "label")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing or malformed. Messages start with ``path:line:`` where relevant."""
 
 
@@ -529,6 +531,7 @@ class Batch:
         return int(self.input_ids.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
+        """A copy on `device` (this batch is not changed)."""
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in
                        (self.input_ids, self.attention_mask, self.token_type_ids, self.labels, self.index)))
 

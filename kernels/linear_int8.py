@@ -13,8 +13,8 @@ Backends (pick one with :func:`resolve_backend`, once, outside the hot path):
 * ``cpu_vnni`` — oneDNN through ``torch.ops.onednn.qlinear_prepack`` /
   ``torch.ops.onednn.qlinear_pointwise`` (the op Inductor's X86InductorQuantizer lowers to).
   The symmetric int8 activation is fed as **uint8 with zero-point 128** (``x_q + 128``): oneDNN
-  runs signed-int8 sources through its ``ref_int8:any`` kernel (~1000x slower), whereas u8 x s8
-  hits ``brg_matmul:avx512_core_vnni`` (vpdpbusd). oneDNN subtracts the zero-point
+  runs signed-int8 sources through its slow ``ref_int8:any`` reference kernel, whereas u8 x s8
+  hits a ``brg_matmul`` VNNI kernel (vpdpbusd; benchmarks/results/design_observations.md). oneDNN subtracts the zero-point
   contribution exactly (int32 compensation), applies x_scale * w_scale[n], bias, and the
   optional ``gelu_erf`` post-op inside the kernel, writing fp32. Weights: int8 in [-127, 127].
 * ``cpu_avx2`` — the same oneDNN op, but weights quantised to 7 bits ([-63, 63],
@@ -23,8 +23,8 @@ Backends (pick one with :func:`resolve_backend`, once, outside the hot path):
   2*255*63 = 32130 < 32767, so the accumulation stays exact. On a VNNI machine this backend
   still runs the VNNI kernel (only the 7-bit weight quantisation is emulated), unless the
   process is started with ``ONEDNN_MAX_CPU_ISA=AVX2``, in which case oneDNN really uses its
-  AVX2 ``gemm:jit`` kernel (the tests do this in a subprocess). Measured with
-  ONEDNN_MAX_CPU_ISA=AVX2: 8-bit weights saturate (errors ~1e6 in acc), 7-bit are exact.
+  AVX2 ``gemm:jit`` kernel (the tests do this in a subprocess and check 7-bit weights are
+  exact there; 8-bit weights would saturate the int16 pair sums).
 * ``cpu_int_mm`` — ``torch._int_mm`` (s8 x s8 -> s32; on CPU it is oneDNN's s8s8s32 gemm, no
   shape constraints) exposing the raw int32 accumulators, then a torch epilogue
   (``addcmul`` for scale+bias, ``F.gelu``). The s8s8 gemm is also built on vpmaddubsw-style
@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-BACKENDS = ("auto", "reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm", "cuda")
+from .backends import BACKENDS
+
 _CPU_BACKENDS = ("reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm")
 
 QMAX = 127  # symmetric int8 range [-127, 127]
@@ -279,7 +280,7 @@ def _quantize_fast(x: Tensor, scale: float, zero_point: int, dtype: torch.dtype)
     return v.view(torch.int32).to(dtype)
 
 
-def _quantize_u8_zp128(x: Tensor, scale: float) -> Tensor:
+def quantize_u8_zp128(x: Tensor, scale: float) -> Tensor:
     """quantize_per_tensor_symmetric(x, scale) + 128 as uint8 in [1, 255] (oneDNN source)."""
     return _quantize_fast(x, scale, 128, torch.uint8)
 
@@ -438,6 +439,19 @@ def _epilogue(acc: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: 
     return F.gelu(y) if fuse_gelu else y
 
 
+def onednn_qlinear_u8(x_u8: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: bool = False) -> Tensor:
+    """oneDNN u8 x s8 linear on an already quantised activation: x_u8 = x_q + 128 [M, K] uint8
+    (zero-point 128), weights prepacked by `pack_weight` (cpu_vnni / cpu_avx2). Returns float32
+    [M, N] = (x_u8 - 128) @ w_q^T * x_scale * w_scale + bias [, exact erf GELU]. The one place
+    that spells out the op's argument list (benchmarks call this too)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        x_u8, x_scale, 128,
+        packed.packed, packed.w_scale, packed.w_zero_point, packed.bias,
+        1.0, 0, torch.float32,  # output scale / zero-point ignored for fp32 output
+        "gelu" if fuse_gelu else "none", [], "none" if fuse_gelu else "",  # 'none' = erf GELU
+    )
+
+
 def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: bool = False) -> Tensor:
     """y = dequant(quant(x) @ w_q^T) + bias [, GELU]; x float [..., K] -> float32 [..., N].
 
@@ -455,13 +469,7 @@ def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: 
     x_scale = float(x_scale)
     if backend in ("cpu_vnni", "cpu_avx2"):
         _count("onednn_qlinear_u8s8" if backend == "cpu_vnni" else "onednn_qlinear_u8s8_w7")
-        x_u8 = _quantize_u8_zp128(x2, x_scale)  # [M, K] uint8, zero-point 128
-        y = torch.ops.onednn.qlinear_pointwise(
-            x_u8, x_scale, 128,
-            packed.packed, packed.w_scale, packed.w_zero_point, packed.bias,
-            1.0, 0, torch.float32,  # output scale / zero-point ignored for fp32 output
-            "gelu" if fuse_gelu else "none", [], "none" if fuse_gelu else "",  # 'none' = erf GELU
-        )  # [M, N] float32
+        y = onednn_qlinear_u8(quantize_u8_zp128(x2, x_scale), x_scale, packed, fuse_gelu)  # [M, N] float32
     elif backend == "cpu_int_mm":
         _count("int_mm_s8s8")
         x_q = _quantize_fast(x2, x_scale, 0, torch.int8)  # [M, K] int8

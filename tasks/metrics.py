@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .tasks import TaskSpec
+    from .glue import TaskSpec
 
 __all__ = [
     "accuracy",

@@ -7,17 +7,22 @@ and `pruning.json` (the PruningConfig the model runs with). Nothing is ever unpi
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
+from typing import Callable
 
+from ltp_compress.console import install_known_message_filters
+from ltp_compress.errors import UserError
 from ltp_compress.modeling.pruned_encoder import PruningConfig
-from ltp_compress.pipeline.tasks import TaskSpec
+from ltp_compress.tasks.glue import TaskSpec
 
 OFFLINE_MINILM = "minilm-offline"
 PRUNING_FILE = "pruning.json"
 
 
-class ModelSourceError(ValueError):
-    pass
+class ModelSourceError(UserError, ValueError):
+    """A model source (hub id, folder, 'minilm-offline') that cannot be used."""
 
 
 def resolve_model_source(model: str, base_dir: Path | None = None) -> str:
@@ -52,10 +57,36 @@ def load_tokenizer(source: str):
         raise ModelSourceError(f"cannot load tokenizer from '{source}' (hub unreachable or not a model folder?): {e}") from None
 
 
-def load_classifier(source: str, task: TaskSpec):
-    """A *ForSequenceClassification model with eager attention (we need attention probabilities)."""
+#: parameters of the task head that a pretrained encoder checkpoint does not have (BERT: classifier.weight/bias;
+#: RoBERTa: classifier.dense.*, classifier.out_proj.*)
+HEAD_PREFIX = "classifier."
+_LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+class _CaptureLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT while a model loads, to decide afterwards whether it is
+    the expected one (only the task head missing) or a real problem (then it is printed as is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+def load_classifier(source: str, task: TaskSpec, log: Callable[[str], None] | None = None):
+    """A *ForSequenceClassification model with eager attention (we need attention probabilities).
+
+    Starting from a pretrained encoder without a task head, the head is freshly initialised: that
+    is said in one line through `log` (if given) instead of transformers' load report. Any other
+    loading discrepancy (missing encoder weights, unexpected or mismatched tensors) keeps the report."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    install_known_message_filters()
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
@@ -66,7 +97,23 @@ def load_classifier(source: str, task: TaskSpec):
     config.problem_type = "regression" if task.num_labels == 1 else "single_label_classification"
     config.id2label = {i: n for i, n in enumerate(task.label_names)} if task.num_labels > 1 else {0: "score"}
     config.label2id = {v: k for k, v in config.id2label.items()}
-    model = AutoModelForSequenceClassification.from_pretrained(source, config=config, attn_implementation="eager")
+    report_logger = logging.getLogger(_LOAD_REPORT_LOGGER)
+    capture = _CaptureLoadReport()
+    report_logger.addFilter(capture)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, config=config, attn_implementation="eager",
+                                                                         output_loading_info=True)
+    finally:
+        report_logger.removeFilter(capture)
+    missing = sorted(info.get("missing_keys") or ())
+    expected = (missing and all(k.startswith(HEAD_PREFIX) for k in missing)
+                and not info.get("unexpected_keys") and not info.get("mismatched_keys"))
+    if expected:
+        if log is not None:
+            log(f"{source}: no task head in the checkpoint; {len(missing)} head tensors freshly initialised ({', '.join(missing)})")
+    else:
+        for record in capture.records:  # a real discrepancy: show transformers' report unchanged
+            report_logger.handle(record)
     return model
 
 
@@ -90,5 +137,20 @@ def model_size_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
 
 
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+#: tensors of a deployable INT8 checkpoint that are quantisation metadata, not parameters
+_QUANT_METADATA_SUFFIXES = (".w_scale", ".x_scale")
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of a model folder, read from its safetensors headers (no weights loaded). An INT8
+    checkpoint counts the same as its float model: each int8 weight is one parameter and the
+    per-channel / activation scales are metadata."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if not k.endswith(_QUANT_METADATA_SUFFIXES):
+                    total += math.prod(sf.get_slice(k).get_shape())
+    return total

@@ -35,7 +35,7 @@ class TaskSpec:
             single-sentence tasks.
         num_labels: number of classes; 1 means regression (STS-B).
         label_names: class names in label-id order (hub order); empty for regression.
-        metrics: metric names returned by :func:`ltp_compress.pipeline.metrics.compute_metrics`.
+        metrics: metric names returned by :func:`ltp_compress.tasks.metrics.compute_metrics`.
         main_metric: the metric used for model selection (one of ``metrics``). For MNLI it is
             accuracy on the matched dev set (split key ``"dev"``).
         train_split: hub split name for training.

@@ -1,0 +1,7 @@
+"""The one base class for problems the user fixes (a recipe key, a data file, a checkpoint, a run
+folder). The CLI prints these as one paragraph and exits 2; anything else is a bug and keeps its
+traceback. Every layer may import this module."""
+
+
+class UserError(Exception):
+    """A problem with the user's input. Messages name the file, key or line."""

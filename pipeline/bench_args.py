@@ -1,0 +1,37 @@
+"""The benchmark's system names and command line, shared by `ltp-compress bench` and
+benchmarks/e2e_bench.py. Light (no torch): the CLI builds its parser from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OURS = ("ltp_fp32", "dense_int8", "ltp_int8")
+INT8_PEERS = ("torch_dynamic_int8", "inc_static_int8", "torchao_static_int8_compiled")
+BASELINE = "hf_fp32_eager"
+SYSTEMS = (BASELINE,) + INT8_PEERS + OURS
+
+
+def add_bench_arguments(p) -> None:
+    """The benchmark's command line, shared by `ltp-compress bench` and benchmarks/e2e_bench.py."""
+    p.add_argument("checkpoint", type=Path, help="run directory (teacher / hard / int8 stages found from its stages), "
+                                                   "or a deployable INT8 folder (inside a run: that run's teacher and hard models too)")
+    p.add_argument("--run-dir", type=Path, default=None, help="run whose teacher / hard models to use with a standalone CHECKPOINT")
+    p.add_argument("--teacher", type=Path, help="override: FP teacher model folder")
+    p.add_argument("--hard", type=Path, help="override: hard-pruned FP model folder")
+    p.add_argument("--data", type=Path, required=True, help="GLUE-format folder with dev.tsv (train.tsv used for calibration)")
+    p.add_argument("--task", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    p.add_argument("--max-examples", type=int, default=None, help="seeded subset of the dev set (default: all)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--systems", default=None, help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--isolation", choices=("subprocess", "inprocess"), default="subprocess",
+                   help="subprocess (default): each system in a fresh spawn child, own peak RSS")
+    p.add_argument("--calibration-batches", type=int, default=16)
+    p.add_argument("--backend", default="auto", help="INT8 backend for our systems")
+    p.add_argument("--profile-bs", type=int, default=32, help="batch size of the ltp_int8 profile (0: no profile)")
+    p.add_argument("--gemm-bench", type=Path, default=Path("benchmarks/results/gemm_bench.json"))
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default="e2e_bench")
+
+

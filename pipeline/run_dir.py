@@ -1,0 +1,142 @@
+"""The run folder layout, in one place. Everything that reads or writes a run folder (the runner,
+reports, plots, sweeps, the benchmark) goes through `RunDir`.
+
+    <output_dir>/<name>/
+        recipe.json            resolved recipe (after overrides)
+        environment.json       package versions, threads, device
+        logs/run.log
+        stages/NN-<id>/        one folder per *finished* stage: meta.json (+ model/)
+        stages/.tmp-NN-<id>/   a stage in progress; never counted as finished
+        report.json, report.md, plots/
+
+A stage folder appears only by renaming its complete temporary folder, with meta.json written
+last (`publish_stage`), so an interrupted stage leaves no finished stage behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ltp_compress.errors import UserError
+from ltp_compress.fileio import atomic_write_json
+from ltp_compress.stages.context import MODEL_DIR
+
+META_FILE = "meta.json"
+_TMP_PREFIX = ".tmp-"
+_STAGES_DIR = "stages"
+
+
+class RunError(UserError, RuntimeError):
+    """A run folder that cannot be used as asked (another recipe's run, no finished stages, ...)."""
+
+
+@dataclass
+class StageRecord:
+    """A finished stage, as read back from its folder."""
+
+    index: int
+    id: str
+    stage: str
+    dir: Path
+    meta: dict  # config, metrics, cost, timings (meta.json)
+
+    @property
+    def metrics(self) -> dict:
+        return self.meta.get("metrics", {})
+
+    @property
+    def model_dir(self) -> Path | None:
+        d = self.dir / MODEL_DIR
+        return d if d.is_dir() else None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    # ------------------------------------------------------------------ files
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.json"
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / "environment.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "logs" / "run.log"
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.path / _STAGES_DIR
+
+    # ------------------------------------------------------------------ stages
+    def stage_dir(self, index: int, stage_id: str) -> Path:
+        return self.stages_dir / f"{index:02d}-{stage_id}"
+
+    def tmp_dir(self, index: int, stage_id: str) -> Path:
+        return self.stages_dir / f"{_TMP_PREFIX}{index:02d}-{stage_id}"
+
+    def finished(self) -> list[StageRecord]:
+        """Every finished stage (a stage folder with meta.json), in recipe order."""
+        out = []
+        if not self.stages_dir.is_dir():
+            return out
+        for d in self.stages_dir.glob("[0-9][0-9]-*"):
+            if (d / META_FILE).is_file():
+                meta = json.loads((d / META_FILE).read_text())
+                out.append(StageRecord(int(meta.get("index", d.name[:2])), meta["id"], meta["stage"], d, meta))
+        return sorted(out, key=lambda r: r.index)
+
+    def start_stage(self, index: int, stage_id: str) -> tuple[Path, bool]:
+        """A fresh temporary folder for a stage; True if an interrupted attempt was removed."""
+        tmp = self.tmp_dir(index, stage_id)
+        removed = tmp.exists()
+        if removed:
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp, removed
+
+    def publish_stage(self, index: int, stage_id: str, meta: dict) -> StageRecord:
+        """Write meta.json last into the temporary folder, then rename it into place."""
+        tmp, final = self.tmp_dir(index, stage_id), self.stage_dir(index, stage_id)
+        atomic_write_json(tmp / META_FILE, meta)
+        tmp.rename(final)
+        return StageRecord(index, stage_id, meta["stage"], final, meta)
+
+    # ------------------------------------------------------------------ reading
+    def is_run(self) -> bool:
+        return self.recipe_file.is_file()
+
+    def recipe(self) -> dict:
+        if not self.recipe_file.is_file():
+            raise RunError(f"{self.path}: not a run directory (no {self.recipe_file.name})")
+        return json.loads(self.recipe_file.read_text())
+
+    def environment(self) -> dict:
+        return json.loads(self.environment_file.read_text()) if self.environment_file.is_file() else {}
+
+    @classmethod
+    def containing_model(cls, model_dir: Path) -> "RunDir | None":
+        """The run a stage's model folder (<run>/stages/NN-<id>/model) belongs to, if any."""
+        model_dir = Path(model_dir)
+        if model_dir.name == MODEL_DIR and model_dir.parent.parent.name == _STAGES_DIR:
+            run = cls(model_dir.parent.parent.parent)
+            return run if run.is_run() else None
+        return None

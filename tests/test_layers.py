@@ -1,0 +1,93 @@
+"""Imports point one way. Each folder of the package is a layer and may import only its own
+folder and the layers below it (README, "Layout"):
+
+    ltp_compress.errors, ltp_compress.fileio   base: no package imports
+    kernels/      INT8 GEMMs, token packing                    -> base
+    tasks/        GLUE tasks, data, metrics                    -> base
+    modeling/     pruned encoder, INT8 model, checkpoints, cost model (accounting) -> kernels, tasks, base
+    stages/       one function per stage, stage configs        -> modeling, kernels, tasks, base
+    pipeline/     recipe, runner, run folder, reports, CLI, bench, sweep -> everything below
+    ltp_compress/__init__.py  the public facade (`ltp_compress.load`) -> anything
+
+Every import statement counts, also those inside functions (lazy imports are still dependencies).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+LAYER = {"base": 0, "kernels": 1, "tasks": 1, "modeling": 2, "stages": 3, "pipeline": 4, "facade": 5}
+FOLDERS = ("kernels", "tasks", "modeling", "stages", "pipeline")
+
+
+def _unit(module: str) -> str | None:
+    """Layer unit of an ltp_compress module name (None: not ours)."""
+    parts = module.split(".")
+    if parts[0] != "ltp_compress":
+        return None
+    if len(parts) == 1:
+        return "facade"
+    if parts[1] in FOLDERS:
+        return parts[1]
+    return "base"  # ltp_compress.errors, ltp_compress.fileio
+
+
+def _source_files() -> list[tuple[str, Path]]:
+    files = [(f"ltp_compress.{folder}", p) for folder in FOLDERS for p in sorted((REPO / folder).glob("*.py"))]
+    files += [("ltp_compress", p) for p in sorted((REPO / "ltp_compress").glob("*.py"))]
+    return files
+
+
+def _module_name(package: str, path: Path) -> str:
+    return package if path.stem == "__init__" else f"{package}.{path.stem}"
+
+
+def _imports(package: str, path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            out.append((node.lineno, name))
+    return out
+
+
+def test_every_package_folder_is_scanned():
+    scanned = {p.parent.name for _, p in _source_files()}
+    assert scanned == set(FOLDERS) | {"ltp_compress"}
+    assert len(_source_files()) > 30
+
+
+@pytest.mark.parametrize("package,path", _source_files(), ids=lambda v: v if isinstance(v, str) else v.name)
+def test_imports_point_down(package, path):
+    me = _unit(_module_name(package, path))
+    if path.parent.name == "ltp_compress" and path.stem != "__init__":
+        me = "base"
+    bad = []
+    for line, name in _imports(package, path):
+        other = _unit(name)
+        if other is None or other == me:
+            continue
+        if LAYER[other] >= LAYER[me]:
+            bad.append(f"{path.relative_to(REPO)}:{line}: {me} imports {name} ({other})")
+    assert not bad, "imports that point up or sideways:\n" + "\n".join(bad)
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    """Negative control: a stage module importing the runner is reported."""
+    f = tmp_path / "bad.py"
+    f.write_text("def f():\n    from ltp_compress.pipeline.runner import run_recipe\n")
+    names = [n for _, n in _imports("ltp_compress.stages", f)]
+    assert names == ["ltp_compress.pipeline.runner"]
+    assert LAYER[_unit(names[0])] > LAYER[_unit("ltp_compress.stages.bad")]
