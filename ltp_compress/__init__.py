@@ -1,14 +1,31 @@
 """ltp-compress: Learned Token Pruning, distillation and static INT8 for transformer classifiers.
 
-Importing this package is cheap: torch and transformers are imported only by the functions
-that need them.
+Importing this package is cheap: torch, transformers, onnx and onnxruntime are imported only by
+the functions that need them.
 """
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
 
 
-def load(path, backend: str = "auto"):
-    """Load a deployable (pruned, INT8) checkpoint folder; see ltp_compress.modeling.deploy."""
-    from ltp_compress.modeling.deploy import load_deployable
+def load(path, runtime: str = "auto", threads: int | None = None, backend: str = "auto"):
+    """Load a deployed (pruned, INT8) model folder for `predict` / `logits`.
 
-    return load_deployable(path, backend=backend)
+    runtime:
+        ``"torch"``: a deployable checkpoint (model.safetensors; see
+        ltp_compress.modeling.deploy), run by the packed token-removing torch runtime (the
+        reference) with INT8 GEMM backend `backend`.
+        ``"onnxruntime"``: an ONNX export (model.onnx, written by ``ltp-compress export``; see
+        ltp_compress.modeling.onnx_export), run by ONNX Runtime's CPU provider.
+        ``"auto"`` (default): onnxruntime if the folder holds model.onnx, else torch.
+    threads: intra-op threads (onnxruntime: per session; torch: ``torch.set_num_threads``, which
+        is process-wide). None leaves the runtime's default.
+    backend: INT8 GEMM backend of the torch runtime ('auto' picks the best for this CPU).
+
+    The returned object reports what ran: ``.runtime`` ("torch" / "onnxruntime") and ``.backend``.
+    Every folder's manifest is verified before anything in it is parsed.
+    """
+    from ltp_compress.modeling.onnx_runtime import load_model
+
+    return load_model(path, runtime=runtime, threads=threads, backend=backend)

@@ -5,3 +5,7 @@ traceback. Every layer may import this module."""
 
 class UserError(Exception):
     """A problem with the user's input. Messages name the file, key or line."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A deployable checkpoint or export folder that is missing, incomplete, corrupted or of an unknown format."""

@@ -24,36 +24,47 @@ class EncoderShape:
 # op classes of one encoder layer, in the order of layer_macs' return value
 OP_CLASSES = ("qkv_proj", "attn_scores", "attn_context", "out_proj", "ffn")
 
+#: how the tokens a layer prunes are charged (see layer_macs)
+CONVENTIONS = ("executed", "paper")
 
-def layer_macs(n: np.ndarray | int, d: int, d_ff: int, n_out: np.ndarray | int | None = None) -> dict[str, np.ndarray]:
+
+def layer_macs(n: np.ndarray | int, d: int, d_ff: int, n_out: np.ndarray | int | None = None,
+               convention: str = "executed") -> dict[str, np.ndarray]:
     """MACs of one encoder layer that n tokens enter and n_out tokens leave (n_out <= n; default n).
 
     Per layer (Vaswani et al. 2017; the accounting of Kim et al. KDD'22 §5 / Kaplan et al. 2020):
       qkv_proj     3 · n · d · d          (Q, K, V projections, [n, d] x [d, d] each)
       attn_scores  n · n · d              (Q Kᵀ summed over all heads: H · n · n · d/H)
       attn_context n · n · d              (A V, same shape; computed for every query row)
-      out_proj     n_out · d · d          (attention output projection)
+      out_proj     m · d · d              (attention output projection)
       ffn          2 · n_out · d · d_ff   (two FFN matmuls)
 
-    Why n_out: a token's importance at layer l is read off layer l's attention probabilities, so
-    the keep decision exists right after the softmax. A token pruned at layer l is, from then on,
-    neither a key nor a value of any later layer and not read by the classifier, so its layer-l
-    output projection and FFN rows are dead computation; the runtime (`forward_packed`) drops the
-    row before them. The official LTP code makes the same split (its FLOPs bookkeeping records an
-    "attn" length before and an "ffn" length after pruning, LTPSelfAttention). The dense model
-    has n_out = n. We still count the A·V product for all n query rows, because that is what the
-    runtime computes.
+    with m depending on the convention:
+      "executed": m = n_out. A token's importance at layer l is read off layer l's attention
+          probabilities, so the keep decision exists right after the softmax; a token pruned at
+          layer l is never a key or value again and not read by the classifier, so its layer-l
+          output projection and FFN rows are dead computation, and our runtime
+          (`forward_packed`) drops the row before them. This is what runs.
+      "paper": m = n. The official LTP code's FLOPs bookkeeping (its trainer's `compute_macs`)
+          charges Q, K, V *and* the output projection at the tokens entering the layer and only
+          the FFN at the tokens kept ("attn" length before, "ffn" length after pruning). Numbers
+          set beside the paper's must use this convention.
+    The dense model has n_out = n, so both conventions agree on it. The A·V product is counted for
+    all n query rows in both, because that is what both runtimes compute.
     Excluded: embeddings (lookups), softmax, LayerNorm, GELU, residual adds, biases, the pooler
     and classifier (O(d²) per example, independent of n), and score/threshold computation.
     FLOPs = 2 · MACs.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; choose from {CONVENTIONS}")
     n = np.asarray(n, dtype=np.float64)
     n_out = n if n_out is None else np.asarray(n_out, dtype=np.float64)
+    m = n_out if convention == "executed" else n
     return {
         "qkv_proj": 3 * n * d * d,
         "attn_scores": n * n * d,
         "attn_context": n * n * d,
-        "out_proj": n_out * d * d,
+        "out_proj": m * d * d,
         "ffn": 2 * n_out * d * d_ff,
     }
 
@@ -65,25 +76,25 @@ def tokens_leaving_layers(tokens_per_layer: np.ndarray) -> np.ndarray:
     return np.concatenate([tokens_per_layer[:, 1:], tokens_per_layer[:, -1:]], axis=1)
 
 
-def _per_layer_ops(tokens_per_layer: np.ndarray, shape: "EncoderShape"):
+def _per_layer_ops(tokens_per_layer: np.ndarray, shape: "EncoderShape", convention: str):
     tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
     leaving = tokens_leaving_layers(tokens_per_layer)
     for l in range(shape.num_layers):
-        yield layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate, leaving[:, l])
+        yield layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate, leaving[:, l], convention)
 
 
-def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape) -> np.ndarray:
+def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed") -> np.ndarray:
     """Total MACs per example. tokens_per_layer: [N, L] tokens entering each layer -> [N].
-    Layer l's output projection and FFN see the tokens entering layer l+1 (see layer_macs)."""
+    Layer l's tokens leaving are the tokens entering layer l+1 (see layer_macs)."""
     total = np.zeros(np.shape(tokens_per_layer)[0])
-    for ops in _per_layer_ops(tokens_per_layer, shape):
+    for ops in _per_layer_ops(tokens_per_layer, shape, convention):
         total += sum(ops.values())
     return total
 
 
-def encoder_flops(tokens_per_layer: np.ndarray, shape: EncoderShape) -> np.ndarray:
+def encoder_flops(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed") -> np.ndarray:
     """FLOPs per example = 2 · MACs (see layer_macs)."""
-    return 2 * encoder_macs(tokens_per_layer, shape)
+    return 2 * encoder_macs(tokens_per_layer, shape, convention)
 
 
 @dataclass(frozen=True)
@@ -110,45 +121,54 @@ class Precision:
         })
 
 
-def encoder_bops(tokens_per_layer: np.ndarray, shape: EncoderShape, precision: Precision) -> np.ndarray:
+def encoder_bops(tokens_per_layer: np.ndarray, shape: EncoderShape, precision: Precision, convention: str = "executed") -> np.ndarray:
     """BOPs per example = Σ_ops MACs(op) · b_w(op) · b_a(op)  (Kim et al. KDD'22 §5.3, following
     van Baalen et al. 2020 "Bayesian Bits"), with MACs from the token-aware count (layer_macs) —
     i.e. only the tokens actually present at each layer. [N, L] -> [N]"""
     total = np.zeros(np.shape(tokens_per_layer)[0])
-    for ops in _per_layer_ops(tokens_per_layer, shape):
+    for ops in _per_layer_ops(tokens_per_layer, shape, convention):
         for op, macs in ops.items():
             wb, ab = precision.bits[op]
             total += macs * wb * ab
     return total
 
 
-def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape) -> float:
+def _dense_tokens(lengths: np.ndarray, shape: EncoderShape) -> np.ndarray:
+    """Every layer sees all lengths[i] tokens. [N] -> [N, L]"""
+    return np.repeat(np.asarray(lengths, dtype=np.float64)[:, None], shape.num_layers, axis=1)
+
+
+def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, convention: str = "executed") -> float:
     """Σ FLOPs with the tokens actually present / Σ FLOPs of the same inputs unpruned (every layer
     sees all `lengths[i]` tokens): a ratio of sums over the examples. [N, L], [N] -> float"""
-    tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
-    dense_tokens = np.repeat(np.asarray(lengths, dtype=np.float64)[:, None], shape.num_layers, axis=1)
-    return float(encoder_flops(tokens_per_layer, shape).sum() / encoder_flops(dense_tokens, shape).sum())
+    dense = _dense_tokens(lengths, shape)
+    return float(encoder_flops(tokens_per_layer, shape, convention).sum() / encoder_flops(dense, shape, convention).sum())
 
 
 def cost_summary(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, precision: Precision) -> dict:
-    """Dev-set cost report: mean GFLOPs/example, relative FLOPs vs the same model unpruned on the
-    same inputs, kept tokens per layer, BOPs relative to FP16 and FP32 dense on the same inputs."""
+    """Cost report of one evaluated split: the top-level FLOPs/BOPs keys use the "executed"
+    convention (what runs); `by_convention` has them for both conventions. Relative FLOPs are vs the
+    same model unpruned on the same inputs; BOPs relative to FP16 and FP32 dense on the same inputs.
+    Also kept tokens per layer (mean, quantiles, a fixed sample of trajectories)."""
     tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
     lengths = np.asarray(lengths, dtype=np.float64)
-    dense_tokens = np.repeat(lengths[:, None], shape.num_layers, axis=1)
-    flops = encoder_flops(tokens_per_layer, shape)
-    dense_flops = encoder_flops(dense_tokens, shape)
-    bops = encoder_bops(tokens_per_layer, shape, precision)
-    bops_fp16 = encoder_bops(dense_tokens, shape, Precision.uniform(16, 16))
-    bops_fp32 = encoder_bops(dense_tokens, shape, Precision.uniform(32, 32))
+    dense = _dense_tokens(lengths, shape)
+    by_convention = {}
+    for convention in CONVENTIONS:
+        flops = encoder_flops(tokens_per_layer, shape, convention)
+        bops = encoder_bops(tokens_per_layer, shape, precision, convention)
+        by_convention[convention] = {
+            "gflops_per_example": float(flops.mean() / 1e9),
+            "relative_flops": float(flops.sum() / encoder_flops(dense, shape, convention).sum()),
+            "gbops_per_example": float(bops.mean() / 1e9),
+            "relative_bops_vs_fp16_dense": float(bops.sum() / encoder_bops(dense, shape, Precision.uniform(16, 16), convention).sum()),
+            "relative_bops_vs_fp32_dense": float(bops.sum() / encoder_bops(dense, shape, Precision.uniform(32, 32), convention).sum()),
+        }
     keep_frac = tokens_per_layer / lengths[:, None]
     return {
-        "gflops_per_example": float(flops.mean() / 1e9),
-        "dense_gflops_per_example": float(dense_flops.mean() / 1e9),
-        "relative_flops": relative_flops(tokens_per_layer, lengths, shape),
-        "gbops_per_example": float(bops.mean() / 1e9),
-        "relative_bops_vs_fp16_dense": float(bops.sum() / bops_fp16.sum()),
-        "relative_bops_vs_fp32_dense": float(bops.sum() / bops_fp32.sum()),
+        **by_convention["executed"],
+        "dense_gflops_per_example": float(encoder_flops(dense, shape).mean() / 1e9),
+        "by_convention": by_convention,
         "mean_tokens_per_layer": [float(v) for v in tokens_per_layer.mean(0)],
         "mean_keep_fraction_per_layer": [float(v) for v in keep_frac.mean(0)],
         "keep_fraction_quantiles_per_layer": {

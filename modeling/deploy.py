@@ -23,51 +23,20 @@ not detected.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ltp_compress.console import install_known_message_filters
-from ltp_compress.errors import UserError
-
-FORMAT = "ltp-compress-deployable"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-LTP_FILE = "ltp.json"
-MANIFEST_FILE = "manifest.json"
-REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, LTP_FILE)
-
-
-class CheckpointError(UserError, ValueError):
-    """A deployable checkpoint that is missing, incomplete, corrupted or of an unknown format."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from ltp_compress.errors import CheckpointError
+from ltp_compress.fileio import atomic_folder
+from ltp_compress.manifest import MANIFEST_FILE, write_manifest  # noqa: F401 (MANIFEST_FILE re-exported)
+from ltp_compress.modeling.prediction import predict_texts
+from ltp_compress.modeling.checkpoint_format import (  # noqa: F401 (the format's names, re-exported)
+    CONFIG_FILE, FORMAT, FORMAT_VERSION, LTP_FILE, REQUIRED_FILES, WEIGHTS_FILE, read_deployable_info, verify_checkpoint,
+)
 
 
 # ----------------------------------------------------------------------------- save
@@ -82,15 +51,12 @@ def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: st
     from ltp_compress.kernels import Int8Linear
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     qinfo = quant_info.to_dict() if hasattr(quant_info, "to_dict") else dict(quant_info)
     int8_names = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
     if not int8_names:
         raise ValueError("save_deployable expects a converted model (no Int8Linear modules found)")
     qinfo["int8_layers"] = int8_names
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+    with atomic_folder(folder) as tmp:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
@@ -100,81 +66,8 @@ def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: st
                "quantization": qinfo, "max_seq_length": int(max_seq_length),
                "model_type": model.config.model_type}
         (tmp / LTP_FILE).write_text(json.dumps(ltp, indent=2))
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                os.chmod(p, 0o644)  # readable by whoever serves the model
-                rel = p.relative_to(tmp).as_posix()
-                files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files}
-        with open(tmp / MANIFEST_FILE, "w") as f:
-            f.write(json.dumps(manifest, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
-            folder.rename(old)
-        tmp.rename(folder)
-        _fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, FORMAT, FORMAT_VERSION)
     return folder
-
-
-# ----------------------------------------------------------------------------- verify
-
-
-def verify_checkpoint(path: str | Path) -> dict:
-    """Check every file against manifest.json; returns the manifest. Raises CheckpointError
-    naming the file and what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint folder not found")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder (a deployable checkpoint is a folder with {MANIFEST_FILE})")
-    mpath = path / MANIFEST_FILE
-    if not mpath.is_file():
-        hint = " (this looks like a training-stage model folder, not a deployable checkpoint: use the quantize stage's output)" if (path / "pruning.json").is_file() else ""
-        raise CheckpointError(f"{mpath}: missing: not a deployable checkpoint{hint}")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not a mapping")
-        for name, entry in files.items():
-            int(entry["size"]), str(entry["sha256"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable or malformed manifest ({type(e).__name__}: {e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{mpath}: unsupported format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
-                              f"(this version reads {FORMAT!r} version {FORMAT_VERSION})")
-    for req in REQUIRED_FILES:
-        if req not in files:
-            raise CheckpointError(f"{path / req}: not listed in {MANIFEST_FILE} (manifest edited or incomplete)")
-    for name, entry in files.items():
-        p = path / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"{mpath}: invalid file name {name!r} in manifest")
-        if not p.is_file():
-            raise CheckpointError(f"{p}: missing (listed in {MANIFEST_FILE})")
-        size = p.stat().st_size
-        if size != int(entry["size"]):
-            what = "truncated" if size < int(entry["size"]) else "larger than recorded"
-            raise CheckpointError(f"{p}: {what}: {size} bytes, manifest says {entry['size']}")
-        digest = _sha256(p)
-        if digest != entry["sha256"]:
-            raise CheckpointError(f"{p}: content changed: sha256 {digest[:16]}... does not match the manifest ({str(entry['sha256'])[:16]}...)")
-    for p in sorted(path.iterdir()):
-        if p.is_file() and p.name != MANIFEST_FILE and p.name not in files:
-            raise CheckpointError(f"{p}: not listed in {MANIFEST_FILE} (unexpected file, or manifest edited)")
-    return manifest
 
 
 # ----------------------------------------------------------------------------- load
@@ -182,6 +75,8 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 class DeployedModel:
     """A loaded deployable checkpoint: packed token-removing forward with INT8 GEMMs."""
+
+    runtime = "torch"
 
     def __init__(self, model, tokenizer, pruning, ltp: dict, backend: str, path: Path, notes: list[str]):
         self.model = model
@@ -226,44 +121,8 @@ class DeployedModel:
 
     def predict(self, texts_a, texts_b=None, batch_size: int = 32) -> list[dict]:
         """[{"label": name, "score": probability of that label}] per input (regression:
-        {"label": "score", "score": value}). Inputs are batched by length; order is kept."""
-        texts_a = [texts_a] if isinstance(texts_a, str) else list(texts_a)
-        if isinstance(texts_b, str):
-            texts_b = [texts_b]
-        if texts_b is not None and len(texts_b) != len(texts_a):
-            raise ValueError(f"texts_b has {len(texts_b)} entries, texts_a {len(texts_a)}")
-        if not texts_a:
-            return []
-        lens = [len(a) + (len(texts_b[i]) if texts_b is not None else 0) for i, a in enumerate(texts_a)]
-        order = sorted(range(len(texts_a)), key=lambda i: -lens[i])
-        results: list[dict | None] = [None] * len(texts_a)
-        for s in range(0, len(order), max(1, batch_size)):
-            idx = order[s:s + batch_size]
-            enc = self.encode([texts_a[i] for i in idx], None if texts_b is None else [texts_b[i] for i in idx])
-            lg = self.logits(enc)
-            if self.num_labels == 1:
-                for j, i in enumerate(idx):
-                    results[i] = {"label": self.id2label.get(0, "score"), "score": float(lg[j, 0])}
-            else:
-                probs = lg.softmax(-1)
-                p, c = probs.max(-1)
-                for j, i in enumerate(idx):
-                    results[i] = {"label": self.id2label.get(int(c[j]), str(int(c[j]))), "score": float(p[j])}
-        return results  # type: ignore[return-value]
-
-
-def read_deployable_info(path: str | Path) -> dict:
-    """The checkpoint's ltp.json (pruning rule, quantisation info, max_seq_length), after verifying
-    every file against the manifest: nothing is parsed before the bytes are known to be intact."""
-    path = Path(path)
-    verify_checkpoint(path)
-    try:
-        ltp = json.loads((path / LTP_FILE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{path / LTP_FILE}: not valid JSON: {e}") from None
-    if ltp.get("format") != FORMAT or ltp.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / LTP_FILE}: unsupported format {ltp.get('format')!r} version {ltp.get('format_version')!r}")
-    return ltp
+        {"label": "score", "score": value}); see modeling.prediction.predict_texts."""
+        return predict_texts(self, texts_a, texts_b, batch_size)
 
 
 def load_deployable(path: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> DeployedModel:

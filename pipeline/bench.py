@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from ltp_compress.errors import UserError
-from ltp_compress.modeling.deploy import MANIFEST_FILE, read_deployable_info
+from ltp_compress.manifest import MANIFEST_FILE
+from ltp_compress.modeling.checkpoint_format import read_deployable_info
 from ltp_compress.pipeline.run_dir import RunDir
 
 from ltp_compress.pipeline.bench_args import BASELINE, INT8_PEERS, OURS, SYSTEMS  # noqa: F401 (re-exported)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ltp_compress.console import install_known_message_filters
 from ltp_compress.errors import UserError
 
-COMMANDS = ("run", "validate", "report", "schema", "predict", "bench", "sweep")
+COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("checkpoint", type=Path)
     pr.add_argument("inputs", nargs="*", help="texts; a pair as 'A ||| B'. Omit to read stdin (one per line)")
     pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
-    pr.add_argument("--backend", default="auto")
+    pr.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                    help="auto: onnxruntime for an ONNX export folder (model.onnx), torch for a safetensors checkpoint")
+    pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    pr.add_argument("--backend", default="auto", help="INT8 GEMM backend of the torch runtime")
+    from ltp_compress.pipeline.export_cli import add_export_parser
+
+    add_export_parser(sub)
     pr.add_argument("--batch-size", type=int, default=32)
     from ltp_compress.pipeline.bench_args import add_bench_arguments
 
@@ -43,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a recipe over a grid of values and plot accuracy vs relative FLOPs")
     sw.add_argument("recipe", type=Path)
     sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...", help="e.g. stages.soft.lambda=0.01,0.05,0.2")
+    sw.add_argument("--seeds", default=None, help="comma-separated seeds; every point runs once per seed, tables give mean ± sd")
     sw.add_argument("--out", type=Path, default=None, help="folder for sweep.json/.md/.png (default: <output_dir>/<name>-sweep)")
     sw.add_argument("--no-progress", action="store_true")
     return p
@@ -95,6 +102,10 @@ def _dispatch(args) -> int:
 
         print(recipe_json_schema())
         return 0
+    if args.command == "export":
+        from ltp_compress.pipeline.export_cli import export_cli
+
+        return export_cli(args)
     if args.command == "predict":
         from ltp_compress.pipeline.predict import predict_cli
 
@@ -106,7 +117,8 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from ltp_compress.pipeline.sweep import run_sweep
 
-        out = run_sweep(args.recipe, args.grid, out_dir=args.out, progress=not args.no_progress)
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+        out = run_sweep(args.recipe, args.grid, seeds=seeds, out_dir=args.out, progress=not args.no_progress)
         print(f"sweep: {out}")
         return 0
     raise AssertionError(args.command)

@@ -40,12 +40,13 @@ def plot_run(run_dir: Path) -> list[Path]:
         fig.tight_layout()
         out.append(_save(fig, run.plots_dir / "kept_tokens_per_layer.png"))
         plt.close(fig)
-    points = [(m["stage"], m["id"], m["cost"]["relative_flops"], next(iter(m["metrics"].values()))["main"]) for m in metas if m.get("cost") and m.get("metrics")]
+    points = [(m["stage"], m["id"], m["cost"]["by_convention"]["paper"]["relative_flops"], _dev_main(m["metrics"]))
+              for m in metas if m.get("cost") and m.get("metrics")]
     if len(points) >= 2:
         fig, ax = plt.subplots(figsize=(5, 3.8))
         for stage, sid, x, y in points:
             ax.scatter([x], [y], label=f"{sid} ({stage})")
-        ax.set_xlabel("relative FLOPs (vs same model unpruned, same inputs)")
+        ax.set_xlabel("relative FLOPs on dev (paper convention; vs same model unpruned)")
         ax.set_ylabel("dev main metric")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -54,21 +55,27 @@ def plot_run(run_dir: Path) -> list[Path]:
     return out
 
 
+def _dev_main(metrics: dict) -> float:
+    """The main metric on the first dev set (the test set; validation is what was chosen on)."""
+    return next(v for k, v in metrics.items() if k != "validation")["main"]
+
+
 def plot_sweep(rows: list[dict], reference: float | None, path: Path) -> Path:
-    """Accuracy vs relative FLOPs, one line per method (stage type)."""
+    """Dev accuracy (mean ± sd over seeds) vs relative FLOPs (paper convention), one line per
+    method (stage type). `rows`: pipeline.sweep.aggregate_over_seeds output."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     by_stage: dict[str, list] = {}
     for r in rows:
-        by_stage.setdefault(r["stage"], []).append((r["relative_flops"], r["main"]))
+        by_stage.setdefault(r["stage"], []).append((r["relative_flops_paper"]["mean"], r["dev_main"]["mean"], r["dev_main"]["sd"]))
     for stage, pts in by_stage.items():
         pts.sort()
         label, fmt = STYLE.get(stage, (stage, "x-"))
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], fmt, label=label)
+        ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts], fmt=fmt, label=label, capsize=2)
     if reference is not None:
         ax.axhline(100 * reference, color="gray", lw=1, ls=":", label="unpruned teacher")
         ax.axhline(100 * reference - 1.0, color="red", lw=0.8, ls=":", label="teacher - 1 point")
-    ax.set_xlabel("relative FLOPs")
+    ax.set_xlabel("relative FLOPs on dev (paper convention)")
     ax.set_ylabel("dev main metric (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,4 +1,6 @@
-"""`ltp-compress predict CHECKPOINT [TEXT ...] [--tsv FILE] [--backend B] [--batch-size N]`.
+"""`ltp-compress predict CHECKPOINT [TEXT ...] [--tsv FILE] [--runtime R] [--threads N] [--backend B] [--batch-size N]`.
+
+CHECKPOINT is a deployable checkpoint (torch runtime) or an ONNX export folder (onnxruntime).
 
 Inputs, in this order of precedence:
   * positional texts; a sentence pair is written 'A ||| B';
@@ -12,7 +14,8 @@ Inputs, in this order of precedence:
 
 Output (stdout): one line per input, tab-separated: label, score, text (pairs as 'A ||| B').
 score = probability of the predicted label (classification) or the predicted value (regression),
-printed with 4 decimals. stderr: the INT8 backend and the kernel calls that ran.
+printed with 4 decimals. stderr: the runtime that ran, and for torch the INT8 backend and the
+kernel calls that ran.
 """
 
 from __future__ import annotations
@@ -75,22 +78,26 @@ def predict_pairs(model, pairs: list[tuple[str, str | None]], batch_size: int) -
 
 
 def predict_cli(args) -> int:
-    from ltp_compress.kernels import kernel_counters, reset_kernel_counters
-    from ltp_compress.modeling.deploy import load_deployable
+    from ltp_compress.modeling.onnx_runtime import load_model
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    model = load_deployable(args.checkpoint, backend=args.backend)
+    model = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, backend=args.backend)
     pairs = collect_inputs(args)
-    reset_kernel_counters()
+    if model.runtime == "torch":
+        from ltp_compress.kernels import kernel_counters, reset_kernel_counters
+
+        reset_kernel_counters()
     results = predict_pairs(model, pairs, args.batch_size)
     for (a, b), r in zip(pairs, results):
         text = a if b is None else f"{a} {PAIR_SEP} {b}"
         print(f"{r['label']}\t{r['score']:.4f}\t{text}")
     sys.stdout.flush()
-    counters = kernel_counters()
-    kernels = ", ".join(f"{k} x{v}" for k, v in sorted(counters.items())) or "none (no inputs)"
-    print(f"int8 backend: {model.backend}; kernels run: {kernels}", file=sys.stderr)
+    if model.runtime == "torch":
+        kernels = ", ".join(f"{k} x{v}" for k, v in sorted(kernel_counters().items())) or "none (no inputs)"
+        print(f"runtime: torch; int8 backend: {model.backend}; kernels run: {kernels}", file=sys.stderr)
+    else:
+        print(f"runtime: {model.runtime}; {model.backend}", file=sys.stderr)
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

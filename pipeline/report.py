@@ -1,4 +1,7 @@
-"""Run reports: report.json collects every finished stage's meta; report.md renders from it."""
+"""Run reports: report.json collects every finished stage's meta and the data summary;
+report.md renders from it. Validation (what every choice was made on) and dev (the test set,
+evaluated only) are shown side by side; FLOPs and BOPs in both conventions ("executed": what runs;
+"paper": the official LTP code's count, comparable with the paper)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from pathlib import Path
 from ltp_compress.fileio import atomic_write_json, atomic_write_text
 from ltp_compress.pipeline.run_dir import RunDir
 
+_EXTRA_KEYS = ("pruning", "kernel", "final_lambda", "calibration", "deploy_dir", "flops_target", "learned_something", "refit")
+_NOT_METRICS = ("examples_per_s", "mean_tokens", "num_examples")
+
 
 def collect_report(run_dir: Path) -> dict:
     run = RunDir(Path(run_dir))
@@ -14,43 +20,77 @@ def collect_report(run_dir: Path) -> dict:
     stages = []
     for rec in run.finished():
         meta = rec.meta
+        extra = meta.get("extra", {})
         row = {
             "id": rec.id, "stage": rec.stage, "dir": str(rec.dir.relative_to(run.path)),
-            "metrics": meta.get("metrics"), "cost": meta.get("cost"),
+            "metrics": meta.get("metrics"), "cost": meta.get("cost"), "validation_cost": extra.get("validation_cost"),
             "model_size_bytes": meta.get("model_size_bytes"), "parameter_count": meta.get("parameter_count"),
             "wall_time_s": meta.get("wall_time_s"),
         }
-        for key in ("pruning", "kernel", "final_lambda", "calibration", "deploy_dir"):
-            if key in meta.get("extra", {}):
-                row[key] = meta["extra"][key]
+        row.update({k: extra[k] for k in _EXTRA_KEYS if extra.get(k) is not None})
         stages.append(row)
     plots = sorted(str(p.relative_to(run.path)) for p in run.plots_dir.glob("*.png"))
     return {"name": recipe["name"], "task": recipe["task"], "model": recipe["model"], "seed": recipe["seed"],
-            "environment": run.environment(), "stages": stages, "plots": plots}
+            "data": run.data_summary(), "environment": run.environment(), "stages": stages, "plots": plots}
+
+
+def _conv(cost: dict | None, convention: str, key: str):
+    return ((cost or {}).get("by_convention") or {}).get(convention, {}).get(key)
 
 
 def render_markdown(report: dict) -> str:
     lines = [f"# Run `{report['name']}`", "",
-             f"task **{report['task']}**, model `{report['model']}`, seed {report['seed']}", ""]
-    header = "| stage | type | dev metrics | ex/s | mean tokens | rel. FLOPs | GFLOPs/ex | rel. BOPs vs FP16 dense | rel. BOPs vs FP32 dense | params | size on disk | wall s |"
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+             f"task **{report['task']}**, model `{report['model']}`, seed {report['seed']}", "",
+             "Every choice (best checkpoint, λ steering, FLOPs calibration, INT8 fallback) was made on the **validation** "
+             "split carved from train; **dev** is the test set, evaluated only.", ""]
+    data = report.get("data") or {}
+    if data.get("splits"):
+        carve = data.get("validation_carving", {})
+        lines += ["## Data", "", "| split | examples | mean tokens | truncated | trivial baseline (main) |", "|---|---|---|---|---|"]
+        for name, s in data["splits"].items():
+            tb = s.get("trivial_baseline")
+            lines.append(f"| {name} | {s['examples']} | {s['mean_tokens']:.1f} | {s['truncated']} (at {data.get('max_seq_length')}) | "
+                         + (f"{100 * tb['main']:.2f} ({tb['predictor']})" if tb else "-") + " |")
+        if carve:
+            lines += ["", f"validation: {carve.get('method')}; {carve.get('dropped_from_train_as_overlapping')} overlapping training rows "
+                      f"dropped; seed {carve.get('seed')}"]
+        lines.append("")
+    flagged = [s for s in report["stages"] if s.get("learned_something") and not s["learned_something"]["ok"]]
+    for s in flagged:
+        ls = s["learned_something"]
+        lines += [f"> **WARNING** `{s['id']}`: validation main {100 * ls['validation_main']:.2f} is only "
+                  f"{ls['margin_points']:+.2f} points above the trivial baseline ({100 * ls['trivial_validation_main']:.2f}; "
+                  f"{ls['required_margin_points']:.0f} required): this model learned (almost) nothing, and pruning it proves nothing.", ""]
+    header = ("| stage | type | validation main | dev main | dev metrics | rel. FLOPs executed | rel. FLOPs paper | "
+              "rel. BOPs vs FP16 dense (executed / paper) | GFLOPs/ex | dev ex/s | params | size on disk | wall s |")
+    lines += ["## Stages (FLOPs/BOPs on dev)", "", header, "|" + "---|" * (header.count("|") - 1)]
     for s in report["stages"]:
         metrics = s.get("metrics") or {}
-        mtxt = "; ".join(
-            f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in ("examples_per_s", "mean_tokens", "num_examples"))
-            for split, m in metrics.items()
-        )
-        first = next(iter(metrics.values()), {})
-        cost = s.get("cost") or {}
+        val = metrics.get("validation", {})
+        dev_splits = {k: v for k, v in metrics.items() if k != "validation"}
+        first_dev = next(iter(dev_splits.values()), {})
+        mtxt = "; ".join(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k not in _NOT_METRICS)
+                         for split, m in dev_splits.items())
+        cost = s.get("cost")
         lines.append("| " + " | ".join([
-            s["id"], s["stage"], mtxt or "-",
-            _f(first.get("examples_per_s"), "{:.1f}"), _f(first.get("mean_tokens"), "{:.1f}"),
-            _f(cost.get("relative_flops"), "{:.3f}"), _f(cost.get("gflops_per_example"), "{:.3f}"),
-            _f(cost.get("relative_bops_vs_fp16_dense"), "{:.4f}"), _f(cost.get("relative_bops_vs_fp32_dense"), "{:.4f}"),
+            s["id"], s["stage"], _f(val.get("main"), "{:.4f}"), _f(first_dev.get("main"), "{:.4f}"), mtxt or "-",
+            _f(_conv(cost, "executed", "relative_flops"), "{:.3f}"), _f(_conv(cost, "paper", "relative_flops"), "{:.3f}"),
+            _f(_conv(cost, "executed", "relative_bops_vs_fp16_dense"), "{:.4f}") + " / " + _f(_conv(cost, "paper", "relative_bops_vs_fp16_dense"), "{:.4f}"),
+            _f((cost or {}).get("gflops_per_example"), "{:.3f}"), _f(first_dev.get("examples_per_s"), "{:.1f}"),
             _f(s.get("parameter_count"), "{:,}"), _f((s.get("model_size_bytes") or 0) / 2**20 if s.get("model_size_bytes") else None, "{:.1f} MiB"),
             _f(s.get("wall_time_s"), "{:.0f}"),
         ]) + " |")
     lines.append("")
+    targets = [s for s in report["stages"] if s.get("flops_target")]
+    if targets:
+        lines += ["## FLOPs targets", "", "| stage | target | convention | fitted on | validation | dev | within tolerance (validation / dev) |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in targets:
+            t = s["flops_target"]
+            lines.append(f"| {s['id']} | {t['target_flops']:.3f} ± {100 * t['tolerance']:.0f}% | {t['convention']} | {t['calibration_inputs']} | "
+                         f"{t['validation_relative_flops']:.3f} | {t['dev_relative_flops']:.3f} | "
+                         f"{t['validation_within_tolerance']} / {t['dev_within_tolerance']} |")
+        lines.append("")
     pruned = [s for s in report["stages"] if (s.get("cost") or {}).get("mean_tokens_per_layer")]
     if pruned:
         lines += ["## Tokens entering each layer (dev mean)", ""]

@@ -4,6 +4,7 @@ reports, plots, sweeps, the benchmark) goes through `RunDir`.
     <output_dir>/<name>/
         recipe.json            resolved recipe (after overrides)
         environment.json       package versions, threads, device
+        data.json              splits: sizes, truncated inputs, validation carving, trivial baselines
         logs/run.log
         stages/NN-<id>/        one folder per *finished* stage: meta.json (+ model/)
         stages/.tmp-NN-<id>/   a stage in progress; never counted as finished
@@ -67,6 +68,11 @@ class RunDir:
         return self.path / "environment.json"
 
     @property
+    def data_file(self) -> Path:
+        """Split sizes, truncation counts, how validation was carved, trivial baselines."""
+        return self.path / "data.json"
+
+    @property
     def log_file(self) -> Path:
         return self.path / "logs" / "run.log"
 
@@ -128,6 +134,9 @@ class RunDir:
         if not self.recipe_file.is_file():
             raise RunError(f"{self.path}: not a run directory (no {self.recipe_file.name})")
         return json.loads(self.recipe_file.read_text())
+
+    def data_summary(self) -> dict:
+        return json.loads(self.data_file.read_text()) if self.data_file.is_file() else {}
 
     def environment(self) -> dict:
         return json.loads(self.environment_file.read_text()) if self.environment_file.is_file() else {}

@@ -20,7 +20,7 @@ from ltp_compress.pipeline.recipe import Recipe, RecipeError, load_recipe, sourc
 from ltp_compress.pipeline.run_dir import RunDir, RunError, StageRecord
 from ltp_compress.stages import MODEL_STAGES
 from ltp_compress.stages.configs import RECIPE_MODEL
-from ltp_compress.stages.context import StageContext, TaskData
+from ltp_compress.stages.context import VALIDATION, StageContext, TaskData
 
 __all__ = ["RunError", "preflight", "run_recipe", "load_task_data", "environment_info"]
 
@@ -107,20 +107,36 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> None:
         run.path.rename(backup)
 
 
-def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger) -> TaskData:
-    from ltp_compress.tasks.data import load_split, mean_tokens, tokenize_split
+def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger) -> tuple[TaskData, dict]:
+    """The tokenised splits, and a summary of them for the report (sizes, mean tokens, truncated
+    inputs, how validation was carved, the trivial baseline on each evaluated split)."""
+    from ltp_compress.tasks.data import count_truncated, load_split, mean_tokens, tokenize_split
+    from ltp_compress.tasks.metrics import trivial_baseline
+    from ltp_compress.tasks.splits import load_train_and_validation
 
-    dev = {}
-    train_split = load_split(recipe.data, task, "train", seed=recipe.seed)
-    train = tokenize_split(train_split, tokenizer, recipe.data.max_seq_length, num_labels=task.num_labels)
-    log.info("train: %d examples from %s (%d malformed rows skipped), mean %.1f tokens",
-             len(train), train_split.source, train_split.skipped, mean_tokens(train))
+    max_len = recipe.data.max_seq_length
+    train_split, val_split, carve = load_train_and_validation(recipe.data, task, seed=recipe.seed)
+    raw = {"train": train_split, VALIDATION: val_split}
     for key in task.dev_keys:
-        split = load_split(recipe.data, task, key, seed=recipe.seed)
-        dev[key] = tokenize_split(split, tokenizer, recipe.data.max_seq_length, num_labels=task.num_labels)
-        log.info("%s: %d examples from %s (%d skipped), mean %.1f tokens", key, len(dev[key]), split.source, split.skipped, mean_tokens(dev[key]))
+        raw[key] = load_split(recipe.data, task, key, seed=recipe.seed)
+    tokenized = {name: tokenize_split(split, tokenizer, max_len, num_labels=task.num_labels) for name, split in raw.items()}
+    summary = {"validation_carving": carve, "max_seq_length": max_len, "splits": {}}
+    for name, split in raw.items():
+        ts = tokenized[name]
+        row = {"examples": len(ts), "source": split.source, "malformed_rows_skipped": split.skipped,
+               "mean_tokens": mean_tokens(ts), "truncated": count_truncated(split, ts, tokenizer, max_len)}
+        if name != "train":
+            row["trivial_baseline"] = trivial_baseline(task, tokenized["train"].labels, ts.labels)
+        summary["splits"][name] = row
+        role = {"train": "trained on", VALIDATION: "chooses"}.get(name, "evaluated only, never chosen on")
+        log.info("%s: %d examples (%s), mean %.1f tokens, %d truncated at %d", name, len(ts), role, row["mean_tokens"],
+                 row["truncated"], max_len)
+    log.info("validation carved from train: %s; %d overlapping training rows dropped",
+             carve["method"], carve["dropped_from_train_as_overlapping"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return TaskData(train=train, dev=dev, pad_token_id=pad)
+    data = TaskData(train=tokenized["train"], validation=tokenized[VALIDATION], dev={k: tokenized[k] for k in task.dev_keys},
+                    pad_token_id=pad, trivial_baseline={k: v["trivial_baseline"] for k, v in summary["splits"].items() if k != "train"})
+    return data, summary
 
 
 def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite: bool = False, progress: bool = True,
@@ -162,7 +178,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
             log.info("stage %s (%s): already finished, skipped", st.id, st.stage)
         else:
             if data is None:
-                data = load_task_data(recipe, task, load_tokenizer(base_model), log)
+                data, data_summary = load_task_data(recipe, task, load_tokenizer(base_model), log)
+                atomic_write_json(run.data_file, data_summary)
             src_i = source_stage_index(recipe, i)
             src_rec = records[recipe.stages[src_i].id] if src_i is not None else None
             source = str(src_rec.model_dir) if src_rec is not None else base_model

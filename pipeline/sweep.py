@@ -3,12 +3,15 @@
 Grid: `--grid KEY=V1,V2,...` (repeatable). Keys with several values are zipped, not crossed:
 point k sets every key to its k-th value (a key with one value applies to every point). So one
 sweep can move LTP's λ, the manual baseline's threshold and the top-k ratio together, giving
-one curve per method. Each point is an ordinary, resumable run named `<name>-p<k>`.
+one curve per method. Each point is an ordinary, resumable run named `<name>-p<k>` (with several
+`--seeds`, `<name>-p<k>-s<seed>`, aggregated as mean ± sd over seeds).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from ltp_compress.pipeline.recipe import RecipeError, load_recipe
 from ltp_compress.pipeline.report import collect_report
@@ -34,47 +37,96 @@ def parse_grid(items: list[str]) -> list[list[str]]:
     return [[f"{k}={v[i] if len(v) > 1 else v[0]}" for k, v in zip(keys, values)] for i in range(n)]
 
 
-def run_sweep(recipe_path: str | Path, grid: list[str], *, out_dir: Path | None = None, progress: bool = True) -> Path:
+def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | None = None, out_dir: Path | None = None,
+              progress: bool = True) -> Path:
+    """Run every grid point (for every seed in `seeds`, default: the recipe's seed), collect one row
+    per point, stage and seed, aggregate mean ± sd over seeds, write sweep.json / .md / .png."""
     from ltp_compress.pipeline.plots import plot_sweep
     from ltp_compress.pipeline.runner import run_recipe
 
     recipe_path = Path(recipe_path)
     points = parse_grid(grid)
     base = load_recipe(recipe_path)
+    seeds = list(seeds) if seeds else [base.seed]
     for overrides in points:  # validate every point before running any
         load_recipe(recipe_path, overrides)
     out_dir = Path(out_dir) if out_dir else Path(base.output_dir) / f"{base.name}-sweep"
-    rows, reference = [], None
+    rows = []
     for k, overrides in enumerate(points):
-        run_dir = run_recipe(recipe_path, overrides + [f"name={base.name}-p{k}"], progress=progress)
-        report = collect_report(run_dir)
-        for s in report["stages"]:
-            if not s.get("cost") or not s.get("metrics"):
-                continue
-            m = next(iter(s["metrics"].values()))
-            row = {"point": k, "overrides": overrides, "id": s["id"], "stage": s["stage"], "main": m["main"],
-                   "relative_flops": s["cost"]["relative_flops"],
-                   "relative_bops_vs_fp16_dense": s["cost"]["relative_bops_vs_fp16_dense"],
-                   "mean_tokens_per_layer": s["cost"]["mean_tokens_per_layer"], "run_dir": str(run_dir)}
-            if s["stage"] in ("finetune", "evaluate") and s["cost"]["relative_flops"] > 0.999:
-                reference = m["main"]
-                continue
-            rows.append(row)
-    plot = plot_sweep(rows, reference, out_dir / "accuracy_vs_flops.png")
-    result = {"recipe": str(recipe_path), "grid": grid, "reference_main": reference, "rows": rows, "plot": str(plot)}
+        for seed in seeds:
+            name = f"{base.name}-p{k}" + (f"-s{seed}" if len(seeds) > 1 else "")
+            run_dir = run_recipe(recipe_path, overrides + [f"seed={seed}", f"name={name}"], progress=progress)
+            rows += sweep_rows(collect_report(run_dir), point=k, overrides=overrides, seed=seed, run_dir=run_dir)
+    summary = aggregate_over_seeds(rows)
+    reference = next((r for r in summary if r["is_reference"]), None)
+    plot = plot_sweep([r for r in summary if not r["is_reference"]], reference["dev_main"]["mean"] if reference else None,
+                      out_dir / "accuracy_vs_flops.png")
+    result = {"recipe": str(recipe_path), "grid": grid, "seeds": seeds, "rows": rows, "summary": summary, "plot": str(plot)}
     atomic_write_json(out_dir / "sweep.json", result)
     atomic_write_text(out_dir / "sweep.md", render_sweep(result))
     return out_dir
 
 
+#: per-row numbers aggregated over seeds
+_VALUES = ("validation_main", "dev_main", "relative_flops_executed", "relative_flops_paper",
+           "relative_bops_vs_fp16_executed", "relative_bops_vs_fp16_paper")
+
+
+def sweep_rows(report: dict, *, point: int, overrides: list[str], seed: int, run_dir) -> list[dict]:
+    """One row per evaluated stage of one run: validation and dev main metric, FLOPs and BOPs (dev)
+    in both conventions. The unpruned finetune/evaluate stage is the reference."""
+    rows = []
+    for s in report["stages"]:
+        cost, metrics = s.get("cost"), s.get("metrics") or {}
+        if not cost or "validation" not in metrics:
+            continue
+        dev = next(v for k, v in metrics.items() if k != "validation")
+        conv = cost["by_convention"]
+        rows.append({"point": point, "overrides": overrides, "seed": seed, "id": s["id"], "stage": s["stage"],
+                     "validation_main": metrics["validation"]["main"], "dev_main": dev["main"],
+                     "relative_flops_executed": conv["executed"]["relative_flops"], "relative_flops_paper": conv["paper"]["relative_flops"],
+                     "relative_bops_vs_fp16_executed": conv["executed"]["relative_bops_vs_fp16_dense"],
+                     "relative_bops_vs_fp16_paper": conv["paper"]["relative_bops_vs_fp16_dense"],
+                     "is_reference": s["stage"] in ("finetune", "evaluate") and conv["executed"]["relative_flops"] > 0.999,
+                     "run_dir": str(run_dir)})
+    return rows
+
+
+def aggregate_over_seeds(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (ddof=1; 0 for one seed) of every value per (point, stage id)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["point"], r["id"]), []).append(r)
+    out = []
+    for (point, sid), rs in sorted(groups.items()):
+        agg = {"point": point, "id": sid, "stage": rs[0]["stage"], "overrides": rs[0]["overrides"],
+               "seeds": [r["seed"] for r in rs], "is_reference": rs[0]["is_reference"]}
+        for key in _VALUES:
+            v = np.array([r[key] for r in rs], dtype=np.float64)
+            agg[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        out.append(agg)
+    return out
+
+
 def render_sweep(result: dict) -> str:
-    lines = [f"# Sweep of `{result['recipe']}`", "", f"grid: `{' '.join(result['grid'])}`", ""]
-    if result["reference_main"] is not None:
-        lines += [f"unpruned reference (dev main metric): {100 * result['reference_main']:.2f}", ""]
-    lines += ["| method (stage) | point | settings | dev main (%) | drop (points) | relative FLOPs | rel. BOPs vs FP16 |", "|---|---|---|---|---|---|---|"]
-    ref = result["reference_main"]
-    for r in sorted(result["rows"], key=lambda r: (r["stage"], -r["relative_flops"])):
-        drop = f"{100 * (ref - r['main']):.2f}" if ref is not None else "-"
-        lines.append(f"| {r['id']} ({r['stage']}) | {r['point']} | `{' '.join(r['overrides'])}` | {100 * r['main']:.2f} | {drop} | {r['relative_flops']:.3f} | {r['relative_bops_vs_fp16_dense']:.4f} |")
+    seeds = result["seeds"]
+    lines = [f"# Sweep of `{result['recipe']}`", "", f"grid: `{' '.join(result['grid'])}`; seeds {seeds} "
+             f"(mean ± sd over seeds{'' if len(seeds) > 1 else '; one seed, sd not available'})", "",
+             "Validation made every choice; dev is the test set. FLOPs/BOPs are measured on dev, in both conventions "
+             "(executed: what runs; paper: the official LTP code's count).", ""]
+    ref = next((r for r in result["summary"] if r["is_reference"]), None)
+    if ref is not None:
+        lines += [f"unpruned reference: validation {_pm(ref['validation_main'])}, dev {_pm(ref['dev_main'])}", ""]
+    lines += ["| method (stage) | point | settings | validation main (%) | dev main (%) | dev drop (points) | rel. FLOPs paper | "
+              "rel. FLOPs executed | rel. BOPs vs FP16 (paper) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in result["summary"] if not r["is_reference"]), key=lambda r: (r["stage"], -r["relative_flops_paper"]["mean"])):
+        drop = f"{100 * (ref['dev_main']['mean'] - r['dev_main']['mean']):.2f}" if ref is not None else "-"
+        lines.append(f"| {r['id']} ({r['stage']}) | {r['point']} | `{' '.join(r['overrides'])}` | {_pm(r['validation_main'])} | "
+                     f"{_pm(r['dev_main'])} | {drop} | {_pm(r['relative_flops_paper'], 1, 3)} | {_pm(r['relative_flops_executed'], 1, 3)} | "
+                     f"{_pm(r['relative_bops_vs_fp16_paper'], 1, 4)} |")
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
+
+
+def _pm(v: dict, scale: float = 100, digits: int = 2) -> str:
+    return f"{scale * v['mean']:.{digits}f} ± {scale * v['sd']:.{digits}f}" if v["sd"] else f"{scale * v['mean']:.{digits}f}"

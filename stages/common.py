@@ -17,7 +17,7 @@ from ltp_compress.modeling.accounting import EncoderShape, Precision, cost_summa
 from ltp_compress.tasks.data import length_bucketed_batches
 from ltp_compress.tasks.metrics import compute_metrics
 from ltp_compress.modeling.model_io import load_stage_model
-from ltp_compress.stages.context import StageContext
+from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 
 
 def set_seed(seed: int) -> None:
@@ -46,8 +46,8 @@ def train_batches(ctx: StageContext, batch_size: int, epoch: int) -> list:
     return length_bucketed_batches(ctx.data.train, batch_size, shuffle=True, seed=ctx.seed + epoch, pad_token_id=ctx.data.pad_token_id)
 
 
-def dev_batches(ctx: StageContext, split: str, batch_size: int) -> list:
-    return length_bucketed_batches(ctx.data.dev[split], batch_size, shuffle=False, seed=0, pad_token_id=ctx.data.pad_token_id)
+def eval_batches(ctx: StageContext, split: str, batch_size: int) -> list:
+    return length_bucketed_batches(ctx.data.eval_split(split), batch_size, shuffle=False, seed=0, pad_token_id=ctx.data.pad_token_id)
 
 
 def steps_plan(num_batches: int, epochs: float) -> tuple[int, int]:
@@ -141,13 +141,13 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig, batch_size: int, *, desc: str = "eval", forward=None) -> EvalResult:
-    """Inference on one dev split with the real (packed) pruned runtime; metrics + token counts.
-
-    `forward(model, batch, pruning)` defaults to the packed token-removing forward."""
+    """Inference on one evaluation split (validation or a dev set) with the real (packed) pruned
+    runtime; metrics + token counts. `forward(model, batch, pruning)` defaults to the packed
+    token-removing forward."""
     forward = forward or (lambda m, b, p: forward_for_pruning(m, b, p, packed=True, return_kept=True))
     model.eval()
-    ts = ctx.data.dev[split]
-    batches = dev_batches(ctx, split, batch_size)
+    ts = ctx.data.eval_split(split)
+    batches = eval_batches(ctx, split, batch_size)
     device = next(model.parameters()).device
     n = len(ts.labels)
     L = model.config.num_hidden_layers
@@ -170,19 +170,38 @@ def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig,
     return EvalResult(metrics=metrics, kept_tokens=kept, lengths=lengths)
 
 
-def evaluate_all(model, ctx: StageContext, pruning: PruningConfig, batch_size: int, precision: Precision | None = None, forward=None) -> tuple[dict, dict]:
-    """Metrics on every dev split, and the token-aware cost of the first one."""
-    metrics, cost = {}, None
+@dataclass
+class Evaluation:
+    """Metrics and token-aware cost of one model on some evaluation splits."""
+
+    metrics: dict[str, dict]  # split -> task metrics (+ throughput, mean tokens)
+    costs: dict[str, dict]  # split -> cost summary (FLOPs / BOPs / kept tokens, both conventions)
+
+    @property
+    def selection_score(self) -> float:
+        """The task's main metric on the validation split: the only score anything is chosen by."""
+        return self.metrics[VALIDATION]["main"]
+
+    @property
+    def validation_cost(self) -> dict:
+        return self.costs[VALIDATION]
+
+    def result(self, extra: dict | None = None) -> StageResult:
+        """A stage's result: metrics on every split; `cost` of the first dev set (the reported
+        number), the validation cost (what targets were fitted on) in extra."""
+        dev = next(s for s in self.costs if s != VALIDATION)
+        return StageResult(metrics=self.metrics, cost=self.costs[dev], extra={"validation_cost": self.costs[VALIDATION], **(extra or {})})
+
+
+def evaluate(model, ctx: StageContext, pruning: PruningConfig, batch_size: int, *, splits: list[str] | None = None,
+             precision: Precision | None = None, forward=None) -> Evaluation:
+    """Evaluate on `splits` (default: validation and every dev set; during training pass
+    [VALIDATION] only: dev is evaluated once, for the model a stage returns)."""
     precision = precision or Precision.uniform(32, 32)
-    for split in ctx.data.dev:
+    metrics, costs = {}, {}
+    for split in splits or ctx.data.eval_names:
         res = evaluate_split(model, ctx, split, pruning, batch_size, desc=f"eval {split}", forward=forward)
         metrics[split] = res.metrics
-        if cost is None:
-            cost = cost_summary(res.kept_tokens, res.lengths, EncoderShape.from_config(model.config), precision)
-            cost["precision"] = precision.bits
-    return metrics, cost
-
-
-def main_metric(metrics: dict) -> float:
-    """The task's main metric on the first dev split."""
-    return next(iter(metrics.values()))["main"]
+        costs[split] = cost_summary(res.kept_tokens, res.lengths, EncoderShape.from_config(model.config), precision)
+        costs[split]["precision"] = precision.bits
+    return Evaluation(metrics, costs)

@@ -35,7 +35,7 @@ class TrainStageBase(StageBase):
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     eval_every_epoch: bool = True
-    keep_best: bool = Field(True, description="keep the checkpoint with the best dev main metric")
+    keep_best: bool = Field(True, description="keep the checkpoint with the best validation main metric (never dev)")
 
 
 class FinetuneStage(TrainStageBase):
@@ -45,7 +45,7 @@ class FinetuneStage(TrainStageBase):
 
 
 class EvaluateStage(StageBase):
-    """Evaluate a model on the dev split(s); produces metrics, no new model."""
+    """Evaluate a model on the validation split and the dev set(s); produces metrics, no new model."""
 
     stage: Literal["evaluate"]
     eval_batch_size: int = Field(64, ge=1)
@@ -60,7 +60,23 @@ class PruneTrainStageBase(TrainStageBase):
     kd_temperature: float = Field(2.0, gt=0, description="softmax temperature of the logit KD term")
 
 
-class LTPSoftStage(PruneTrainStageBase):
+FlopsConvention = Literal["executed", "paper"]
+CalibrationInputs = Literal["validation", "train", "dev"]
+
+
+class FlopsTargetFields(StrictModel):
+    """Fields of a stage that lands a relative-FLOPs target (inputs only, never labels)."""
+
+    target_tolerance: float = Field(0.05, gt=0, le=0.5, description="a FLOPs value within target·(1 ± tolerance) meets the target")
+    flops_convention: FlopsConvention = Field(
+        "executed", description="what `target_flops` counts: 'executed' (what our runtime runs: pruned tokens skip their layer's "
+                                "output projection) or 'paper' (the official LTP code's count, to compare with the paper)")
+    flops_calibration_inputs: CalibrationInputs = Field(
+        "validation", description="inputs (never labels) the FLOPs target is measured on: 'validation' (default), 'train', or "
+                                  "'dev' = unlabelled deployment inputs (an explicit choice; results say so)")
+
+
+class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields):
     """Soft Learned Token Pruning: thresholds and weights train jointly with a sigmoid mask."""
 
     stage: Literal["ltp_soft"]
@@ -72,25 +88,20 @@ class LTPSoftStage(PruneTrainStageBase):
                                                           "un-normalised score is 0.01·n here: 0.25 at n=25 tokens, 1.28 at 128; 0.5 ~ n=50")
     threshold_lr: float = Field(0.002, gt=0, description="Adam learning rate of the thresholds (normalised-score units per step; "
                                                         "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
-    target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so dev relative FLOPs lands at this value (±5%)")
-    target_tolerance: float = Field(0.05, gt=0, le=0.5)
-    flops_calibration_inputs: Literal["dev", "train"] = Field(
-        "dev", description="inputs (never labels) on which λ steering and the final threshold scaling measure FLOPs; "
-                           "'dev' targets the dev-set FLOPs directly, 'train' uses a training sample (length mismatch possible)")
+    target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so relative FLOPs on the calibration inputs lands at "
+                                                                     "this value, then move the thresholds onto it")
 
 
-class LTPHardStage(PruneTrainStageBase):
+class LTPHardStage(PruneTrainStageBase, FlopsTargetFields):
     """Hard pruning: thresholds frozen, binary mask, weights finetuned again."""
 
     stage: Literal["ltp_hard"]
     epochs: float = Field(1.0, gt=0)
     target_flops: float | None = Field(None, gt=0, le=1, description="re-fit the thresholds (one offset along the linear ramp) during the "
-                                                                     "first retarget_until of training so dev relative FLOPs stays at this value; "
+                                                                     "first retarget_until of training so relative FLOPs stays at this value; "
                                                                      "None: thresholds stay exactly as ltp_soft left them (the paper)")
-    target_tolerance: float = Field(0.05, gt=0, le=0.5)
     retargets: int = Field(8, ge=1, description="how many re-fits (evenly spaced over the first retarget_until of the steps)")
     retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
-    flops_calibration_inputs: Literal["dev", "train"] = Field("dev", description="inputs (never labels) the re-fits measure FLOPs on")
 
 
 class ManualPruneStage(PruneTrainStageBase):
@@ -110,7 +121,7 @@ class TopkPruneStage(PruneTrainStageBase):
     epochs: float = Field(0.0, ge=0)
 
 
-class DistillStage(TrainStageBase):
+class DistillStage(TrainStageBase, FlopsTargetFields):
     """Knowledge distillation from an unpruned FP teacher into the (pruned) student.
 
     loss = α·task + (1-α)·(logit_weight·KD_logit + embedding_weight·MSE(embedding outputs)); the
@@ -124,9 +135,11 @@ class DistillStage(TrainStageBase):
     embedding_weight: float = Field(1.0, ge=0, description="weight of the MSE between student and teacher embedding-layer outputs (real tokens)")
     quant_aware: bool = Field(False, description="INT8 fake quantisation (STE) during distillation; activation scales saved to act_scales.json")
     epochs: float = Field(1.0, gt=0, description="passes over the training set (fractions allowed)")
+    target_flops: float | None = Field(None, gt=0, le=1, description="after training, re-fit the thresholds (one offset along the ramp) "
+                                                                     "so the distilled model runs at this relative FLOPs (training moves it)")
 
 
-class QuantizeStage(StageBase):
+class QuantizeStage(StageBase, FlopsTargetFields):
     """Static symmetric INT8 of every Linear (per-channel weights, per-tensor activations)."""
 
     stage: Literal["quantize"]
@@ -135,9 +148,11 @@ class QuantizeStage(StageBase):
     observer: Literal["minmax", "percentile"] = Field("minmax", description="activation range: max |x| (minmax) or a percentile of |x|")
     percentile: float = Field(99.99, gt=50, le=100, description="percentile of |x| used by the 'percentile' observer")
     backend: Literal[BACKENDS] = Field("auto", description="INT8 GEMM backend for evaluation ('auto': best available, resolved once)")
-    eval_batch_size: int = Field(64, ge=1, description="dev evaluation batch size")
+    eval_batch_size: int = Field(64, ge=1, description="evaluation batch size")
     fuse_gelu: bool = Field(True, description="fuse the exact GELU into the FFN's first INT8 kernel (when the model uses erf GELU)")
     reuse_qat_scales: bool = Field(False, description="use the activation scales observed by a quant-aware distill stage (act_scales.json beside the source model) instead of calibrating")
-    max_accuracy_drop: float | None = Field(None, ge=0, description="accuracy-aware fallback: keep the most sensitive Linear layers in FP until dev main-metric drop vs the FP model <= this (absolute)")
+    max_accuracy_drop: float | None = Field(None, ge=0, description="accuracy-aware fallback: keep the most sensitive Linear layers in FP until the validation main-metric drop vs the FP model <= this (absolute)")
     max_fallback_layers: int = Field(8, ge=0, description="at most this many Linear layers kept in FP by the fallback")
+    target_flops: float | None = Field(None, gt=0, le=1, description="after conversion, re-fit the thresholds (one offset along the "
+                                                                     "ramp) on the INT8 model so the deployed model runs at this relative FLOPs")
 

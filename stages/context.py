@@ -13,13 +13,28 @@ from ltp_compress.tasks.glue import TaskSpec
 MODEL_DIR = "model"
 
 
+#: the split every choice is made on (carved from train; see tasks/splits.py)
+VALIDATION = "validation"
+
+
 @dataclass
 class TaskData:
-    """Tokenised splits shared by every stage of a run."""
+    """Tokenised splits shared by every stage of a run. `validation` makes every choice (best
+    checkpoint, λ steering, FLOPs calibration, INT8 fallback); `dev` is evaluated and reported only."""
 
     train: object  # TokenizedSplit
+    validation: object  # TokenizedSplit, carved from the training file
     dev: dict[str, object]  # split name -> TokenizedSplit ("dev", and "dev_mismatched" for MNLI)
     pad_token_id: int
+    trivial_baseline: dict[str, dict] = field(default_factory=dict)  # split -> metrics of the majority-class / mean predictor
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Every split a model is evaluated on: validation first, then the dev set(s)."""
+        return [VALIDATION, *self.dev]
+
+    def eval_split(self, name: str):
+        return self.validation if name == VALIDATION else self.dev[name]
 
 
 @dataclass

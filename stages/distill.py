@@ -14,7 +14,9 @@ estimator (modeling.quantized.QATLinear: per-channel symmetric weights, per-tens
 activations with EMA-observed scales), so it learns its quantised self; dev evaluation during
 training runs fake-quantised too. The saved model holds plain float weights, and the observed
 activation scales go to `model/act_scales.json` (the quantize stage's `reuse_qat_scales`).
-Same loop conventions as finetune (accelerate, AdamW + warmup, eval each epoch, keep best).
+Same loop conventions as finetune (accelerate, AdamW + warmup, validation each epoch, keep best).
+With `target_flops`, the thresholds are re-fitted at the end (one offset along the ramp, on the
+calibration inputs), because training moves the FLOPs the frozen thresholds give.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from ltp_compress.modeling.pruned_encoder import forward_masked
 from ltp_compress.modeling.quantized import QATLinear, QMAX, disable_qat, enable_qat, save_act_scales
 from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
 from ltp_compress.stages.configs import DistillStage
-from ltp_compress.stages.context import StageContext, StageResult
+from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages.flops_target import refit_to_target, target_report
 from ltp_compress.stages.common import (
-    adamw_with_warmup, kd_logit_loss, optimizer_step, evaluate_all, main_metric, make_accelerator, set_seed, shard, steps_plan,
+    adamw_with_warmup, evaluate, kd_logit_loss, optimizer_step, make_accelerator, set_seed, shard, steps_plan,
     task_loss, train_batches, weight_param_groups,
 )
 
@@ -96,11 +99,11 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
             step += 1
         if cfg.eval_every_epoch or epoch == n_epochs - 1:
             # quant-aware: this evaluates the fake-quantised student (what INT8 will deploy)
-            metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
-            score = main_metric(metrics)
-            history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), **parts, "metrics": metrics,
-                            "relative_flops": cost["relative_flops"], "fake_quant": cfg.quant_aware})
-            ctx.log.info("%s epoch %d: loss %.4f (task %.4f, kd %.4f, emb %.4f), dev main %.4f%s", cfg.id, epoch + 1,
+            ev = evaluate(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
+            score = ev.selection_score
+            history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), **parts, "validation": ev.metrics[VALIDATION],
+                            "validation_relative_flops": ev.validation_cost["relative_flops"], "fake_quant": cfg.quant_aware})
+            ctx.log.info("%s epoch %d: loss %.4f (task %.4f, kd %.4f, emb %.4f), validation main %.4f%s", cfg.id, epoch + 1,
                          loss.item(), parts.get("task", float("nan")), parts.get("kd_logit", float("nan")),
                          parts.get("kd_embedding", float("nan")), score, " (fake-quant)" if cfg.quant_aware else "")
             if cfg.keep_best and (best is None or score > best):
@@ -118,15 +121,19 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
             for n, m in final.named_modules():
                 if n in best_scales:
                     m.qat_amax = best_scales[n] * QMAX
-        qat_metrics, _ = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
-        extra["fake_quant_metrics"] = qat_metrics
+        extra["fake_quant_validation"] = evaluate(final, ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION]).metrics[VALIDATION]
         act_scales = disable_qat(final)  # plain nn.Linear again (float weights)
-    metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
+    pruning, extra["refit"] = refit_to_target(final, ctx, pruning, cfg, cfg.eval_batch_size)
+    extra["pruning"] = pruning.to_dict()
+    ev = evaluate(final, ctx, pruning, cfg.eval_batch_size)
     if accelerator.is_main_process:
         save_stage_model(final, tokenizer, pruning, ctx.model_out)
         if act_scales is not None:
             save_act_scales(ctx.model_out, act_scales)
-    return StageResult(metrics=metrics, cost=cost, extra=extra)
+    result = ev.result(extra)
+    if cfg.target_flops is not None:
+        result.extra["flops_target"] = target_report(cfg, result)
+    return result
 
 
 def _qat_scales(model) -> dict[str, float]:

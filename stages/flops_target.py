@@ -1,5 +1,8 @@
 """Landing a relative-FLOPs target with threshold rules: shared by `ltp_soft` (λ steering and the
-final calibration) and `ltp_hard` (re-fits while finetuning). Inputs only, never labels."""
+final calibration), `ltp_hard` (re-fits while finetuning), and `distill` / `quantize` (a final
+re-fit, so the deployed model runs at the FLOPs asked for). Inputs only, never labels: by default
+the validation split's inputs; the dev inputs only when a recipe asks for them explicitly
+(`flops_calibration_inputs: dev`, unlabelled deployment inputs), which results then say."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import torch
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
 from ltp_compress.modeling.accounting import EncoderShape, relative_flops
 from ltp_compress.tasks.data import length_bucketed_batches
-from ltp_compress.stages.context import StageContext
+from ltp_compress.stages.context import VALIDATION, StageContext
 
 
 def within_target(rel: float, target: float, tolerance: float) -> bool:
@@ -18,8 +21,9 @@ def within_target(rel: float, target: float, tolerance: float) -> bool:
 
 
 def flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int) -> list:
-    """A fixed, seeded sample of inputs (labels unused) for FLOPs measurements."""
-    ts = ctx.data.train if split == "train" else ctx.data.dev[next(iter(ctx.data.dev))]
+    """A fixed, seeded sample of inputs (labels unused) for FLOPs measurements: split "validation",
+    "train", or "dev" (the first dev set's inputs)."""
+    ts = {"train": ctx.data.train, VALIDATION: ctx.data.validation}.get(split) or ctx.data.dev[next(iter(ctx.data.dev))]
     batches = length_bucketed_batches(ts, batch_size, shuffle=True, seed=ctx.seed, pad_token_id=ctx.data.pad_token_id)
     out, count = [], 0
     for b in batches:
@@ -31,7 +35,7 @@ def flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int) 
 
 
 @torch.no_grad()
-def relative_flops_on(model, batches: list, pruning: PruningConfig) -> float:
+def relative_flops_on(model, batches: list, pruning: PruningConfig, convention: str = "executed") -> float:
     model.eval()
     device = next(model.parameters()).device
     kept, lengths = [], []
@@ -40,10 +44,11 @@ def relative_flops_on(model, batches: list, pruning: PruningConfig) -> float:
         out = forward_packed(model, b.input_ids, b.attention_mask, b.token_type_ids, pruning, return_kept=True)
         kept.append(out.kept_tokens.cpu().numpy())
         lengths.append(b.attention_mask.sum(1).cpu().numpy())
-    return relative_flops(np.concatenate(kept), np.concatenate(lengths), EncoderShape.from_config(model.config))
+    return relative_flops(np.concatenate(kept), np.concatenate(lengths), EncoderShape.from_config(model.config), convention)
 
 
-def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, target: float, iters: int = 16):
+def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, target: float, convention: str = "executed",
+                               iters: int = 16):
     """Bisect one offset c on the linear ramp, θ_l -> θ_l + c·(l+1)/L, so relative FLOPs on
     `batches` ≈ target. The ramp is the paper's initialisation shape: later layers move most, the
     learned differences between layers are kept. (A multiplicative scale cannot move thresholds
@@ -53,7 +58,7 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
     ramp = np.arange(1, len(base) + 1) / len(base)
 
     def at(c: float) -> float:
-        return relative_flops_on(model, batches, PruningConfig(mode="threshold", thresholds=(base + c * ramp).tolist()))
+        return relative_flops_on(model, batches, PruningConfig(mode="threshold", thresholds=(base + c * ramp).tolist()), convention)
 
     step = 0.25
     if at(0.0) > target:  # prune more: c > 0
@@ -72,5 +77,36 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
             hi = mid
     offset = hi
     return (PruningConfig(mode="threshold", thresholds=(base + offset * ramp).tolist()),
-            {"offset": offset, "direction": "theta_l + offset*(l+1)/L", "relative_flops": at(offset),
+            {"offset": offset, "direction": "theta_l + offset*(l+1)/L", "relative_flops": at(offset), "convention": convention,
              "sample_examples": sum(b.input_ids.shape[0] for b in batches)})
+
+
+def refit_to_target(model, ctx: StageContext, pruning: PruningConfig, cfg, batch_size: int) -> tuple[PruningConfig, dict | None]:
+    """The final re-fit of `distill` / `quantize`: if the stage has a `target_flops` and the model
+    prunes by thresholds, move the thresholds (one offset along the ramp) so relative FLOPs on the
+    calibration inputs lands the target. Returns (rule, info or None when nothing was done)."""
+    if cfg.target_flops is None or pruning.mode != "threshold":
+        return pruning, None
+    probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, batch_size)
+    before = relative_flops_on(model, probe, pruning, cfg.flops_convention)
+    new, info = calibrate_threshold_offset(model, probe, pruning, cfg.target_flops, cfg.flops_convention)
+    info.update(before=before, inputs=cfg.flops_calibration_inputs, thresholds_before=pruning.thresholds)
+    ctx.log.info("%s: thresholds re-fitted (offset %+.4f): relative FLOPs (%s) %.3f -> %.3f on %s inputs", cfg.id, info["offset"],
+                 cfg.flops_convention, before, info["relative_flops"], cfg.flops_calibration_inputs)
+    return new, info
+
+
+def target_report(cfg, result) -> dict:
+    """What a stage with `target_flops` reports: the target, its convention, the inputs it was
+    fitted on, and whether the validation (fitted) and dev (reported) FLOPs meet it."""
+    conv = cfg.flops_convention
+
+    def rel(cost: dict) -> float:
+        return cost["by_convention"][conv]["relative_flops"]
+
+    val, dev = rel(result.extra["validation_cost"]), rel(result.cost)
+    return {"target_flops": cfg.target_flops, "convention": conv, "tolerance": cfg.target_tolerance,
+            "calibration_inputs": cfg.flops_calibration_inputs + (" (unlabelled deployment inputs)" if cfg.flops_calibration_inputs == "dev" else ""),
+            "validation_relative_flops": val, "dev_relative_flops": dev,
+            "validation_within_tolerance": within_target(val, cfg.target_flops, cfg.target_tolerance),
+            "dev_within_tolerance": within_target(dev, cfg.target_flops, cfg.target_tolerance)}

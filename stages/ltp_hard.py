@@ -7,8 +7,9 @@ benchmarks/results/design_observations.md). With `target_flops`, the thresholds 
 during the first `retarget_until` fraction of the steps, by the same one-offset move along the
 linear ramp that `ltp_soft` uses at its end (inputs only, never labels), and are frozen for the
 rest of training, so the weights finish adapting to the final thresholds. `keep_best` then only
-chooses among evaluated checkpoints (each with the thresholds it was evaluated with) whose dev
-relative FLOPs is within `target_tolerance` of the target."""
+chooses among evaluated checkpoints (each with the thresholds it was evaluated with) whose
+validation relative FLOPs (in the stage's `flops_convention`) is within `target_tolerance` of the
+target."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.configs import LTPHardStage
 from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
-from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, within_target
+from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, target_report, within_target
 
 
 def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
@@ -33,17 +34,16 @@ def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
             every = max(1, int(total * cfg.retarget_until) // cfg.retargets)
             if step % every or step > total * cfg.retarget_until:
                 return None
-            new, info = calibrate_threshold_offset(m, probe, current, cfg.target_flops)
+            new, info = calibrate_threshold_offset(m, probe, current, cfg.target_flops, cfg.flops_convention)
             ctx.log.info("%s step %d: thresholds re-fitted (offset %+.4f) -> relative FLOPs %.3f on %s inputs: θ %s", cfg.id, step,
                          info["offset"], info["relative_flops"], cfg.flops_calibration_inputs, np.round(new.thresholds, 3).tolist())
             return new, info
 
     def meets_target(cost: dict) -> bool:  # keep_best only among checkpoints that meet the FLOPs target
-        return within_target(cost["relative_flops"], cfg.target_flops, cfg.target_tolerance)
+        return within_target(cost["by_convention"][cfg.flops_convention]["relative_flops"], cfg.target_flops, cfg.target_tolerance)
 
     result = train_with_fixed_pruning(cfg, ctx, model, tokenizer, pruning, retarget=retarget,
                                       eligible=meets_target if cfg.target_flops is not None else None)
     if cfg.target_flops is not None:
-        result.cost["target_flops"] = cfg.target_flops
-        result.cost["within_target_tolerance"] = meets_target(result.cost)
+        result.extra["flops_target"] = target_report(cfg, result)
     return result

@@ -10,10 +10,11 @@ learning rate, and the loss is
 
 With `target_flops`, λ is steered during training towards that relative FLOPs (measured with
 hard thresholds on a fixed input sample, ~16 times per epoch), and at the end one offset along
-the linear ramp, θ_l + c·(l+1)/L, is bisected so the final relative FLOPs lands on the target. Both use
-inputs only, never labels: by default the dev inputs (`flops_calibration_inputs: dev`, the
-deployment distribution; SST-2's training phrases are half as long as its dev sentences), or a
-training sample. The saved model runs with the hard rule score > θ_l.
+the linear ramp, θ_l + c·(l+1)/L, is bisected so the final relative FLOPs lands on the target
+(in the stage's `flops_convention`). Both use inputs only, never labels: by default the
+validation split's inputs (whole sentences, like dev, where SST-2's training phrases are half as
+long), or a training sample, or — as an explicit choice — the dev inputs as unlabelled deployment
+inputs. The saved model runs with the hard rule score > θ_l.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, linear_threshold_init
 from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
 from ltp_compress.stages.configs import LTPSoftStage
-from ltp_compress.stages.context import StageContext, StageResult
+from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages.common import (
-    adamw_with_warmup, load_kd_teacher, optimizer_step, evaluate_all, make_accelerator, pruning_stage_loss, set_seed,
+    adamw_with_warmup, evaluate, load_kd_teacher, optimizer_step, make_accelerator, pruning_stage_loss, set_seed,
     shard, steps_plan, train_batches, weight_param_groups,
 )
-from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, within_target
+from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report
 
 
 def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
@@ -70,17 +71,18 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt, th_opt], sched)
             step += 1
             if control_every and step % control_every == 0:
-                rel = relative_flops_on(accelerator.unwrap_model(model), probe, _pruning(thresholds))
+                rel = relative_flops_on(accelerator.unwrap_model(model), probe, _pruning(thresholds), cfg.flops_convention)
                 lam = _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
                 model.train()
         pruning = _pruning(thresholds)
-        metrics, cost = evaluate_all(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size)
+        ev = evaluate(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
+        rel = ev.validation_cost["by_convention"][cfg.flops_convention]["relative_flops"]
         history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "task_loss": loss_task.item(),
                         "mask_mean": mask_mean.item(), "lambda": lam, "thresholds": pruning.thresholds,
-                        "metrics": metrics, "relative_flops": cost["relative_flops"]})
-        ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, dev main %.4f, relative FLOPs %.3f, θ %s",
-                     cfg.id, epoch + 1, loss.item(), mask_mean.item(), lam, next(iter(metrics.values()))["main"],
-                     cost["relative_flops"], np.round(pruning.thresholds, 3).tolist())
+                        "validation": ev.metrics[VALIDATION], "validation_relative_flops": rel, "flops_convention": cfg.flops_convention})
+        ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, validation main %.4f, relative FLOPs (%s) %.3f, θ %s",
+                     cfg.id, epoch + 1, loss.item(), mask_mean.item(), lam, ev.selection_score, cfg.flops_convention, rel,
+                     np.round(pruning.thresholds, 3).tolist())
 
     final = accelerator.unwrap_model(model)
     pruning = _pruning(thresholds)
@@ -88,18 +90,18 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     if cfg.target_flops:
         sample = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
         calibration = {"before": {"thresholds": pruning.thresholds}}
-        pruning, found = calibrate_threshold_offset(final, sample, pruning, cfg.target_flops)
+        pruning, found = calibrate_threshold_offset(final, sample, pruning, cfg.target_flops, cfg.flops_convention)
         calibration.update(found, inputs=cfg.flops_calibration_inputs)
-        ctx.log.info("%s: thresholds offset by %.4f·(l+1)/L to reach relative FLOPs %.3f on %s inputs", cfg.id, calibration["offset"],
-                     calibration["relative_flops"], cfg.flops_calibration_inputs)
-    metrics, cost = evaluate_all(final, ctx, pruning, cfg.eval_batch_size)
-    if cfg.target_flops:
-        cost["target_flops"] = cfg.target_flops
-        cost["within_target_tolerance"] = within_target(cost["relative_flops"], cfg.target_flops, cfg.target_tolerance)
+        ctx.log.info("%s: thresholds offset by %.4f·(l+1)/L to reach relative FLOPs (%s) %.3f on %s inputs", cfg.id,
+                     calibration["offset"], cfg.flops_convention, calibration["relative_flops"], cfg.flops_calibration_inputs)
+    ev = evaluate(final, ctx, pruning, cfg.eval_batch_size)
     if accelerator.is_main_process:
         save_stage_model(final, tokenizer, pruning, ctx.model_out)
-    return StageResult(metrics=metrics, cost=cost, extra={"history": history, "train_steps": step, "final_lambda": lam,
-                                                          "pruning": pruning.to_dict(), "calibration": calibration})
+    result = ev.result({"history": history, "train_steps": step, "final_lambda": lam, "pruning": pruning.to_dict(),
+                        "calibration": calibration})
+    if cfg.target_flops:
+        result.extra["flops_target"] = target_report(cfg, result)
+    return result
 
 
 def _pruning(thresholds: torch.Tensor) -> PruningConfig:

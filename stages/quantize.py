@@ -6,7 +6,9 @@
 3. convert every nn.Linear to Int8Linear (backend resolved once);
 4. optional accuracy-aware fallback: rank Linear layers by quantisation sensitivity (relative
    output error of their fake-quantised version on a calibration batch) and keep the most
-   sensitive ones in FP, one at a time, until the dev drop vs the FP model <= max_accuracy_drop;
+   sensitive ones in FP, one at a time, until the validation drop vs the FP model <= max_accuracy_drop;
+   (optional `target_flops`: re-fit the thresholds on the INT8 model, so the deployed model runs
+   at the FLOPs asked for);
 5. evaluate with the real INT8 path (packed runtime) and per-op BOPs precision (Linear 8x8,
    attention matmuls 32x32), report which kernel ran, write the deployable checkpoint.
 """
@@ -25,8 +27,9 @@ from ltp_compress.modeling.accounting import Precision
 from ltp_compress.tasks.data import length_bucketed_batches
 from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.configs import QuantizeStage
-from ltp_compress.stages.context import StageContext, StageResult
-from ltp_compress.stages.common import evaluate_all, main_metric, set_seed
+from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages.common import evaluate, set_seed
+from ltp_compress.stages.flops_target import refit_to_target, target_report
 
 
 
@@ -96,17 +99,16 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     fp_layers: list[str] = []
     fallback = None
     if cfg.max_accuracy_drop is not None:
-        fp_metrics, _ = evaluate_all(model, ctx, pruning, cfg.eval_batch_size)
-        fp_main = main_metric(fp_metrics)
+        fp_main = validation_main(model, ctx, pruning, cfg.eval_batch_size)
         sens = layer_sensitivity(model, calib[0], pruning, act_scales)
         ranked = sorted(sens, key=sens.get, reverse=True)
         trials = []
         while True:
             qmodel, _ = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
-            m, _ = evaluate_all(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision_for(fp_layers))
-            drop = fp_main - main_metric(m)
-            trials.append({"fp_layers": list(fp_layers), "dev_main": main_metric(m), "drop": drop})
-            ctx.log.info("%s: %d layer(s) in FP -> dev main %.4f (drop %.4f)", cfg.id, len(fp_layers), main_metric(m), drop)
+            q_main = validation_main(qmodel, ctx, pruning, cfg.eval_batch_size, precision_for(fp_layers))
+            drop = fp_main - q_main
+            trials.append({"fp_layers": list(fp_layers), "validation_main": q_main, "drop": drop})
+            ctx.log.info("%s: %d layer(s) in FP -> validation main %.4f (drop %.4f)", cfg.id, len(fp_layers), q_main, drop)
             if drop <= cfg.max_accuracy_drop or len(fp_layers) >= min(cfg.max_fallback_layers, len(ranked)):
                 break
             fp_layers.append(ranked[len(fp_layers)])
@@ -118,8 +120,9 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     info.percentile = cfg.percentile if cfg.observer == "percentile" else None
     info.calibration_batches = len(calib) if scale_source == "calibration" else 0
     precision = precision_for(fp_layers)
+    pruning, refit = refit_to_target(qmodel, ctx, pruning, cfg, cfg.eval_batch_size)  # on the INT8 model: what deploys
     reset_kernel_counters()
-    metrics, cost = evaluate_all(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision)
+    ev = evaluate(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision)
     counters = kernel_counters()
     ctx.log.info("%s: INT8 backend %s, kernels run: %s", cfg.id, info.backend, counters)
     deploy_dir = ctx.model_out
@@ -134,7 +137,16 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         "attention_matmuls": "fp32",
         "fused_gelu": len(info.fused_gelu),
         "pruning": pruning.to_dict(),
+        "refit": refit,
     }
     if fallback is not None:
         extra["fallback"] = fallback
-    return StageResult(metrics=metrics, cost=cost, extra=extra)
+    result = ev.result(extra)
+    if cfg.target_flops is not None:
+        result.extra["flops_target"] = target_report(cfg, result)
+    return result
+
+
+def validation_main(model, ctx: StageContext, pruning, batch_size: int, precision: Precision | None = None) -> float:
+    """The validation main metric (what the accuracy-aware fallback compares)."""
+    return evaluate(model, ctx, pruning, batch_size, splits=[VALIDATION], precision=precision).selection_score

@@ -72,6 +72,9 @@ class DataConfig(BaseModel):
 
     ``max_train_examples`` / ``max_dev_examples`` take a seeded random subset (the ``seed``
     passed to :func:`load_split`; same seed -> same subset), kept in file order.
+    ``validation_fraction`` / ``max_validation_examples`` size the validation split carved from
+    the whole training file before ``max_train_examples`` subsamples what is left
+    (:func:`ltp_compress.tasks.splits.load_train_and_validation`).
     Relative paths are resolved against the recipe folder by :func:`resolve_paths`.
     """
 
@@ -85,6 +88,10 @@ class DataConfig(BaseModel):
     max_seq_length: int = Field(128, ge=8, le=512)
     max_train_examples: int | None = Field(None, ge=1)
     max_dev_examples: int | None = Field(None, ge=1)
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the training rows carved out as the "
+                                       "validation split (leak-free, see tasks/splits.py); it makes every choice, dev is only evaluated")
+    max_validation_examples: int | None = Field(1000, ge=1, description="cap on the validation split (on SST-2 every validation "
+                                                "sentence also removes its ~9 phrases from train)")
     on_bad_row: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
@@ -428,7 +435,8 @@ def _read_hub(cfg: DataConfig, task: TaskSpec, split: str) -> tuple[list[Example
     return out.examples, out.skipped, source
 
 
-def _subset(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+def seeded_subset(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of n rows, in their original order (all rows when n is None or larger)."""
     if n is None or n >= len(examples):
         return examples
     rng = np.random.default_rng(seed)
@@ -459,7 +467,7 @@ def load_split(cfg: DataConfig, task: TaskSpec, split: str, seed: int = 0) -> Sp
         raise DataError(f"{source}: no usable examples for split {split!r}"
                         + (f" ({skipped} malformed rows skipped)" if skipped else ""))
     limit = cfg.max_train_examples if split == "train" else cfg.max_dev_examples
-    examples = _subset(examples, limit, seed)
+    examples = seeded_subset(examples, limit, seed)
     return SplitData(name=split, examples=examples, skipped=skipped, source=source)
 
 
@@ -513,6 +521,19 @@ def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *,
     return TokenizedSplit(split.name, input_ids, type_ids, labels, int(num_labels))
 
 
+def count_truncated(split: SplitData, ts: TokenizedSplit, tokenizer, max_seq_length: int) -> int:
+    """How many examples `tokenize_split` cut at `max_seq_length`: only rows that came out exactly
+    that long can have been cut, and only those are tokenised again without truncation."""
+    at_max = [i for i, ids in enumerate(ts.input_ids) if len(ids) >= max_seq_length]
+    if not at_max:
+        return 0
+    ex = [split.examples[i] for i in at_max]
+    pair = ex[0].text_b is not None
+    enc = tokenizer([e.text_a for e in ex], [e.text_b for e in ex] if pair else None, truncation=False, padding=False,
+                    return_attention_mask=False, return_token_type_ids=False)
+    return sum(1 for ids in enc["input_ids"] if len(ids) > max_seq_length)
+
+
 def mean_tokens(ts: TokenizedSplit) -> float:
     """Mean number of (unpadded) tokens per example, special tokens included."""
     return float(ts.lengths.mean()) if len(ts) else 0.0
@@ -543,6 +564,8 @@ class Batch:
 def _make_batch(ts: TokenizedSplit, idx: np.ndarray, pad_token_id: int) -> Batch:
     import torch
 
+    if hasattr(ts, "make_batch"):  # array-backed split (tasks/token_cache.py): one vectorised gather
+        return ts.make_batch(idx, pad_token_id)
     rows = [ts.input_ids[i] for i in idx]
     width = max(len(r) for r in rows)
     b = len(rows)

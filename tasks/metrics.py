@@ -24,6 +24,7 @@ __all__ = [
     "spearman",
     "rankdata",
     "compute_metrics",
+    "trivial_baseline",
 ]
 
 ArrayLike = Sequence | np.ndarray
@@ -160,3 +161,22 @@ def compute_metrics(task: "TaskSpec", predictions: ArrayLike, labels: ArrayLike)
         out[name] = get(name)
     out["main"] = get(task.main_metric)
     return out
+
+
+def trivial_baseline(task: "TaskSpec", train_labels: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """Metrics of the trivial predictor fitted on the training labels: the majority class
+    (classification) or the mean label (regression), predicted for every example. A model whose
+    score is not clearly above this learned nothing. (Correlations of a constant are 0 by the
+    convention above.)"""
+    y_train = np.asarray(train_labels)
+    n = len(np.asarray(labels))
+    if task.num_labels == 1:
+        constant = float(np.mean(y_train.astype(np.float64)))
+        what = f"mean label {constant:.4g}"
+    else:
+        values, counts = np.unique(y_train.astype(np.int64), return_counts=True)
+        constant = int(values[np.argmax(counts)])
+        what = f"majority class {constant}" + (f" ({task.label_names[constant]})" if task.label_names else "")
+    metrics = compute_metrics(task, np.full(n, constant), labels)
+    metrics["predictor"] = what
+    return metrics

@@ -143,3 +143,30 @@ def test_cost_summary_dense_is_one():
     assert s["relative_bops_vs_fp16_dense"] == 0.25
     assert s["mean_keep_fraction_per_layer"] == [1.0, 1.0]
     assert s["gflops_per_example"] == s["dense_gflops_per_example"]
+
+
+def test_paper_convention_charges_out_proj_at_tokens_entering_golden():
+    # d=4, d_ff=8, 3 tokens enter, 1 leaves. The official LTP bookkeeping charges Q, K, V and the
+    # output projection at the 3 tokens entering and only the FFN at the 1 kept:
+    #   qkv 144, scores 36, context 36, out_proj 3·16 = 48, ffn 64 -> 328 (executed: 296)
+    m = layer_macs(3, 4, 8, n_out=1, convention="paper")
+    assert {k: float(v) for k, v in m.items()} == {
+        "qkv_proj": 144.0, "attn_scores": 36.0, "attn_context": 36.0, "out_proj": 48.0, "ffn": 64.0,
+    }
+    # [3, 1] tokens (L=2): layer 0 = 328, layer 1 (n=1, nothing pruned) = 136 -> 464 MACs (executed 432)
+    tokens = np.array([[3, 3], [3, 1]])
+    assert encoder_macs(tokens, SMALL, "paper").tolist() == [912.0, 464.0]
+    # dense inputs: both conventions agree
+    assert encoder_macs(np.array([[3, 3]]), SMALL, "paper").tolist() == encoder_macs(np.array([[3, 3]]), SMALL).tolist()
+    with pytest.raises(ValueError, match="convention"):
+        layer_macs(3, 4, 8, convention="official")
+
+
+def test_cost_summary_reports_both_conventions_golden():
+    # one example of 3 tokens, [3, 1] entering: executed 432 / 912, paper 464 / 912 relative MACs
+    cost = cost_summary(np.array([[3, 1]]), np.array([3]), SMALL, Precision.uniform(8, 8))
+    assert cost["by_convention"]["executed"]["relative_flops"] == pytest.approx(432 / 912)
+    assert cost["by_convention"]["paper"]["relative_flops"] == pytest.approx(464 / 912)
+    assert cost["relative_flops"] == cost["by_convention"]["executed"]["relative_flops"]  # top level = executed
+    # BOPs likewise: 8x8 bits everywhere vs FP16 dense = (464·64) / (912·256)
+    assert cost["by_convention"]["paper"]["relative_bops_vs_fp16_dense"] == pytest.approx(464 * 64 / (912 * 256))

@@ -127,7 +127,7 @@ stages:
     recipe = load_recipe(recipe_path)
     task = get_task("sst2")
     log = logging.getLogger("test_distill")
-    data = load_task_data(recipe, task, load_tokenizer(str(teacher)), log)
+    data, _ = load_task_data(recipe, task, load_tokenizer(str(teacher)), log)
     teacher_stage = tmp_path / "stages" / "00-teacher"
     shutil.copytree(teacher, teacher_stage / "model")
     out = tmp_path / "stages" / ".tmp-01-kd"
@@ -161,6 +161,6 @@ def test_distill_stage_trains_pruned_student(tmp_path, quant_aware):
     if quant_aware:
         scales = json.loads((out / "act_scales.json").read_text())["act_scales"]
         assert len(scales) == 14 and all(v > 0 for v in scales.values())
-        assert "fake_quant_metrics" in result.extra
+        assert "fake_quant_validation" in result.extra
     else:
         assert not (out / "act_scales.json").exists()

@@ -226,7 +226,7 @@ def test_quantize_stage(tmp_path, variant, monkeypatch):
     cfg, ctx = _context(tmp_path, student, teacher, stage)
     if variant == "fallback":  # force a large INT8 drop so the greedy loop must keep layers in FP
         calls = []
-        monkeypatch.setattr(quantize, "main_metric", lambda m: 1.0 if not calls.append(1) and len(calls) == 1 else 0.0)
+        monkeypatch.setattr(quantize, "validation_main", lambda *a, **k: 1.0 if not calls.append(1) and len(calls) == 1 else 0.0)
     res = quantize.run(cfg, ctx)
     assert res.extra["kernel"]["backend"] == "reference" and res.extra["kernel"]["counters"]["reference"] > 0
     assert res.cost["precision"]["attn_scores"] == (32, 32)

@@ -1,0 +1,648 @@
+"""ONNX export of a deployable checkpoint: token pruning and static INT8 inside one graph.
+
+`export_onnx(checkpoint_dir, out_dir)` turns a deployable checkpoint (modeling/deploy.py) into a
+folder that plain ``onnxruntime`` runs without ltp_compress installed::
+
+    model.onnx        the graph below (weights as initializers)
+    ltp_onnx.json     model_type, id2label, max_seq_length, input/output names, pruning rule,
+                      which int8 GEMM node uses which checkpoint layers and scales
+    config.json       the Hugging Face config (copied from the checkpoint)
+    tokenizer files   copied from the checkpoint (tokenizer.json is enough for `tokenizers`)
+    manifest.json     {"format": "ltp-compress-onnx", "files": {name: {size, sha256}},
+                       "parity": the export-time check against the torch runtime}
+
+Graph (opset >= 17; shapes: b batch, s input length, T tokens still present in the batch, S the
+longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
+
+* inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` int64 [b, s] (dynamic axes);
+  outputs ``logits`` float [b, num_labels] and ``kept_tokens`` int64 [b, L] (tokens entering
+  each layer; the same as ``DeployedModel.last_kept_tokens``).
+* Embeddings on the padded [b, s] input (BERT: positions 0..s-1; RoBERTa: positions from
+  input_ids and padding_idx; a single token type ignores ``token_type_ids``), LayerNorm, then the
+  real tokens are **packed** into x [T, d] (row-major by sequence, then position; right padding
+  assumed like the torch runtime). Every Linear runs on the packed rows only: padding and pruned
+  tokens never enter a GEMM.
+* Per layer: Q/K/V (one GEMM when the three share their activation scale, which calibration on
+  one input always gives) -> scattered into the per-layer attention grid [b*S, 3d] -> float
+  attention [b, H, S, S] with padded keys masked -> softmax -> context [b*S, d].
+  Pruning (not in the last layer): score [b, S] = 1/H * sum_h sum_{j real} A_h(j, i) (padded
+  query rows masked out), keep = score > threshold_l (initializer ``prune.threshold.<l>``) or,
+  mode topk, the ceil(ratio_l * n0) best (TopK, lower index first on ties, like the torch
+  runtime's stable argsort); position 0 always kept; padding never kept. The kept rows of the
+  context and of the residual x are gathered (Gather / Compress) **before** the output
+  projection and FFN, exactly like ``forward_packed``: a token pruned at layer l skips layer l's
+  output projection and FFN. The grid of the next layer comes from the new lengths.
+* The classifier reads each sequence's first packed row (CumSum of the lengths).
+
+INT8 linears (every layer in the checkpoint's ``int8_layers``) use the checkpoint's own scales::
+
+    x_c  = Max(x, -127 * x_scale)                   # the reference clamps to [-127, 127]: keep
+                                                    # QuantizeLinear from producing -128 (u8 0)
+    x_u8 = QuantizeLinear(x_c, x_scale, zp=128)     # uint8 = round_half_even(x / x_scale) + 128,
+                                                    # saturating at 255 (= +127)
+    int8_op "MatMulIntegerToFloat" (default; ORT contrib op, one kernel):
+    y    = MatMulIntegerToFloat(x_u8, W_q^T, x_scale, w_scale, 128, 0, bias)   # [T, N] float
+    int8_op "MatMulInteger" (standard ONNX; ORT does not fuse this pattern, 3 more nodes):
+    acc  = MatMulInteger(x_u8, W_q^T, a_zp=128)     # int32 [T, N], W_q int8 per-channel
+    y    = Cast(acc, float) * (x_scale * w_scale) + bias
+
+then exact erf GELU where the checkpoint fused it (opset >= 20: Gelu; else the Div/Erf/Add/Mul
+pattern ORT's GeluFusion turns into one kernel). This is the ``kernels/linear_int8.py`` math (u8
+with zero point 128 is the symmetric int8 value + 128, as in the cpu_vnni kernel); the integer
+GEMM runs in MLAS (u8 x s8, int32 accumulation) in both forms. Layers listed in ``fp_layers`` use
+float MatMul with their float weights. Embeddings, LayerNorm (LayerNormalization), softmax, the
+attention matmuls and GELU stay float32.
+
+Why packed [T, d] rows for the linears rather than per-sequence compaction [b, S, d]: every GEMM
+then costs exactly the accountant's charge (T = sum of the kept tokens, no padding rows), at the
+price of one ScatterND (QKV into the attention grid) and one Gather (context back) per layer; at
+batch size 1 both layouts coincide.
+
+Note on non-VNNI x86 CPUs: ORT's u8 x s8 kernels there use vpmaddubsw (int16 pair sums that
+can saturate with 8-bit weights). A checkpoint quantised with 7-bit weights (``weight_qmax``
+63, backend cpu_avx2) is exact everywhere; ``weight_qmax`` is recorded in ltp_onnx.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ltp_compress.errors import CheckpointError
+from ltp_compress.fileio import atomic_folder
+from ltp_compress.manifest import MANIFEST_FILE, verify_manifest, write_manifest
+from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+
+# ----------------------------------------------------------------------------- export folder format
+
+EXPORT_FORMAT = "ltp-compress-onnx"
+EXPORT_FORMAT_VERSION = 1
+ONNX_FILE = "model.onnx"
+ONNX_CONFIG_FILE = "ltp_onnx.json"
+HF_CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` file the runtime and the README snippet read
+EXPORT_REQUIRED_FILES = (ONNX_FILE, ONNX_CONFIG_FILE)
+# checkpoint files that are not copied into the export (everything else is: config + tokenizer)
+_NOT_COPIED = (WEIGHTS_FILE, LTP_FILE, MANIFEST_FILE)
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES = ("logits", "kept_tokens")
+DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(17, 22)
+# ORT's documented CPU latency settings; the runtime applies them, the export records them
+RECOMMENDED_SESSION_OPTIONS = {"intra_op_num_threads": "threads", "inter_op_num_threads": 1,
+                               "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL"}
+# op types that are integer GEMMs in an optimised ORT graph (the profile shows one of these per int8 GEMM)
+# how an INT8 linear is expressed: standard ONNX MatMulInteger + float epilogue (portable), or ORT's
+# contrib MatMulIntegerToFloat (one kernel incl. scales and bias; onnxruntime only)
+INT8_OPS = ("MatMulInteger", "MatMulIntegerToFloat")
+DEFAULT_INT8_OP = "MatMulIntegerToFloat"  # measured a few % faster in ORT 1.31 (noisy); MatMulInteger for other runtimes
+INTEGER_GEMM_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul")
+
+# sentences used for the export-time parity check when no texts are given
+BUILTIN_PARITY_TEXTS = (
+    "a gripping, beautifully acted film that stays with you long after the credits roll .",
+    "the plot is thin and the jokes fall flat .",
+    "it 's not a great movie , but it is a pleasant enough way to spend an afternoon .",
+    "bad .",
+    "an ambitious , often funny , sometimes moving portrait of a family in trouble , told with real affection for its characters and their small victories .",
+    "i did not like it at all",
+    "the director keeps things moving , and the cast is clearly having fun .",
+    "a mess .",
+    "what a wonderful surprise !",
+    "slow , dull and far too long for what it has to say .",
+    "the best thing about the film is its music , which is lovely .",
+    "neither the story nor the acting is good enough to recommend .",
+    "it works .",
+    "charming and warm , though a little predictable in its second half .",
+    "the movie never finds its footing and ends up as a series of loosely connected scenes that go nowhere in particular .",
+    "funny .",
+)
+
+README_ORT_SNIPPET = '''\
+# Run an exported folder with onnxruntime only (no ltp_compress, no torch):
+#   pip install onnxruntime==1.31.1 tokenizers numpy
+import json, sys
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+folder = sys.argv[1] if len(sys.argv) > 1 else "model-onnx"
+cfg = json.load(open(f"{folder}/ltp_onnx.json"))
+tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
+tok.enable_truncation(cfg["max_seq_length"])
+tok.enable_padding(pad_id=cfg["pad_token_id"], pad_token=cfg["pad_token"])
+
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
+so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+sess = ort.InferenceSession(f"{folder}/model.onnx", so, providers=["CPUExecutionProvider"])
+
+texts = ["a gripping, beautifully acted film .", "the plot is thin and the jokes fall flat ."]
+enc = tok.encode_batch(texts)
+feed = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
+logits, kept = sess.run(["logits", "kept_tokens"], feed)
+for text, row, k in zip(texts, logits, kept):
+    print(cfg["id2label"][str(int(row.argmax()))], "tokens per layer:", k.tolist(), text)
+'''
+
+
+class ExportError(CheckpointError):
+    """An ONNX export folder that is missing, incomplete, corrupted, or cannot be produced."""
+
+
+# ----------------------------------------------------------------------------- graph builder
+
+
+class _Graph:
+    """Minimal ONNX graph builder: unique node output names, deduplicated scalar constants."""
+
+    def __init__(self, opset: int):
+        from onnx import helper
+
+        self.helper = helper
+        self.opset = opset
+        self.nodes: list = []
+        self.initializers: list = []
+        self._init_names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+        self._n = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name in self._init_names:
+            raise ValueError(f"duplicate initializer {name}")
+        self._init_names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # (ascontiguousarray would make 0-d 1-d)
+        return name
+
+    def const(self, value, dtype) -> str:
+        """A (cached) constant initializer: scalar or 1-D list."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const.{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None,
+           domain: str = "", **attrs) -> Any:
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = [f"{base}:{i}" if n_out > 1 else base for i in range(n_out)]
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=f"n{self._n}.{base}", domain=domain, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    # small conveniences (all shapes are noted at the call sites)
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Unsqueeze", [x, self.const(list(axes), np.int64)])
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        return self.op("Squeeze", [x, self.const(list(axes), np.int64)])
+
+    def reshape(self, x: str, shape: str | Sequence[int]) -> str:
+        return self.op("Reshape", [x, shape if isinstance(shape, str) else self.const(list(shape), np.int64)])
+
+    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
+        return self.op("ReduceSum", [x, self.const(list(axes), np.int64)], keepdims=keepdims)
+
+    def reduce_max(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMax", [x, self.const(list(axes), np.int64)], keepdims=keepdims)
+        return self.op("ReduceMax", [x], axes=list(axes), keepdims=keepdims)
+
+
+@dataclass
+class _Layout:
+    """Where the packed rows [T] live in the per-layer attention grid [b, S]."""
+
+    lengths: str  # [b] int64 tokens per sequence
+    smax: str  # [1] int64 S = max(lengths)
+    pos: str  # [S] int64 0..S-1
+    valid: str  # [b, S] bool, position < length
+    flat_index: str  # [T] int64, packed row r -> b_r * S + pos_r
+
+
+@dataclass
+class _Weights:
+    """Checkpoint tensors (numpy) and quantisation facts."""
+
+    tensors: dict[str, np.ndarray]
+    int8_layers: set[str]
+    fused_gelu: set[str]
+    fp_layers: set[str]
+    gemms: list[dict] = field(default_factory=list)  # one entry per int8 GEMM node, for ltp_onnx.json
+
+
+class _Builder:
+    """Emits the pruned INT8 encoder graph for one checkpoint (see the module docstring)."""
+
+    def __init__(self, g: _Graph, cfg: dict, w: _Weights, pruning: dict, fuse_qkv: bool, int8_op: str):
+        self.g, self.cfg, self.w, self.pruning, self.fuse_qkv, self.int8_op = g, cfg, w, pruning, fuse_qkv, int8_op
+        self.model_type = cfg["model_type"]
+        self.prefix = {"bert": "bert", "roberta": "roberta"}[self.model_type]
+        self.d = int(cfg["hidden_size"])
+        self.heads = int(cfg["num_attention_heads"])
+        self.num_layers = int(cfg["num_hidden_layers"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        self.act = cfg.get("hidden_act", "gelu")
+        self.neg = float(np.finfo(np.float32).min)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> np.ndarray:
+        try:
+            return self.w.tensors[name]
+        except KeyError:
+            raise ExportError(f"{WEIGHTS_FILE}: tensor '{name}' missing (expected for a {self.model_type} classifier)") from None
+
+    def param(self, name: str) -> str:
+        """A float tensor of the checkpoint as an initializer under its own name."""
+        if name not in self.g._init_names:
+            self.g.init(name, self.tensor(name).astype(np.float32))
+        return name
+
+    def layer_norm(self, x: str, name: str) -> str:
+        return self.g.op("LayerNormalization", [x, self.param(f"{name}.weight"), self.param(f"{name}.bias")],
+                         axis=-1, epsilon=self.eps)
+
+    def gelu(self, y: str) -> str:
+        g = self.g
+        if g.opset >= 20:
+            return g.op("Gelu", [y], approximate="none")
+        # y * (1 + erf(y / sqrt 2)) * 0.5: the node pattern ORT's GeluFusion turns into one Gelu kernel
+        e = g.op("Erf", [g.op("Div", [y, g.const(math.sqrt(2.0), np.float32)])])
+        return g.op("Mul", [g.op("Mul", [y, g.op("Add", [e, g.const(1.0, np.float32)])]), g.const(0.5, np.float32)])
+
+    def activation(self, y: str) -> str:
+        if self.act == "gelu":
+            return self.gelu(y)
+        if self.act == "relu":
+            return self.g.op("Relu", [y])
+        raise ExportError(f"{HF_CONFIG_FILE}: hidden_act {self.act!r} is not supported by the ONNX export (gelu, relu)")
+
+    def linear(self, x: str, names: Sequence[str]) -> str:
+        """x [T, K] -> [T, sum N] for one or more Linear layers sharing the input x (outputs
+        concatenated in order). INT8 layers with one common activation scale become one GEMM."""
+        g = self.g
+        int8 = [n in self.w.int8_layers for n in names]
+        xs = [float(self.tensor(f"{n}.x_scale")) for n in names] if all(int8) else []
+        if all(int8) and len(set(xs)) == 1:
+            return self._int8_gemm(x, names, xs[0])
+        if len(names) > 1:  # mixed or different scales: one GEMM each
+            return g.op("Concat", [self.linear(x, [n]) for n in names], axis=-1)
+        (n,) = names
+        if n not in self.w.fp_layers and f"{n}.weight" not in self.w.tensors:
+            raise ExportError(f"{WEIGHTS_FILE}: Linear '{n}' is neither int8 (w_q) nor float (weight)")
+        wt = self.g.init(f"{n}.weight.T", np.ascontiguousarray(self.tensor(f"{n}.weight").astype(np.float32).T))  # [K, N]
+        y = g.op("MatMul", [x, wt], name=f"{n}.fp_matmul")
+        y = g.op("Add", [y, self.param(f"{n}.bias")]) if f"{n}.bias" in self.w.tensors else y
+        if n.endswith("intermediate.dense"):
+            y = self.activation(y)
+        return y
+
+    def _int8_gemm(self, x: str, names: Sequence[str], x_scale: float) -> str:
+        g = self.g
+        tag = names[0] if len(names) == 1 else names[0].rpartition(".")[0] + "." + "+".join(n.rpartition(".")[2] for n in names)
+        w_q = np.concatenate([self.tensor(f"{n}.w_q") for n in names], 0)  # [N, K] int8
+        w_scale = np.concatenate([self.tensor(f"{n}.w_scale").astype(np.float32) for n in names], 0)  # [N]
+        biases = [self.w.tensors.get(f"{n}.bias") for n in names]
+        if w_q.dtype != np.int8:
+            raise ExportError(f"{WEIGHTS_FILE}: '{names[0]}.w_q' is {w_q.dtype}, expected int8")
+        xs_name = g.init(f"{tag}.x_scale", np.asarray(x_scale, dtype=np.float32))  # [] the checkpoint's scale
+        zp = g.const(128, np.uint8)
+        x_min = g.init(f"{tag}.x_min", np.asarray(-127.0 * x_scale, dtype=np.float32))
+        xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
+        xq = g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize")  # [T, K] uint8
+        wt = g.init(f"{tag}.w_q.T", np.ascontiguousarray(w_q.T))  # [K, N] int8
+        bias = None
+        if any(b is not None for b in biases):
+            bias = g.init(f"{tag}.bias", np.concatenate([np.zeros(self.tensor(f"{n}.w_q").shape[0], np.float32) if b is None
+                                                         else b.astype(np.float32) for n, b in zip(names, biases)]))  # [N]
+        if self.int8_op == "MatMulIntegerToFloat":
+            # one ORT contrib kernel: (x_u8 - 128) @ W_q^T * x_scale * w_scale[n] + bias
+            ws = g.init(f"{tag}.w_scale", w_scale)  # [N]
+            wzp = g.init(f"{tag}.w_zero_point", np.zeros(w_q.shape[0], np.int8))  # [N] symmetric weights
+            y = g.op("MatMulIntegerToFloat", [xq, wt, xs_name, ws, zp, wzp] + ([bias] if bias else []),
+                     name=f"{tag}.matmul_integer", domain="com.microsoft")  # [T, N] float
+        else:
+            acc = g.op("MatMulInteger", [xq, wt, zp], name=f"{tag}.matmul_integer")  # [T, N] int32
+            out_scale = g.init(f"{tag}.out_scale", (np.float32(x_scale) * w_scale).astype(np.float32))  # [N]
+            y = g.op("Mul", [g.op("Cast", [acc], to=1), out_scale])  # [T, N] float
+            y = g.op("Add", [y, bias]) if bias else y
+        fused = [n in self.w.fused_gelu for n in names]
+        if any(fused):
+            if len(names) > 1:
+                raise ExportError(f"{LTP_FILE}: GELU fused into a shared GEMM {names}")
+            y = self.gelu(y)
+        elif names[0].endswith("intermediate.dense"):
+            y = self.activation(y)
+        self.w.gemms.append({"node": f"{tag}.matmul_integer", "layers": list(names), "x_scale_initializer": xs_name,
+                             "weight_initializer": wt, "fused_gelu": bool(any(fused))})
+        return y
+
+    def layout(self, lengths: str) -> _Layout:
+        """The attention grid of a layer from its tokens per sequence [b]."""
+        g = self.g
+        smax = self.g.reduce_max(lengths, [0], keepdims=1)  # [1]
+        pos = g.op("Range", [g.const(0, np.int64), g.squeeze(smax, [0]), g.const(1, np.int64)])  # [S]
+        valid = g.op("Less", [g.unsqueeze(pos, [0]), g.unsqueeze(lengths, [1])])  # [b, S]
+        flat_index = g.squeeze(g.op("NonZero", [g.reshape(valid, [-1])]), [0])  # [T]
+        return _Layout(lengths=lengths, smax=smax, pos=pos, valid=valid, flat_index=flat_index)
+
+    # -- model ------------------------------------------------------------------------------
+
+    def embeddings(self, ids: str, mask: str, tt: str) -> str:
+        """[b, s] ids -> [b, s, d], as the HF embedding module computes it."""
+        g, p = self.g, f"{self.prefix}.embeddings"
+        x = g.op("Gather", [self.param(f"{p}.word_embeddings.weight"), ids])  # [b, s, d]
+        if self.model_type == "roberta":
+            pad = int(self.cfg.get("pad_token_id", 1))
+            nonpad = g.op("Cast", [g.op("Not", [g.op("Equal", [ids, g.const(pad, np.int64)])])], to=7)  # [b, s]
+            pos_ids = g.op("Add", [g.op("Mul", [g.op("CumSum", [nonpad, g.const(1, np.int64)]), nonpad]), g.const(pad, np.int64)])
+        else:
+            s = g.op("Gather", [g.op("Shape", [ids]), g.const(1, np.int64)])  # []
+            pos_ids = g.unsqueeze(g.op("Range", [g.const(0, np.int64), s, g.const(1, np.int64)]), [0])  # [1, s]
+        x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.position_embeddings.weight"), pos_ids])])
+        tte = self.tensor(f"{p}.token_type_embeddings.weight")
+        if int(self.cfg.get("type_vocab_size", tte.shape[0])) == 1:
+            x = g.op("Add", [x, g.init(f"{p}.token_type_embeddings.row0", tte[0].astype(np.float32))])  # types ignored
+        else:
+            x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.token_type_embeddings.weight"), tt])])
+        return self.layer_norm(x, f"{p}.LayerNorm")
+
+    def encoder_layer(self, l: int, x: str, lay: _Layout, n0: str) -> tuple[str, _Layout]:
+        """x [T, d] packed -> [T', d] packed (T' = tokens kept after this layer)."""
+        g, d, H = self.g, self.d, self.heads
+        dh = d // H
+        p = f"{self.prefix}.encoder.layer.{l}"
+        qkv_names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
+        if self.fuse_qkv:
+            qkv = self.linear(x, qkv_names)  # [T, 3d]
+        else:
+            qkv = g.op("Concat", [self.linear(x, [n]) for n in qkv_names], axis=-1)  # [T, 3d]
+        b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
+        rows = g.op("Mul", [b, lay.smax])  # [1] = b * S
+        zeros = g.op("ConstantOfShape", [g.op("Concat", [rows, g.const([3 * d], np.int64)], axis=0)],
+                     value=self.g.helper.make_tensor("zero", 1, [1], [0.0]))  # [b*S, 3d]
+        grid = g.op("ScatterND", [zeros, g.unsqueeze(lay.flat_index, [1]), qkv])  # [b*S, 3d]
+        grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3, H, dh], np.int64)], axis=0))  # [b, S, 3, H, dh]
+        q = g.op("Transpose", [g.op("Gather", [grid, g.const(0, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
+        kt = g.op("Transpose", [g.op("Gather", [grid, g.const(1, np.int64)], axis=2)], perm=[0, 2, 3, 1])  # [b, H, dh, S]
+        v = g.op("Transpose", [g.op("Gather", [grid, g.const(2, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
+        att = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(dh ** -0.5, np.float32)])  # [b, H, S, S]
+        att = g.op("Where", [g.unsqueeze(lay.valid, [1, 2]), att, g.const(self.neg, np.float32)])  # padded keys out
+        probs = g.op("Softmax", [att], axis=-1)  # [b, H, S, S]
+        ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [b, S, H, dh]
+        ctx = g.reshape(ctx, [-1, d])  # [b*S, d]
+        mode = self.pruning.get("mode", "none")
+        if mode != "none" and l < self.num_layers - 1:
+            validf = g.op("Cast", [lay.valid], to=1)  # [b, S]
+            score = g.reduce_sum(g.op("Mul", [probs, g.unsqueeze(validf, [1, 3])]), [1, 2])  # [b, S]: padded queries score nothing
+            score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")  # 1/H sum_h sum_j A_h(j, i)
+            pos0 = g.unsqueeze(g.op("Equal", [lay.pos, g.const(0, np.int64)]), [0])  # [1, S]
+            if mode == "threshold":
+                th = g.init(f"prune.threshold.{l}", np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
+                keep = g.op("Greater", [score, th])  # [b, S]
+            else:
+                keep = self.topk_keep(l, score, lay, pos0, n0)
+            keep = g.op("And", [g.op("Or", [keep, pos0]), lay.valid])  # [b, S] position 0 kept, padding never
+            keep_flat = g.reshape(keep, [-1])  # [b*S]
+            kept_rows = g.squeeze(g.op("NonZero", [keep_flat]), [0])  # [T'] rows of the grid
+            ctx = g.op("Gather", [ctx, kept_rows], axis=0, name=f"prune.{l}.gather_ctx")  # [T', d]
+            keep_packed = g.op("Gather", [keep_flat, lay.flat_index], axis=0)  # [T] bool
+            x = g.op("Compress", [x, keep_packed], axis=0, name=f"prune.{l}.gather_x")  # [T', d]
+            lay = self.layout(g.reduce_sum(g.op("Cast", [keep], to=7), [1]))  # new lengths [b]
+        else:
+            ctx = g.op("Gather", [ctx, lay.flat_index], axis=0)  # [T, d] packed
+        a = self.linear(ctx, [f"{p}.attention.output.dense"])  # [T', d]
+        h = self.layer_norm(g.op("Add", [a, x]), f"{p}.attention.output.LayerNorm")
+        f = self.linear(h, [f"{p}.intermediate.dense"])  # [T', d_ff] (activation applied)
+        o = self.linear(f, [f"{p}.output.dense"])  # [T', d]
+        return self.layer_norm(g.op("Add", [o, h]), f"{p}.output.LayerNorm"), lay
+
+    def topk_keep(self, l: int, score: str, lay: _Layout, pos0: str, n0: str) -> str:
+        """keep the ceil(ratio_l * n0) best present tokens of each row (position 0 first). [b, S] bool"""
+        g = self.g
+        ratio = float(self.pruning["keep_ratios"][l])
+        k = g.op("Ceil", [g.op("Mul", [g.op("Cast", [n0], to=11), g.const(ratio, np.float64)])])  # [b] double
+        k = g.op("Min", [g.op("Max", [g.op("Cast", [k], to=7), g.const(1, np.int64)]), lay.lengths])  # [b]
+        ranked = g.op("Where", [lay.valid, score, g.const(-1.0, np.float32)])
+        ranked = g.op("Where", [pos0, g.const(np.inf, np.float32), ranked])  # [b, S]
+        _, order = g.op("TopK", [ranked, lay.smax], n_out=2, axis=1, largest=1, sorted=1)  # [b, S] ties: lower index first
+        b = g.op("Shape", [lay.valid], start=0, end=1)
+        shape = g.op("Concat", [b, lay.smax], axis=0)
+        rank = g.op("ScatterElements", [g.op("ConstantOfShape", [shape], value=self.g.helper.make_tensor("z", 7, [1], [0])),
+                                        order, g.op("Expand", [g.unsqueeze(lay.pos, [0]), shape])], axis=1)  # [b, S]
+        return g.op("Less", [rank, g.unsqueeze(k, [1])])
+
+    def head(self, cls: str) -> str:
+        """[b, d] first-token states -> logits [b, num_labels]."""
+        g = self.g
+        if self.model_type == "roberta":
+            h = g.op("Tanh", [self.linear(cls, ["classifier.dense"])])
+            return self.linear(h, ["classifier.out_proj"])
+        pooled = g.op("Tanh", [self.linear(cls, [f"{self.prefix}.pooler.dense"])])
+        return self.linear(pooled, ["classifier"])
+
+    def build(self) -> None:
+        g = self.g
+        emb = self.embeddings("input_ids", "attention_mask", "token_type_ids")  # [b, s, d]
+        mask = g.op("Not", [g.op("Equal", ["attention_mask", g.const(0, np.int64)])])  # [b, s] bool
+        lengths = g.reduce_sum(g.op("Cast", [mask], to=7), [1])  # [b] = n0
+        real = g.squeeze(g.op("NonZero", [g.reshape(mask, [-1])]), [0])  # [T]
+        x = g.op("Gather", [g.reshape(emb, [-1, self.d]), real], axis=0, name="pack_tokens")  # [T, d]
+        lay = self.layout(lengths)
+        kept = []
+        for l in range(self.num_layers):
+            kept.append(g.unsqueeze(lay.lengths, [1]))  # [b, 1] tokens entering layer l
+            x, lay = self.encoder_layer(l, x, lay, lengths)
+        g.op("Concat", kept, axis=1, name="kept_tokens")  # [b, L]
+        first = g.op("Sub", [g.op("CumSum", [lay.lengths, g.const(0, np.int64)]), lay.lengths])  # [b]
+        cls = g.op("Gather", [x, first], axis=0)  # [b, d]
+        g.op("Identity", [self.head(cls)], name="logits")
+
+
+def num_labels(tensors: dict[str, np.ndarray], config: dict) -> int:
+    """Rows of the classifier's last Linear (the number of logits)."""
+    name = "classifier.out_proj" if config.get("model_type") == "roberta" else "classifier"
+    for suffix in ("w_q", "weight"):
+        if f"{name}.{suffix}" in tensors:
+            return int(tensors[f"{name}.{suffix}"].shape[0])
+    raise ExportError(f"{WEIGHTS_FILE}: classifier '{name}' missing")
+
+
+def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *, opset: int = DEFAULT_OPSET,
+                     fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP):
+    """The onnx.ModelProto for a checkpoint's tensors, HF config and ltp.json; also returns the
+    per-GEMM records for ltp_onnx.json."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} not supported (choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
+    q = ltp.get("quantization") or {}
+    w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
+                 fp_layers=set(q.get("fp_layers") or []))
+    if config.get("model_type") not in ("bert", "roberta"):
+        raise ExportError(f"{HF_CONFIG_FILE}: model_type {config.get('model_type')!r} not supported (bert, roberta)")
+    pruning = dict(ltp.get("pruning") or {"mode": "none"})
+    mode = pruning.get("mode", "none")
+    L = int(config["num_hidden_layers"])
+    if mode == "threshold" and len(pruning.get("thresholds") or []) < L:
+        raise ExportError(f"{LTP_FILE}: threshold pruning needs {L} thresholds, got {pruning.get('thresholds')}")
+    if mode == "topk" and len(pruning.get("keep_ratios") or []) < L:
+        raise ExportError(f"{LTP_FILE}: topk pruning needs {L} keep_ratios, got {pruning.get('keep_ratios')}")
+    if mode not in ("none", "threshold", "topk"):
+        raise ExportError(f"{LTP_FILE}: unknown pruning mode {mode!r}")
+    if int8_op not in INT8_OPS:
+        raise ExportError(f"int8_op {int8_op!r} not supported (choose from {INT8_OPS})")
+    g = _Graph(opset)
+    _Builder(g, config, w, pruning, fuse_qkv, int8_op).build()
+    dyn = ["batch", "sequence"]
+    graph = helper.make_graph(
+        g.nodes, "ltp_pruned_int8_encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, dyn) for n in INPUT_NAMES],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels(tensors, config)]),
+         helper.make_tensor_value_info("kept_tokens", TensorProto.INT64, ["batch", L])],
+        initializer=g.initializers)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if int8_op == "MatMulIntegerToFloat" else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="ltp-compress")
+    model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime 1.2x and OpenVINO
+    onnx.checker.check_model(model, full_check=int8_op == "MatMulInteger")  # contrib ops have no ONNX schema
+    return model, w.gemms
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def verify_export(path: str | Path) -> dict:
+    """Check an export folder against its manifest.json (every listed file present with the same
+    size and sha256, no unlisted file); returns the manifest. Raises ExportError naming the file."""
+    return verify_manifest(Path(path), EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_REQUIRED_FILES, error=ExportError,
+                           what="ONNX export")
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def _parity(checkpoint_dir: Path, onnx_path: Path, texts: Sequence[str], texts_b: Sequence[str] | None,
+            batch_size: int) -> dict:
+    """Run the torch runtime (load_deployable) and the ONNX graph on the same tokenised batches:
+    argmax agreement, max |logit diff|, kept-token agreement per (example, layer)."""
+    import onnxruntime as ort
+
+    from ltp_compress.modeling.deploy import load_deployable
+
+    dm = load_deployable(checkpoint_dir)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    agree = total = kept_eq = kept_total = 0
+    max_diff = 0.0
+    for s in range(0, len(texts), batch_size):
+        enc = dm.encode(list(texts[s:s + batch_size]), None if texts_b is None else list(texts_b[s:s + batch_size]))
+        ref = dm.logits(enc).numpy()
+        ref_kept = dm.last_kept_tokens.numpy()
+        feed = {k: (enc[k] if enc[k] is not None else enc["input_ids"] * 0).numpy().astype(np.int64) for k in INPUT_NAMES}
+        logits, kept = sess.run(list(OUTPUT_NAMES), feed)
+        max_diff = max(max_diff, float(np.abs(logits - ref).max()))
+        agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ref)
+        kept_eq += int((kept == ref_kept).sum())
+        kept_total += kept.size
+    return {"examples": total, "batch_size": batch_size, "argmax_agreement": agree / max(total, 1),
+            "max_abs_logit_diff": max_diff, "kept_tokens_agreement": kept_eq / max(kept_total, 1),
+            "reference": f"torch runtime load_deployable(...).logits, INT8 backend {dm.backend}",
+            "onnxruntime": ort.__version__}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
+                parity_texts: Sequence[str] | None = None, parity_texts_b: Sequence[str] | None = None,
+                parity_batch_size: int = 8, fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP) -> Path:
+    """Export a deployable checkpoint to a self-contained ONNX Runtime folder (atomically: built in
+    a temporary sibling folder, renamed at the end). The parity check runs `parity_texts` (or
+    BUILTIN_PARITY_TEXTS) through the torch runtime and the graph, in mixed-length batches of
+    `parity_batch_size` (sentence pairs: `parity_texts_b`), and records the result in manifest.json
+    under "parity". `int8_op`: see INT8_OPS; `fuse_qkv`: one GEMM for Q, K, V when they share their
+    activation scale."""
+    from safetensors.numpy import load_file
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if opset not in SUPPORTED_OPSETS or int8_op not in INT8_OPS:
+        raise ExportError(f"opset {opset} / int8_op {int8_op!r} not supported (opset {SUPPORTED_OPSETS.start}.."
+                          f"{SUPPORTED_OPSETS.stop - 1}, int8_op one of {INT8_OPS})")
+    src_manifest = verify_checkpoint(checkpoint_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve() or checkpoint_dir.resolve() in out_dir.resolve().parents:
+        raise ExportError(f"{out_dir}: the export folder must not be (inside) the checkpoint {checkpoint_dir}")
+    try:
+        ltp = json.loads((checkpoint_dir / LTP_FILE).read_text(encoding="utf-8"))
+        config = json.loads((checkpoint_dir / HF_CONFIG_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ExportError(f"{checkpoint_dir}: {LTP_FILE} or {HF_CONFIG_FILE} is not valid JSON: {e}") from None
+    tensors = load_file(str(checkpoint_dir / WEIGHTS_FILE))
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))  # id2label with the library's defaults filled in
+    try:
+        model, gemms = build_onnx_model(tensors, config, ltp, opset=opset, fuse_qkv=fuse_qkv, int8_op=int8_op)
+    except ExportError as e:  # messages start with the file name inside the checkpoint
+        raise ExportError(f"{checkpoint_dir}/{e}") from None
+
+    from tokenizers import Tokenizer
+
+    tok_cfg = {}
+    if (checkpoint_dir / "tokenizer_config.json").is_file():
+        tok_cfg = json.loads((checkpoint_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if not (checkpoint_dir / TOKENIZER_FILE).is_file():
+        raise ExportError(f"{checkpoint_dir / TOKENIZER_FILE}: missing (the export needs a fast tokenizer file)")
+    if parity_texts_b is not None and (not parity_texts or len(parity_texts_b) != len(parity_texts)):
+        raise ExportError("parity_texts_b needs parity_texts of the same length")
+    pad_token = tok_cfg.get("pad_token")
+    pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
+    pad_id = Tokenizer.from_file(str(checkpoint_dir / TOKENIZER_FILE)).token_to_id(pad_token) if pad_token else None
+    if pad_id is None:
+        pad_id, pad_token = int(config.get("pad_token_id") or 0), pad_token or "[PAD]"
+    q = ltp.get("quantization") or {}
+    info = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "model_type": config["model_type"],
+        "num_labels": num_labels(tensors, config),
+        "id2label": {str(k): v for k, v in hf_config.id2label.items()},  # as the torch runtime names them
+        "max_seq_length": int(ltp.get("max_seq_length", 128)), "pad_token": pad_token, "pad_token_id": int(pad_id),
+        "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "opset": opset,
+        "num_layers": int(config["num_hidden_layers"]), "pruning": ltp.get("pruning") or {"mode": "none"},
+        "pruning_rule": "score_l(i) = 1/H * sum_h sum_{j real, present} A_h(j, i); keep iff score > thresholds[l] "
+                        "(topk: the ceil(keep_ratios[l] * n0) best); position 0 always kept; the last layer prunes nothing; "
+                        "pruned tokens skip layer l's output projection and FFN",
+        "quantization": {"int8_gemms": gemms, "int8_layers": q.get("int8_layers"), "fused_gelu": q.get("fused_gelu") or [],
+                         "fp_layers": q.get("fp_layers") or [], "weight_qmax": q.get("weight_qmax"),
+                         "int8_op": int8_op,
+                         "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales"},
+        "session_options": RECOMMENDED_SESSION_OPTIONS,
+        "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights_sha256": src_manifest["files"][WEIGHTS_FILE]["sha256"]},
+    }
+    with atomic_folder(out_dir) as tmp:
+        import onnx
+
+        onnx.save_model(model, str(tmp / ONNX_FILE))
+        for p in sorted(checkpoint_dir.iterdir()):
+            if p.is_file() and p.name not in _NOT_COPIED:
+                shutil.copyfile(p, tmp / p.name)
+        (tmp / ONNX_CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        texts = list(parity_texts) if parity_texts else list(BUILTIN_PARITY_TEXTS)
+        parity = _parity(checkpoint_dir, tmp / ONNX_FILE, texts, parity_texts_b if parity_texts else None, parity_batch_size)
+        parity["inputs"] = "given texts" if parity_texts else "built-in sentences (BUILTIN_PARITY_TEXTS)"
+        write_manifest(tmp, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, {"parity": parity})
+    return out_dir

@@ -1,0 +1,138 @@
+"""ONNX Runtime deployed model: the same interface as `DeployedModel`, running an export folder;
+and `load_model`, the one place that picks the runtime for a folder (used by `ltp_compress.load`
+and by the CLI).
+
+`load_onnx(path)` verifies the export's manifest first (a changed, missing or extra file is
+refused with an error naming it), then opens `model.onnx` with ONNX Runtime's documented CPU
+latency settings (intra-op threads = `threads`, one inter-op thread, sequential execution, all
+graph optimisations) and tokenises with the `tokenizers` library from the folder's
+tokenizer.json (right padding, truncation to max_seq_length, the checkpoint's pad token), which
+gives the same ids as the checkpoint's Hugging Face fast tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ltp_compress.modeling.prediction import predict_texts
+from ltp_compress.modeling.onnx_export import (INPUT_NAMES, ONNX_CONFIG_FILE, ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE,
+                                               ExportError, verify_export)
+
+
+class OnnxDeployedModel:
+    """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`."""
+
+    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str]):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.info = info
+        self.path = path
+        self.threads = threads
+        self.max_seq_length = int(info.get("max_seq_length", 128))
+        self.num_labels = int(info["num_labels"])
+        self.id2label = {int(k): v for k, v in (info.get("id2label") or {}).items()}
+        self.last_kept_tokens: np.ndarray | None = None  # [b, L] of the last logits() call
+        import onnxruntime as ort
+
+        self.runtime = "onnxruntime"
+        self.backend = f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info['quantization'].get('int8_op', 'MatMulInteger')})"
+        self.notes: list[str] = []
+
+    def encode(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Tokenise, right-pad to the longest in the batch: {input name: int64 [b, s]}."""
+        pairs = list(texts_a) if texts_b is None else list(zip(texts_a, texts_b))
+        enc = self.tokenizer.encode_batch(pairs)
+        return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
+
+    def logits(self, batch) -> np.ndarray:
+        """Logits [b, num_labels] (float32 numpy) for a batch: a dict or object with input_ids,
+        attention_mask (and token_type_ids) arrays or torch tensors [b, s]."""
+        get = (lambda k: batch.get(k)) if isinstance(batch, dict) else (lambda k: getattr(batch, k, None))
+        ids = _as_int64(get("input_ids"))
+        mask, tt = get("attention_mask"), get("token_type_ids")
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else _as_int64(mask),
+                "token_type_ids": np.zeros_like(ids) if tt is None else _as_int64(tt)}
+        logits, kept = self.session.run(list(OUTPUT_NAMES), feed)
+        self.last_kept_tokens = kept
+        return logits
+
+    def predict(self, texts_a, texts_b=None, batch_size: int = 32) -> list[dict]:
+        """[{"label": name, "score": probability of that label}] per input (regression:
+        {"label": "score", "score": value}); see modeling.prediction.predict_texts."""
+        return predict_texts(self, texts_a, texts_b, batch_size)
+
+
+def _as_int64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.int64)
+
+
+def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> OnnxDeployedModel:
+    """Verify, then load an ONNX export folder (see modeling/onnx_export.py).
+
+    `threads`: ONNX Runtime intra-op threads (None: ORT's default, one per physical core);
+    `providers`: execution providers (default CPUExecutionProvider)."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    verify_export(path)  # FIRST: nothing is parsed before the bytes are known to be intact
+    try:
+        info = json.loads((path / ONNX_CONFIG_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ExportError(f"{path / ONNX_CONFIG_FILE}: not valid JSON: {e}") from None
+    if list(info.get("inputs") or []) != list(INPUT_NAMES) or "quantization" not in info or "num_labels" not in info:
+        raise ExportError(f"{path / ONNX_CONFIG_FILE}: not an ltp-compress ONNX export description")
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = list(providers) if providers else ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path / ONNX_FILE), so, providers=providers)
+    except Exception as e:  # ORT raises its own error types
+        raise ExportError(f"{path / ONNX_FILE}: onnxruntime cannot load it: {e}") from None
+    try:
+        tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+    except Exception as e:
+        raise ExportError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {e}") from None
+    tok.enable_truncation(int(info.get("max_seq_length", 128)))
+    tok.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
+    return OnnxDeployedModel(session, tok, info, path, threads, providers)
+
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+
+
+def resolve_runtime(path: str | Path, runtime: str = "auto") -> str:
+    """'auto' -> 'onnxruntime' if the folder holds model.onnx, else 'torch' (a safetensors
+    deployable checkpoint); other values are checked and returned."""
+    if runtime not in RUNTIMES:
+        raise ExportError(f"runtime {runtime!r} not supported (choose from {RUNTIMES})")
+    if runtime == "auto":
+        return "onnxruntime" if (Path(path) / ONNX_FILE).is_file() else "torch"
+    return runtime
+
+
+def load_model(path: str | Path, runtime: str = "auto", threads: int | None = None, backend: str = "auto"):
+    """A deployed model from `path` on the chosen runtime (see `ltp_compress.load`). The result
+    has `predict`, `logits`, `last_kept_tokens`, `runtime` and `backend`."""
+    runtime = resolve_runtime(path, runtime)
+    if runtime == "onnxruntime":
+        return load_onnx(path, threads=threads)
+    from ltp_compress.modeling.deploy import load_deployable
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))  # process-wide
+    return load_deployable(path, backend=backend)

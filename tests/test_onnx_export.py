@@ -1,0 +1,404 @@
+"""ONNX export with in-graph token pruning and INT8 (modeling/onnx_export.py), the onnxruntime
+deployed runtime (modeling/onnx_runtime.py), `ltp_compress.load(runtime=...)` and the export CLI.
+
+Tiny 2-layer d=32 BERT / RoBERTa (conftest), quantised and saved as deployable checkpoints here.
+With 2 layers only layer 0 prunes (the last layer never does), so "tokens entering layer 1" is
+where pruning shows.
+
+Logit tolerance (rtol 1e-3, atol 1e-5; logits here are ~1e-2, differences measured ~1e-9): the graph and the torch
+runtime run the same integer GEMMs on the same int8 values with the same scales, so the int32
+accumulators are identical; the float parts (epilogue scale order, LayerNorm, softmax, GELU,
+reductions) may round differently in the last bits, and in rare cases such a difference moves an
+activation across a rounding boundary of the next layer's quantiser (one int8 step), which shows
+as a difference of about x_scale * |w| downstream. Kept tokens must be equal: thresholds are
+chosen from the score distribution in the middle of a wide gap, far from any score.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ltp_compress
+from ltp_compress.modeling.deploy import CheckpointError, load_deployable, save_deployable
+from ltp_compress.modeling.onnx_export import (INTEGER_GEMM_OPS, MANIFEST_FILE, ONNX_CONFIG_FILE, ONNX_FILE,
+                                               README_ORT_SNIPPET, ExportError, export_onnx)
+from ltp_compress.modeling.onnx_runtime import load_onnx
+from ltp_compress.modeling.pruned_encoder import PruningConfig
+
+from conftest import DEMO_DATA, REPO
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+RTOL, ATOL = 1e-3, 1e-5
+
+
+def _dev_texts(n: int = 40) -> list[str]:
+    return [l.split("\t")[0] for l in (DEMO_DATA / "dev.tsv").read_text().splitlines()[1:1 + n]]
+
+
+def _mixed_batch(k: int = 7) -> list[str]:
+    """k dev sentences of clearly different lengths (shortest to longest, interleaved)."""
+    texts = sorted(_dev_texts(), key=len)
+    picks = [texts[round(i * (len(texts) - 1) / (k - 1))] for i in range(k)]
+    return picks[::2] + picks[1::2]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class _Quantised:
+    """One calibrated INT8 model per architecture; checkpoints differ only in their pruning rule."""
+
+    def __init__(self, src: Path):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ltp_compress.modeling.quantized import calibrate, convert_to_int8
+
+        model = AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager").eval()
+        self.tok = AutoTokenizer.from_pretrained(src)
+        texts = _dev_texts(32)
+
+        class B:  # the attributes calibrate reads
+            pass
+
+        batches = []
+        for i in range(0, 32, 16):
+            enc = self.tok(texts[i:i + 16], padding=True, return_tensors="pt")
+            b = B()
+            b.input_ids, b.attention_mask, b.token_type_ids = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+            batches.append(b)
+        self.qmodel, self.info = convert_to_int8(model, calibrate(model, batches, PruningConfig()), "auto")
+
+    def checkpoint(self, pruning: PruningConfig, dst: Path) -> Path:
+        return save_deployable(self.qmodel, self.tok, pruning, self.info, dst)
+
+
+def _feed(enc) -> dict[str, np.ndarray]:
+    return {k: enc[k].numpy().astype(np.int64) for k in INPUTS}
+
+
+def _scores(onnx_path: Path, feed: dict, layer: int) -> np.ndarray:
+    """The graph's pruning score of `layer` ([b, S]) exposed as an extra output (unoptimised session)."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(onnx_path))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(f"prune.{layer}.score", onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run([f"prune.{layer}.score"], feed)[0]
+
+
+def _threshold_away_from_ties(scores: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Midpoint of the widest gap between the middle half of the sorted real-token scores
+    (position 0 excluded: always kept) and half that gap (the margin to the nearest score)."""
+    real = np.sort(scores[:, 1:][mask[:, 1:].astype(bool)])
+    lo, hi = len(real) // 4, 3 * len(real) // 4
+    gaps = np.diff(real[lo:hi + 1])
+    i = int(np.argmax(gaps))
+    return float((real[lo + i] + real[lo + i + 1]) / 2), float(gaps[i] / 2)
+
+
+@pytest.fixture(scope="module")
+def quantised(tiny_bert, tiny_roberta) -> dict[str, _Quantised]:
+    return {"bert": _Quantised(tiny_bert), "roberta": _Quantised(tiny_roberta)}
+
+
+@pytest.fixture(scope="module")
+def pruned_exports(quantised, tmp_path_factory) -> dict[str, tuple[Path, Path, float]]:
+    """Per architecture: (checkpoint, export, margin) with a layer-0 threshold chosen from the
+    score distribution of the mixed batch (the export's layer-0 score does not depend on it)."""
+    out = {}
+    for kind, q in quantised.items():
+        root = tmp_path_factory.mktemp(f"onnx_{kind}")
+        probe = export_onnx(q.checkpoint(PruningConfig(mode="threshold", thresholds=[1.0, 1.0]), root / "probe_ckpt"),
+                            root / "probe_onnx", parity_texts=_mixed_batch())
+        enc = q.tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
+        th, margin = _threshold_away_from_ties(_scores(probe / ONNX_FILE, _feed(enc), 0), enc["attention_mask"].numpy())
+        ckpt = q.checkpoint(PruningConfig(mode="threshold", thresholds=[th, 1.0]), root / "ckpt")
+        out[kind] = (ckpt, export_onnx(ckpt, root / "onnx", parity_texts=_dev_texts()), margin)
+    return out
+
+
+def _compare(ckpt: Path, export: Path, texts: list[str], batch_size: int) -> np.ndarray:
+    """Run both runtimes batch by batch; assert equal kept tokens and close logits. Returns the
+    kept tokens [n, L]."""
+    dm = load_deployable(ckpt)
+    om = load_onnx(export, threads=1)
+    kept_all = []
+    for s in range(0, len(texts), batch_size):
+        enc = dm.encode(texts[s:s + batch_size])
+        ref = dm.logits(enc).numpy()
+        got = om.logits(enc)
+        np.testing.assert_array_equal(om.last_kept_tokens, dm.last_kept_tokens.numpy())
+        np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+        # the runtime's own tokenisation (tokenizers library) gives the same ids
+        own = om.encode(texts[s:s + batch_size])
+        for k in INPUTS:
+            np.testing.assert_array_equal(own[k], enc[k].numpy())
+        kept_all.append(om.last_kept_tokens)
+    return np.concatenate(kept_all)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_pruned_graph_matches_torch_runtime_mixed_lengths(pruned_exports, quantised, kind):
+    ckpt, export, margin = pruned_exports[kind]
+    assert margin > 1e-5  # the threshold is far from every score (float-order differences in a score are ~1e-7)
+    texts = _mixed_batch()
+    kept7 = _compare(ckpt, export, texts, batch_size=7)
+    kept1 = _compare(ckpt, export, texts, batch_size=1)
+    np.testing.assert_array_equal(kept7, kept1)  # batching never changes what is kept
+    lengths = quantised[kind].tok(texts, padding=True, return_tensors="np")["attention_mask"].sum(1)
+    assert kept7[:, 0].tolist() == lengths.tolist()
+    assert (kept7[:, 1] < kept7[:, 0]).sum() >= 4 and (kept7[:, 1] > 1).any()  # really pruned, not everything
+    # export-time parity (real sentences, mixed-length batches of 8) recorded in the manifest
+    parity = json.loads((export / MANIFEST_FILE).read_text())["parity"]
+    assert parity["examples"] == 40 and parity["argmax_agreement"] == 1.0 and parity["kept_tokens_agreement"] == 1.0
+    assert parity["max_abs_logit_diff"] < ATOL
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_graph_activation_scales_are_the_checkpoints(pruned_exports, kind):
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    ckpt, export, _ = pruned_exports[kind]
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(export / ONNX_FILE)).graph.initializer}
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    info = json.loads((export / ONNX_CONFIG_FILE).read_text())
+    gemms = info["quantization"]["int8_gemms"]
+    covered = [n for g in gemms for n in g["layers"]]
+    assert sorted(covered) == sorted(json.loads((ckpt / "ltp.json").read_text())["quantization"]["int8_layers"])
+    for g in gemms:
+        xs = inits[g["x_scale_initializer"]]
+        assert xs.shape == () and xs.dtype == np.float32
+        for layer in g["layers"]:
+            assert xs == tensors[f"{layer}.x_scale"]  # exactly the checkpoint's scale
+        w = inits[g["weight_initializer"]]  # [K, N] int8: the checkpoint's weights, transposed
+        np.testing.assert_array_equal(w, np.concatenate([tensors[f"{n}.w_q"] for n in g["layers"]], 0).T)
+    # Q, K and V share their scale (one calibration input): one GEMM per layer
+    assert len(gemms) == 2 * 4 + 2 and sum(len(g["layers"]) == 3 for g in gemms) == 2
+    # the thresholds are initializers
+    th = json.loads((ckpt / "ltp.json").read_text())["pruning"]["thresholds"]
+    assert inits["prune.threshold.0"] == np.float32(th[0])
+
+
+def _profile(export: Path, feed: dict) -> list[dict]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.profile_file_prefix = str(export.parent / f"profile-{export.name}")
+    sess = ort.InferenceSession(str(export / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+@pytest.mark.parametrize("int8_op", ["MatMulIntegerToFloat", "MatMulInteger"])
+def test_profile_shows_integer_gemms_and_accountant_charges_them(pruned_exports, quantised, tmp_path, int8_op):
+    """ORT's profile: one integer GEMM per int8 GEMM node of the graph (MatMulIntegerToFloat or
+    MatMulInteger), float MatMul only for the 2 attention products per layer; the rows each
+    encoder GEMM ran equal the kept tokens, and its MACs equal what the accountant charges."""
+    from ltp_compress.modeling.accounting import EncoderShape, layer_macs, tokens_leaving_layers
+
+    ckpt, default_export, _ = pruned_exports["bert"]
+    export = default_export if int8_op == "MatMulIntegerToFloat" else export_onnx(ckpt, tmp_path / "mmi", int8_op=int8_op)
+    info = json.loads((export / ONNX_CONFIG_FILE).read_text())
+    assert info["quantization"]["int8_op"] == int8_op
+    enc = quantised["bert"].tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
+    om = load_onnx(export)
+    om.logits(enc)
+    kept = om.last_kept_tokens  # [b, L]
+    nodes = _profile(export, _feed(enc))
+    ops = Counter(e["args"]["op_name"] for e in nodes)
+    gemm_ops = {op: n for op, n in ops.items() if op in INTEGER_GEMM_OPS}
+    assert gemm_ops == {int8_op: len(info["quantization"]["int8_gemms"])} == {int8_op: 10}
+    float_mm = {op: n for op, n in ops.items() if op in ("MatMul", "FusedMatMul", "Gemm")}
+    assert sum(float_mm.values()) == 2 * 2  # Q·Kᵀ and A·V per layer; no quantised linear fell back to float
+    for e in nodes:
+        if e["args"]["op_name"] in float_mm:
+            assert len(e["args"]["output_type_shape"][0]["float"]) == 4  # [b, H, S, *]: attention only
+    # rows per encoder GEMM = tokens entering (QKV) / leaving (out proj, FFN) each layer; MACs = accountant's
+    cfg = json.loads((ckpt / "config.json").read_text())
+    shape = EncoderShape(num_layers=2, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"])
+    n_out = tokens_leaving_layers(kept)
+    macs = Counter()
+    for e in nodes:
+        if e["args"]["op_name"] == int8_op and ".encoder.layer." in e["name"]:
+            l = int(e["name"].split(".encoder.layer.")[1].split(".")[0])
+            m, k = next(iter(e["args"]["input_type_shape"][0].values()))
+            n = next(iter(e["args"]["output_type_shape"][0].values()))[1]
+            part = "qkv_proj" if "attention.self" in e["name"] else "out_proj" if "attention.output" in e["name"] else "ffn"
+            assert m == (kept[:, l].sum() if part == "qkv_proj" else n_out[:, l].sum()), e["name"]
+            macs[part] += m * k * n
+    charged = Counter()
+    for l in range(2):
+        for part, v in layer_macs(kept[:, l], shape.hidden, shape.intermediate, n_out=n_out[:, l]).items():
+            charged[part] += float(np.sum(v))
+    assert {p: float(v) for p, v in macs.items()} == {p: charged[p] for p in ("qkv_proj", "out_proj", "ffn")}
+
+
+@pytest.mark.parametrize("kind,mode,opset", [("roberta", "topk", 17), ("bert", "none", 20), ("roberta", "none", 17)])
+def test_topk_and_dense_checkpoints_export_and_match(quantised, tmp_path, kind, mode, opset):
+    import onnx
+
+    q = quantised[kind]
+    pruning = PruningConfig(mode="topk", keep_ratios=[0.5, 0.5]) if mode == "topk" else PruningConfig()
+    ckpt = q.checkpoint(pruning, tmp_path / "ckpt")
+    export = export_onnx(ckpt, tmp_path / "onnx", parity_texts=_mixed_batch(), opset=opset)
+    texts = _mixed_batch()
+    kept = _compare(ckpt, export, texts, batch_size=7)
+    lengths = q.tok(texts, padding=True, return_tensors="np")["attention_mask"].sum(1)
+    ops = Counter(n.op_type for n in onnx.load(str(export / ONNX_FILE)).graph.node)
+    assert ops["Gelu" if opset >= 20 else "Erf"] == 2  # exact GELU after each layer's FFN input GEMM
+    if mode == "none":
+        assert (kept == lengths[:, None]).all()
+        assert not {"Greater", "TopK", "Compress"} & set(ops)  # dense INT8: no pruning ops
+    else:
+        assert kept[:, 1].tolist() == np.minimum(np.maximum(np.ceil(lengths * 0.5), 1), lengths).astype(int).tolist()
+        assert ops["TopK"] == 1
+
+
+def test_saturating_activations_clamp_to_127_like_the_reference(quantised, tmp_path):
+    """Activation scales 16x too small: many inputs fall below -127.5 * x_scale, where ONNX
+    QuantizeLinear alone would give -128 (u8 0) but the reference clamps to -127; the graph's
+    Max(x, -127 * x_scale) must reproduce the reference."""
+    import copy
+
+    import torch
+
+    q = quantised["bert"]
+    qmodel = copy.deepcopy(q.qmodel)
+    for mod in qmodel.modules():
+        if hasattr(mod, "x_scale") and isinstance(getattr(mod, "x_scale"), torch.Tensor):
+            mod.x_scale.div_(16)
+    ckpt = save_deployable(qmodel, q.tok, PruningConfig(), q.info, tmp_path / "ckpt")
+    export = export_onnx(ckpt, tmp_path / "onnx", parity_texts=_mixed_batch())
+    dm = load_deployable(ckpt)
+    below = []
+    lin = dm.model.get_submodule("bert.encoder.layer.0.attention.output.dense")
+    hook = lin.register_forward_pre_hook(lambda m, args: below.append(float((args[0] / m.x_scale).min())))
+    dm.logits(dm.encode(_mixed_batch()))
+    hook.remove()
+    _compare(ckpt, export, _mixed_batch(), batch_size=7)
+    assert min(below) < -128  # saturation really happens on the negative side
+
+
+@pytest.mark.parametrize("damage", ["flip", "extra", "missing", "manifest_drop"])
+def test_tampered_export_refused(pruned_exports, tmp_path, damage):
+    import shutil
+
+    src = pruned_exports["bert"][1]
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    if damage == "flip":
+        data = bytearray((d / ONNX_FILE).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (d / ONNX_FILE).write_bytes(bytes(data))
+        expect = (ONNX_FILE, "sha256")
+    elif damage == "extra":
+        (d / "extra.onnx").write_bytes(b"x")
+        expect = ("extra.onnx", "not listed")
+    elif damage == "missing":
+        (d / "tokenizer.json").unlink()
+        expect = ("tokenizer.json", "missing")
+    else:
+        m = json.loads((d / MANIFEST_FILE).read_text())
+        del m["files"][ONNX_CONFIG_FILE]
+        (d / MANIFEST_FILE).write_text(json.dumps(m))
+        expect = (ONNX_CONFIG_FILE, "not listed")
+    for load in (load_onnx, ltp_compress.load):  # auto picks onnxruntime for a folder with model.onnx
+        with pytest.raises(ExportError) as ei:
+            load(d)
+        assert expect[0] in str(ei.value) and expect[1] in str(ei.value), str(ei.value)
+    assert isinstance(ei.value, CheckpointError)  # the CLI prints it as a user error
+
+
+def test_load_runtimes_and_predict(pruned_exports):
+    ckpt, export, _ = pruned_exports["roberta"]
+    om = ltp_compress.load(export, threads=1)
+    tm = ltp_compress.load(ckpt)
+    assert om.runtime == "onnxruntime" and "onnxruntime" in om.backend and om.session.get_session_options().intra_op_num_threads == 1
+    assert tm.runtime == "torch"
+    with pytest.raises(CheckpointError):  # an export folder is not a safetensors checkpoint
+        ltp_compress.load(export, runtime="torch")
+    with pytest.raises(ExportError, match="runtime 'tensorrt'"):
+        ltp_compress.load(export, runtime="tensorrt")
+    texts = _dev_texts(11)
+    a, b = om.predict(texts, batch_size=4), tm.predict(texts, batch_size=4)
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-4)
+    pair = om.predict(["a good movie"], ["really"])
+    assert pair[0]["label"] == tm.predict(["a good movie"], ["really"])[0]["label"]
+    assert om.predict([]) == []
+
+
+def test_readme_snippet_runs_without_ltp_compress(pruned_exports, tmp_path):
+    ckpt, export, _ = pruned_exports["bert"]
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(README_ORT_SNIPPET)
+    code = ("import sys; sys.modules['ltp_compress'] = None\n"
+            "try:\n    import ltp_compress\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('ltp_compress importable')\n"
+            f"sys.argv = ['snippet', {str(export)!r}]\n"
+            f"exec(compile(open({str(snippet)!r}).read(), 'snippet', 'exec'))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    dm = load_deployable(ckpt)
+    texts = [line.split("] ", 1)[1] for line in lines]
+    assert len(texts) == 2
+    ref = dm.predict(texts)
+    enc = dm.encode(texts)
+    dm.logits(enc)
+    for line, want, kept in zip(lines, ref, dm.last_kept_tokens.tolist()):
+        assert line.split(" ")[0] == want["label"]
+        assert f"tokens per layer: {kept}" in line
+
+
+def test_export_cli(pruned_exports, tmp_path, capsys):
+    import argparse
+
+    from ltp_compress.pipeline.export_cli import add_export_parser, export_cli
+
+    ckpt = pruned_exports["roberta"][0]
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t0\n" for t in _dev_texts(12)))
+    args = parser.parse_args(["export", str(ckpt), str(tmp_path / "out"), "--parity-tsv", str(tsv), "--parity-examples", "10"])
+    assert export_cli(args) == 0
+    out = capsys.readouterr().out
+    assert "exported:" in out and "on 10 examples" in out
+    manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert manifest["parity"]["examples"] == 10 and manifest["parity"]["inputs"] == "given texts"
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())  # atomic: no leftovers
+    bad = parser.parse_args(["export", str(tmp_path / "nope"), str(tmp_path / "out2")])
+    with pytest.raises(CheckpointError, match="nope"):
+        export_cli(bad)
+    with pytest.raises(ExportError, match="opset 3"):
+        export_cli(parser.parse_args(["export", str(ckpt), str(tmp_path / "out3"), "--opset", "3"]))
+    with pytest.raises(ExportError, match="inside"):
+        export_cli(parser.parse_args(["export", str(ckpt), str(ckpt / "onnx")]))
+    # building the parser imported nothing heavy
+    code = ("import argparse, sys; from ltp_compress.pipeline.export_cli import add_export_parser; "
+            "add_export_parser(argparse.ArgumentParser().add_subparsers()); assert 'torch' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_import_stays_cheap():
+    code = ("import sys, ltp_compress; heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr

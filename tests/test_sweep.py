@@ -1,0 +1,54 @@
+"""`ltp-compress sweep`: zipped grids, several seeds aggregated as mean ± sd, both FLOPs conventions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DEMO_DATA, write_recipe
+
+
+def test_parse_grid_zips_and_broadcasts():
+    from ltp_compress.pipeline.recipe import RecipeError
+    from ltp_compress.pipeline.sweep import parse_grid
+
+    assert parse_grid(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"]]
+    with pytest.raises(RecipeError, match="equal lengths"):
+        parse_grid(["a=1,2", "b=x,y,z"])
+
+
+def test_sweep_over_seeds_aggregates_mean_and_sd(tmp_path, tiny_bert):
+    from ltp_compress.pipeline.cli import main
+
+    recipe = write_recipe(tmp_path / "s.yaml", f"""\
+name: sw
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 32, max_dev_examples: 24, max_validation_examples: 24, max_seq_length: 48}}
+seed: 0
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+  - {{id: man, stage: manual_prune, final_threshold: 1.0}}
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", str(recipe), "--grid", "stages.man.final_threshold=2.0,3.0", "--seeds", "1,2",
+                 "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["seeds"] == [1, 2] and len(res["rows"]) == 2 * 2 * 2  # points x seeds x stages
+    assert (tmp_path / "runs" / "sw-p1-s2" / "report.md").is_file()
+    for agg in res["summary"]:
+        rows = [r for r in res["rows"] if r["point"] == agg["point"] and r["id"] == agg["id"]]
+        assert sorted(agg["seeds"]) == [1, 2]
+        for key in ("dev_main", "validation_main", "relative_flops_paper", "relative_flops_executed"):
+            v = np.array([r[key] for r in rows])
+            assert agg[key]["mean"] == pytest.approx(v.mean()) and agg[key]["sd"] == pytest.approx(v.std(ddof=1))
+    man = [r for r in res["rows"] if r["id"] == "man"]
+    # the paper convention charges the output projection of pruned tokens: never less than executed
+    assert all(r["relative_flops_paper"] >= r["relative_flops_executed"] for r in man)
+    assert any(r["relative_flops_paper"] > r["relative_flops_executed"] for r in man)
+    md = (out / "sweep.md").read_text()
+    assert "±" in md and "rel. FLOPs paper" in md and (out / "accuracy_vs_flops.png").is_file()
