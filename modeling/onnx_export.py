@@ -125,35 +125,7 @@ BUILTIN_PARITY_TEXTS = (
     "funny .",
 )
 
-README_ORT_SNIPPET = '''\
-# Run an exported folder with onnxruntime only (no ltp_compress, no torch):
-#   pip install onnxruntime==1.31.1 tokenizers numpy
-import json, sys
-import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
 
-folder = sys.argv[1] if len(sys.argv) > 1 else "model-onnx"
-cfg = json.load(open(f"{folder}/ltp_onnx.json"))
-tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
-tok.enable_truncation(cfg["max_seq_length"])
-tok.enable_padding(pad_id=cfg["pad_token_id"], pad_token=cfg["pad_token"])
-
-so = ort.SessionOptions()
-so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-sess = ort.InferenceSession(f"{folder}/model.onnx", so, providers=["CPUExecutionProvider"])
-
-texts = ["a gripping, beautifully acted film .", "the plot is thin and the jokes fall flat ."]
-enc = tok.encode_batch(texts)
-feed = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
-logits, kept = sess.run(["logits", "kept_tokens"], feed)
-for text, row, k in zip(texts, logits, kept):
-    print(cfg["id2label"][str(int(row.argmax()))], "tokens per layer:", k.tolist(), text)
-'''
 
 
 class ExportError(CheckpointError):

@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(sub.add_parser("bench", help="end-to-end speed and accuracy vs peers on a dev set"))
     sw = sub.add_parser("sweep", help="run a recipe over a grid of values and plot accuracy vs relative FLOPs")
     sw.add_argument("recipe", type=Path)
-    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...", help="e.g. stages.soft.lambda=0.01,0.05,0.2")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="e.g. stages.soft.lambda=0.01,0.05,0.2 (none: the recipe as it is, e.g. over --seeds)")
     sw.add_argument("--seeds", default=None, help="comma-separated seeds; every point runs once per seed, tables give mean ± sd")
     sw.add_argument("--out", type=Path, default=None, help="folder for sweep.json/.md/.png (default: <output_dir>/<name>-sweep)")
     sw.add_argument("--no-progress", action="store_true")

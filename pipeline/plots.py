@@ -41,7 +41,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         out.append(_save(fig, run.plots_dir / "kept_tokens_per_layer.png"))
         plt.close(fig)
     points = [(m["stage"], m["id"], m["cost"]["by_convention"]["paper"]["relative_flops"], _dev_main(m["metrics"]))
-              for m in metas if m.get("cost") and m.get("metrics")]
+              for m in metas if (m.get("cost") or {}).get("by_convention") and m.get("metrics")]
     if len(points) >= 2:
         fig, ax = plt.subplots(figsize=(5, 3.8))
         for stage, sid, x, y in points:

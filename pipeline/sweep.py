@@ -19,7 +19,10 @@ from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
 
 def parse_grid(items: list[str]) -> list[list[str]]:
-    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (override lists per point)."""
+    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (override lists per point); no items:
+    one point, the recipe as it is (a sweep over seeds only)."""
+    if not items:
+        return [[]]
     keys, values = [], []
     for item in items:
         if "=" not in item:
@@ -124,6 +127,17 @@ def render_sweep(result: dict) -> str:
         lines.append(f"| {r['id']} ({r['stage']}) | {r['point']} | `{' '.join(r['overrides'])}` | {_pm(r['validation_main'])} | "
                      f"{_pm(r['dev_main'])} | {drop} | {_pm(r['relative_flops_paper'], 1, 3)} | {_pm(r['relative_flops_executed'], 1, 3)} | "
                      f"{_pm(r['relative_bops_vs_fp16_paper'], 1, 4)} |")
+    if len(seeds) > 1:
+        lines += ["", "Per seed: dev main metric and drop vs that seed's own unpruned reference (points)", "",
+                  "| point | stage | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+        refs = {(r["point"], r["seed"]): r["dev_main"] for r in result["rows"] if r["is_reference"]}
+        for (point, sid) in sorted({(r["point"], r["id"]) for r in result["rows"] if not r["is_reference"]}):
+            cells = []
+            for seed in seeds:
+                r = next((x for x in result["rows"] if x["point"] == point and x["id"] == sid and x["seed"] == seed), None)
+                ref = refs.get((point, seed))
+                cells.append("-" if r is None else f"{100 * r['dev_main']:.2f}" + (f" ({100 * (ref - r['dev_main']):+.2f})" if ref is not None else ""))
+            lines.append(f"| {point} | {sid} | " + " | ".join(cells) + " |")
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
 

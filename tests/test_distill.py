@@ -119,7 +119,7 @@ def _context(tmp_path: Path, student: Path, teacher: Path, cfg_yaml: str):
 name: d
 model: {teacher}
 task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 64, max_dev_examples: 32}}
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 64, max_dev_examples: 32, max_validation_examples: 32}}
 stages:
   - {{id: teacher, stage: finetune}}
   - {cfg_yaml}

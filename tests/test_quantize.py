@@ -243,3 +243,31 @@ def test_quantize_stage(tmp_path, variant, monkeypatch):
         assert res.extra["act_scale_source"].endswith("act_scales.json")
         assert all(s == pytest.approx(0.05) for s in dm.ltp["quantization"]["act_scales"].values())
     assert len(dm.predict(["a fine film", "dull"])) == 2
+
+
+@pytest.mark.parametrize("convention", ["executed", "paper"])
+def test_quantize_refits_thresholds_to_target_on_the_int8_model(tmp_path, convention):
+    """`target_flops` on quantize: the thresholds are moved on the INT8 model so the deployed model
+    runs at the target (validation inputs; in the stage's convention), and the checkpoint keeps them."""
+    import json
+
+    from conftest import build_tiny_model
+    from test_distill import _context
+
+    from ltp_compress.modeling.deploy import load_deployable
+    from ltp_compress.stages import quantize
+
+    teacher = build_tiny_model(tmp_path / "teacher", seed=1)
+    student = build_tiny_model(tmp_path / "student", seed=2)
+    (student / "pruning.json").write_text(json.dumps({"mode": "threshold", "thresholds": [0.2, 0.4], "keep_ratios": None}))
+    stage = ("{id: q, stage: quantize, calibration_batches: 2, calibration_batch_size: 16, "
+             f"target_flops: 0.7, flops_convention: {convention}, target_tolerance: 0.05}}")
+    cfg, ctx = _context(tmp_path, student, teacher, stage)
+    res = quantize.run(cfg, ctx)
+    refit, target = res.extra["refit"], res.extra["flops_target"]
+    assert refit["before"] > 0.9 and refit["convention"] == convention  # thresholds 0.2/0.4 prune almost nothing
+    assert target["validation_within_tolerance"] is True
+    val = res.extra["validation_cost"]["by_convention"][convention]["relative_flops"]
+    assert abs(val - 0.7) <= 0.05 * 0.7 and val == pytest.approx(target["validation_relative_flops"])
+    dm = load_deployable(ctx.out_dir / "model", backend="reference")
+    assert dm.pruning.thresholds == res.extra["pruning"]["thresholds"] != [0.2, 0.4]

@@ -414,3 +414,11 @@ stages:
         pytest.fail("load_recipe did not return within 20 s (endless loop in the stage graph check)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stages[0] (a).init_from: 'b' is a later stage" in proc.stdout
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"])
+def test_glue_template_validates_for_every_task(task):
+    """recipes/glue_template.yaml works for any GLUE task with only task and data changed."""
+    r = load_recipe(REPO / "recipes" / "glue_template.yaml", [f"task={task}", "data.source=hub", "data.path=null"])
+    assert r.task == task and [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize"]
+    assert all(getattr(s, "flops_convention", "paper") == "paper" for s in r.stages)
