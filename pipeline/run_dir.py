@@ -7,12 +7,15 @@ reports, plots, sweeps, the benchmark) goes through `RunDir`.
         data.json              splits: sizes, truncated inputs, validation carving, trivial baselines
         logs/run.log
         stages/NN-<id>/        one folder per *finished* stage: meta.json (+ model/)
-        stages/.tmp-NN-<id>/   a stage in progress; never counted as finished
+        stages/.tmp-NN-<id>/   a stage in progress; never counted as finished; its checkpoint/
+                               (training stages, stages/checkpoint.py) lets a rerun resume mid-stage
         report.json, report.md, plots/
 
 A stage folder appears only by renaming its complete temporary folder, with meta.json written
-last (`publish_stage`), so an interrupted stage leaves no finished stage behind.
-"""
+last (`publish_stage`), so an interrupted stage leaves no finished stage behind. An interrupted
+stage's temporary folder is kept for the rerun only when it holds a checkpoint (everything else in
+it is removed); the checkpoint is deleted just before the finished stage is renamed into place.
+With several processes only rank 0 calls the writing methods (the runner)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from ltp_compress.errors import UserError
 from ltp_compress.fileio import atomic_write_json
-from ltp_compress.stages.context import MODEL_DIR
+from ltp_compress.stages.context import CHECKPOINT_DIR, MODEL_DIR, has_checkpoint
 
 META_FILE = "meta.json"
 _TMP_PREFIX = ".tmp-"
@@ -110,18 +113,28 @@ class RunDir:
                 out.append(StageRecord(int(meta.get("index", d.name[:2])), meta["id"], meta["stage"], d, meta))
         return sorted(out, key=lambda r: r.index)
 
-    def start_stage(self, index: int, stage_id: str) -> tuple[Path, bool]:
-        """A fresh temporary folder for a stage; True if an interrupted attempt was removed."""
+    def start_stage(self, index: int, stage_id: str) -> tuple[Path, str | None]:
+        """The stage's temporary folder and what happened to an earlier, interrupted attempt:
+        None (there was none), "removed" (it had no checkpoint: the folder starts empty), or
+        "resumed" (its checkpoint/ is kept, anything else in the folder is removed)."""
         tmp = self.tmp_dir(index, stage_id)
-        removed = tmp.exists()
-        if removed:
-            shutil.rmtree(tmp)
+        if not tmp.exists():
+            tmp.mkdir(parents=True)
+            return tmp, None
+        if has_checkpoint(tmp):
+            for p in tmp.iterdir():
+                if p.name != CHECKPOINT_DIR:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            return tmp, "resumed"
+        shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        return tmp, removed
+        return tmp, "removed"
 
     def publish_stage(self, index: int, stage_id: str, meta: dict) -> StageRecord:
-        """Write meta.json last into the temporary folder, then rename it into place."""
+        """Delete the stage's checkpoint, write meta.json last into the temporary folder, then
+        rename it into place."""
         tmp, final = self.tmp_dir(index, stage_id), self.stage_dir(index, stage_id)
+        shutil.rmtree(tmp / CHECKPOINT_DIR, ignore_errors=True)
         atomic_write_json(tmp / META_FILE, meta)
         tmp.rename(final)
         return StageRecord(index, stage_id, meta["stage"], final, meta)

@@ -2,7 +2,14 @@
 
 The run folder layout is owned by `pipeline.run_dir.RunDir`. A stage folder appears only by
 renaming its complete temporary folder, with meta.json written last, so an interrupted stage
-leaves no finished stage behind and a rerun redoes just that stage.
+leaves no finished stage behind and a rerun redoes just that stage (resuming from its last
+checkpoint when it wrote one, stages/checkpoint.py).
+
+Under `accelerate launch` / `torchrun` every process runs this function; only rank 0 writes (run
+folder, recipe.json, logs/run.log, stage folders and their renames, report), the others wait at
+barriers and read what rank 0 wrote (the run folder must be on a filesystem every node sees). A
+stage that raises on any rank ends that process at once with its rank and traceback
+(stages/distributed.py `fail_rank`); the launcher then stops the others.
 """
 
 from __future__ import annotations
@@ -47,11 +54,19 @@ def _stage_config(st) -> dict:
     return json.loads(st.model_dump_json(by_alias=True))
 
 
-def _setup_logger(run: RunDir) -> logging.Logger:
+def _setup_logger(run: RunDir, rank: int = 0) -> logging.Logger:
+    """Rank 0: logs/run.log and stderr. Other ranks (several processes): errors on stderr only,
+    tagged with the rank (everything else rank 0 logs the same)."""
     log = logging.getLogger(f"ltp_compress.run.{run.path}")
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
+    if rank != 0:
+        h = logging.StreamHandler(sys.stderr)
+        h.setLevel(logging.ERROR)
+        h.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        return log
     run.log_file.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     for h in (logging.FileHandler(run.log_file), logging.StreamHandler(sys.stderr)):
@@ -80,10 +95,11 @@ def environment_info() -> dict:
     }
 
 
-def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> None:
-    """A run folder may be resumed only by the same recipe (finished stages unchanged)."""
+def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
+    """A run folder may be resumed only by the same recipe (finished stages unchanged). Returns
+    the folder to move the old run to (with --overwrite), or None; reads only (every rank runs it)."""
     if not run.is_run():
-        return
+        return None
     old = run.recipe()
     new = json.loads(recipe.model_dump_json(by_alias=True))
     head = {k: v for k, v in new.items() if k != "stages"}
@@ -103,8 +119,8 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> None:
             f"(the old folder is kept as {run.path.name}.bak-<time>)."
         )
     if changed:
-        backup = run.path.with_name(f"{run.path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-        run.path.rename(backup)
+        return run.path.with_name(f"{run.path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    return None
 
 
 def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger) -> tuple[TaskData, dict]:
@@ -159,15 +175,32 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
     if stop_after is not None and stop_after not in {s.id for s in recipe.stages}:
         raise RecipeError(f"--stop-after: '{stop_after}' is not a stage id of {recipe_path}")
 
+    from ltp_compress.stages import distributed as dist
+
+    if dist.launched_world_size() > 1:
+        dist.init_state()  # the process group (with our timeout) before the first barrier
+    main = dist.is_main()
+    for i, st in enumerate(recipe.stages):  # batch sizes are global: before any compute, not hours into the run
+        if hasattr(st, "batch_size"):
+            dist.check_batch_size(st.batch_size, f"{recipe_path}: stages[{i}] ({st.id}).batch_size")
     run = RunDir(Path(recipe.output_dir) / recipe.name)
-    _check_resume(run, recipe, overwrite)
-    run.path.mkdir(parents=True, exist_ok=True)
-    log = _setup_logger(run)
+    backup = _check_resume(run, recipe, overwrite)
+    dist.barrier()  # every rank has read the old run before rank 0 moves it
+    if main:
+        if backup is not None:
+            run.path.rename(backup)
+        run.path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    log = _setup_logger(run, dist.rank())
+    if dist.world_size() > 1:
+        log.info("%d processes (%s); batch sizes are global (each process takes 1/%d of every batch)",
+                 dist.world_size(), "gloo, CPU" if dist.use_cpu() else "GPUs", dist.world_size())
     hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; stages show their own progress
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
-    atomic_write_json(run.recipe_file, json.loads(recipe.model_dump_json(by_alias=True)))
-    atomic_write_json(run.environment_file, environment_info())
+    if main:
+        atomic_write_json(run.recipe_file, json.loads(recipe.model_dump_json(by_alias=True)))
+        atomic_write_json(run.environment_file, environment_info())
 
     task = get_task(recipe.task)
     base_model = resolve_model_source(recipe.model, recipe_path.parent)
@@ -179,20 +212,39 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
         else:
             if data is None:
                 data, data_summary = load_task_data(recipe, task, load_tokenizer(base_model), log)
-                atomic_write_json(run.data_file, data_summary)
+                if main:
+                    atomic_write_json(run.data_file, data_summary)
             src_i = source_stage_index(recipe, i)
             src_rec = records[recipe.stages[src_i].id] if src_i is not None else None
             source = str(src_rec.model_dir) if src_rec is not None else base_model
-            tmp, removed = run.start_stage(i, st.id)
-            if removed:
-                log.info("stage %s: removing an interrupted attempt %s", st.id, tmp)
+            if main:
+                tmp, earlier = run.start_stage(i, st.id)
+                if earlier == "removed":
+                    log.info("stage %s: removing an interrupted attempt %s", st.id, tmp)
+                elif earlier == "resumed":
+                    log.info("stage %s: an interrupted attempt left a checkpoint in %s: resuming from it", st.id, tmp)
+            dist.barrier()
+            tmp = run.tmp_dir(i, st.id)
             stage_models = {sid: str(r.model_dir) for sid, r in records.items() if r.model_dir is not None}
             ctx = StageContext(task=task, data=data, out_dir=tmp, final_dir=run.stage_dir(i, st.id), source_model=source,
                                stage_models={**stage_models, RECIPE_MODEL: base_model}, seed=recipe.seed, log=log,
                                max_seq_length=recipe.data.max_seq_length, progress=progress)
             log.info("stage %s (%s): starting from %s", st.id, st.stage, source)
             t0 = time.time()
-            result = stage_function(st.stage)(st, ctx)
+            dist.start_recording(st.id)  # debug only ($LTP_DEBUG_RECORD_DIR): example indices per rank
+            try:
+                result = stage_function(st.stage)(st, ctx)
+            except BaseException as e:
+                dist.fail_rank(st.id, e, log)  # several processes: report the rank, exit now (no hang)
+                raise
+            dist.finish_recording()
+            dist.barrier()  # every rank finished the stage (rank 0 wrote its model)
+            if not main:
+                dist.barrier()  # rank 0 publishes the stage folder
+                records = {r.id: r for r in run.finished()}
+                if stop_after == st.id:
+                    break
+                continue
             meta = {
                 "id": st.id, "stage": st.stage, "index": i, "config": _stage_config(st),
                 "source_model": source, "source_stage": src_rec.id if src_rec else None,
@@ -206,11 +258,14 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
                 raise RunError(f"stage {st.id} ({st.stage}) finished without writing a model")
             records[st.id] = run.publish_stage(i, st.id, meta)
             log.info("stage %s finished in %.1f s: %s", st.id, meta["wall_time_s"], _brief(meta))
+            dist.barrier()
         if stop_after == st.id:
             log.info("stopping after stage %s as asked", st.id)
             break
-    _, report_md = write_report(run.path)
-    log.info("report: %s", report_md)
+    if main:
+        _, report_md = write_report(run.path)
+        log.info("report: %s", report_md)
+    dist.barrier()
     return run.path
 
 

@@ -12,6 +12,6 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ckpt=$(ls -d runs/demo/stages/*-int8/model 2>/dev/null | tail -n 1 || true)
 if [ -n "$ckpt" ]; then
   "$VENV/bin/ltp-compress" export "$ckpt" runs/demo/onnx --parity-tsv data/sst2_demo/dev.tsv
-  "$VENV/bin/ltp-compress" predict runs/demo/onnx --threads 2 "a gripping, beautifully acted film" "a dull and lifeless mess"
+  "$VENV/bin/ltp-compress" predict runs/demo/onnx "a gripping, beautifully acted film" "a dull and lifeless mess" --threads 2
 fi
 echo "demo report: runs/demo/report.md"

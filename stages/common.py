@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -18,6 +19,7 @@ from ltp_compress.tasks.data import length_bucketed_batches
 from ltp_compress.tasks.metrics import compute_metrics
 from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages import distributed as dist
 
 
 def set_seed(seed: int) -> None:
@@ -27,19 +29,53 @@ def set_seed(seed: int) -> None:
 
 
 def make_accelerator(mixed_precision: str = "no"):
-    """An accelerate Accelerator: the same loop runs on CPU, one GPU, or under `accelerate launch`."""
+    """An accelerate Accelerator: the same loop runs on CPU, one GPU, or under `accelerate launch`
+    (several processes: gloo on CPU, NCCL on GPUs; process group timeout from
+    `distributed.ENV_TIMEOUT`)."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=mixed_precision)
+    dist.init_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=dist.use_cpu() if dist.launched_world_size() > 1 else False,
+                       kwargs_handlers=dist.process_group_kwargs())
 
 
-def shard(batches: list, accelerator) -> list:
-    """This process's share of a batch list (equal counts across processes for DDP)."""
-    n = accelerator.num_processes
-    if n == 1:
-        return batches
-    usable = len(batches) - len(batches) % n
-    return batches[accelerator.process_index:usable:n]
+class PruningForward(torch.nn.Module):
+    """The module a training stage hands to `accelerator.prepare` (DDP wraps it): the classifier
+    and, for `ltp_soft`, the thresholds as a parameter, so that DDP all-reduces (averages) the
+    threshold gradients exactly like the weights'. `forward` is `forward_masked` on the classifier."""
+
+    def __init__(self, model: torch.nn.Module, thresholds: torch.nn.Parameter | None = None):
+        super().__init__()
+        self.model = model
+        self.thresholds = thresholds
+
+    def forward(self, input_ids, attention_mask, token_type_ids, **kwargs):
+        if self.thresholds is not None:
+            kwargs["thresholds"] = self.thresholds
+        return forward_masked(self.model, input_ids, attention_mask, token_type_ids, **kwargs)
+
+
+def grad_sync(accelerator, model):
+    """Context for one training step's forward + backward: gradients are all-reduced (DDP), unless
+    the test-only negative control `distributed.ENV_NO_GRAD_SYNC` is set."""
+    return accelerator.no_sync(model) if dist.grad_sync_disabled() else contextlib.nullcontext()
+
+
+def weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """`loss · weight` (no operation at weight 1: one process is bitwise unchanged)."""
+    return loss if weight == 1.0 else loss * weight
+
+
+def check_global_batch(cfg) -> None:
+    dist.check_batch_size(cfg.batch_size, f"stage '{cfg.id}': batch_size")
+
+
+def epoch_batches(ctx: StageContext, batch_size: int, epoch: int, start_step: int, steps_per_epoch: int, total_steps: int) -> list:
+    """The global batches epoch `epoch` still has to run: from global step `start_step` (resume)
+    up to `total_steps` (a fractional last epoch)."""
+    first = epoch * steps_per_epoch
+    batches = train_batches(ctx, batch_size, epoch)
+    return batches[max(0, start_step - first):max(0, total_steps - first)]
 
 
 def train_batches(ctx: StageContext, batch_size: int, epoch: int) -> list:
@@ -69,13 +105,16 @@ def adamw_with_warmup(param_groups: list[dict], lr: float, weight_decay: float, 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(accelerator, model, loss, max_grad_norm: float, optimizers: list, scheduler) -> None:
-    """backward, clip the weights' gradient norm, step every optimizer and the schedule, zero grads."""
+def optimizer_step(accelerator, model, loss, max_grad_norm: float, optimizers: list, scheduler, clip_params=None) -> None:
+    """backward, clip the weights' gradient norm (`clip_params`, default all of `model`'s), step
+    every optimizer and the schedule (once per global step, not per process; not when a mixed
+    precision step was skipped), zero grads."""
     accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    accelerator.clip_grad_norm_(model.parameters() if clip_params is None else clip_params, max_grad_norm)
     for opt in optimizers:
         opt.step()
-    scheduler.step()
+    if not any(getattr(opt, "step_was_skipped", False) for opt in optimizers):
+        scheduler.step()
     for opt in optimizers:
         opt.zero_grad()
 
@@ -143,30 +182,39 @@ class EvalResult:
 def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig, batch_size: int, *, desc: str = "eval", forward=None) -> EvalResult:
     """Inference on one evaluation split (validation or a dev set) with the real (packed) pruned
     runtime; metrics + token counts. `forward(model, batch, pruning)` defaults to the packed
-    token-removing forward."""
+    token-removing forward. With several processes each rank runs every N-th batch (disjoint parts
+    covering the split once) and the (index, prediction, kept tokens, length) rows are gathered,
+    so every rank computes the same metrics on the whole split; throughput uses the slowest rank."""
     forward = forward or (lambda m, b, p: forward_for_pruning(m, b, p, packed=True, return_kept=True))
     model.eval()
     ts = ctx.data.eval_split(split)
-    batches = eval_batches(ctx, split, batch_size)
+    batches = eval_batches(ctx, split, batch_size)[dist.rank()::dist.world_size()]
     device = next(model.parameters()).device
     n = len(ts.labels)
     L = model.config.num_hidden_layers
     preds = np.zeros(n, dtype=np.float64)
     kept = np.zeros((n, L), dtype=np.int64)
     lengths = np.zeros(n, dtype=np.int64)
+    rows = []  # (index, prediction, lengths, kept tokens) per batch
     start = time.perf_counter()
-    for batch in tqdm(batches, desc=desc, leave=False, disable=not ctx.progress):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not ctx.progress or not dist.is_main()):
         batch = batch.to(device)
         out = forward(model, batch, pruning)
-        idx = batch.index.cpu().numpy()
-        preds[idx] = predictions_from_logits(out.logits, ts.num_labels)
-        lengths[idx] = batch.attention_mask.sum(1).cpu().numpy()
-        kept[idx] = out.kept_tokens.cpu().numpy()
-    elapsed = time.perf_counter() - start
+        rows.append((batch.index.cpu().numpy(), predictions_from_logits(out.logits, ts.num_labels).astype(np.float64),
+                     batch.attention_mask.sum(1).cpu().numpy(), out.kept_tokens.cpu().numpy()))
+    mine = [int(i) for r in rows for i in r[0]]
+    if dist.world_size() > 1:
+        rows = [r for part in dist.all_gather_objects(rows) for r in part]
+    for idx, p, ln, k in rows:
+        preds[idx] = p
+        lengths[idx] = ln
+        kept[idx] = k
+    elapsed = dist.max_over_ranks(time.perf_counter() - start)
     metrics = compute_metrics(ctx.task, preds if ts.num_labels == 1 else preds.astype(np.int64), np.asarray(ts.labels))
     metrics["examples_per_s"] = n / elapsed
     metrics["mean_tokens"] = float(lengths.mean())
     metrics["num_examples"] = n
+    dist.recorder().eval(split, mine, metrics)
     return EvalResult(metrics=metrics, kept_tokens=kept, lengths=lengths)
 
 

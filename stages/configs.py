@@ -28,8 +28,12 @@ class StageBase(StrictModel):
 class TrainStageBase(StageBase):
     epochs: float = Field(3.0, gt=0, description="passes over the training set (fractions allowed)")
     lr: float = Field(2.0e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch size: the same on 1 or N processes (`accelerate launch`); each "
+                                                  "process takes batch_size / N examples of every batch, so it must be divisible by N")
     eval_batch_size: int = Field(64, ge=1)
+    checkpoint_every_steps: int = Field(1000, ge=0, description="write a resumable checkpoint (weights, optimizer, schedule, RNG, "
+                                                                "loop state) into the stage's temporary folder every this many "
+                                                                "global steps; rerunning an interrupted stage resumes from it; 0 = off")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -12,6 +12,16 @@ from ltp_compress.tasks.glue import TaskSpec
 #: quantize: the deployable checkpoint)
 MODEL_DIR = "model"
 
+#: the subfolder of a stage's temporary folder that holds its mid-stage checkpoint (stages/checkpoint.py),
+#: complete once its state file exists
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE_FILE = "state.json"
+
+
+def has_checkpoint(stage_tmp_dir: Path) -> bool:
+    """Whether an interrupted stage's temporary folder holds a complete checkpoint to resume from."""
+    return (Path(stage_tmp_dir) / CHECKPOINT_DIR / CHECKPOINT_STATE_FILE).is_file()
+
 
 #: the split every choice is made on (carved from train; see tasks/splits.py)
 VALIDATION = "validation"

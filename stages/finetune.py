@@ -12,13 +12,15 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
-from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked
+from ltp_compress.modeling.pruned_encoder import PruningConfig
 from ltp_compress.modeling.model_io import load_classifier, load_tokenizer, save_stage_model
 from ltp_compress.stages.configs import FinetuneStage
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages import distributed as dist
+from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    adamw_with_warmup, evaluate, load_kd_teacher, optimizer_step, make_accelerator, pruning_stage_loss,
-    set_seed, shard, steps_plan, train_batches, weight_param_groups,
+    PruningForward, adamw_with_warmup, check_global_batch, epoch_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
+    optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
 )
 
 
@@ -58,58 +60,84 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
     (token-removing) runtime; keep the best; save to ctx.model_out.
 
     `retarget(model, pruning, step, total_steps) -> (PruningConfig, info) | None`, if given, is
-    called after every step and may replace the rule (ltp_hard's `target_flops`). `eligible(cost)`,
-    if given, limits `keep_best` to evaluations whose validation cost passes it (ltp_hard: relative
-    FLOPs within the target's tolerance); with none eligible, the last weights are kept."""
+    called after every step (on rank 0, its decision broadcast) and may replace the rule (ltp_hard's
+    `target_flops`). `eligible(cost)`, if given, limits `keep_best` to evaluations whose validation
+    cost passes it (ltp_hard: relative FLOPs within the target's tolerance); with none eligible, the
+    last weights are kept. Several processes, checkpoints and resume: see stages/distributed.py and
+    stages/checkpoint.py."""
     set_seed(ctx.seed)
     accelerator = make_accelerator(cfg.mixed_precision)
+    check_global_batch(cfg)
     mode = pruning.masked_mode
-    thresholds = pruning.thresholds_tensor
 
-    n_batches = len(shard(train_batches(ctx, cfg.batch_size, 0), accelerator))
-    total_steps, n_epochs = steps_plan(n_batches, cfg.epochs) if cfg.epochs > 0 else (0, 0)
+    steps_per_epoch = len(train_batches(ctx, cfg.batch_size, 0))
+    total_steps, n_epochs = steps_plan(steps_per_epoch, cfg.epochs) if cfg.epochs > 0 else (0, 0)
     opt, sched = adamw_with_warmup(weight_param_groups(model, cfg.weight_decay), cfg.lr, cfg.weight_decay, max(total_steps, 1), cfg.warmup_ratio)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    if thresholds is not None:
-        thresholds = thresholds.to(accelerator.device)
+    net, opt = accelerator.prepare(PruningForward(model), opt)
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
-    history, best, best_state, step, retargets = [], None, None, 0, []
-    for epoch in range(n_epochs):
-        model.train()
-        batches = shard(train_batches(ctx, cfg.batch_size, epoch), accelerator)
-        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
-            if step >= total_steps:
-                break
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                                     mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
-                loss = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
-            optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt], sched)
+    history, best, best_state, best_pruning, step, start_epoch, retargets, last_loss = [], None, None, None, 0, 0, [], float("nan")
+    ckpt = load_checkpoint(ctx.out_dir, cfg, ctx.log)
+    if ckpt is not None:
+        ckpt.restore(model, {"weights": opt}, sched)
+        st = ckpt.state
+        history, best, retargets, last_loss = st["history"], st["best"], st["retargets"], st["loss"]
+        pruning = PruningConfig.from_dict(st["pruning"])
+        best_pruning = PruningConfig.from_dict(st["best_pruning"]) if st["best_pruning"] is not None else None
+        best_state = {k[len("best/"):]: v.to(accelerator.device) for k, v in ckpt.tensors.items() if k.startswith("best/")} or None
+        step, start_epoch = ckpt.step, ckpt.epoch
+        ctx.log.info("%s: resuming from the checkpoint at step %d of %d (epoch %d)", cfg.id, step, total_steps, start_epoch + 1)
+    thresholds = pruning.thresholds_tensor
+    if thresholds is not None:
+        thresholds = thresholds.to(accelerator.device)
+
+    def checkpoint(epoch: int) -> None:
+        save_checkpoint(ctx.out_dir, cfg, step=step, epoch=epoch, model=model, optimizers={"weights": opt}, scheduler=sched,
+                        tensors={f"best/{k}": v for k, v in (best_state or {}).items()},
+                        state={"history": history, "best": best, "retargets": retargets, "loss": last_loss,
+                               "pruning": pruning.to_dict(), "best_pruning": best_pruning.to_dict() if best_pruning else None})
+
+    rec = dist.recorder()
+    for epoch in range(start_epoch, n_epochs):
+        net.train()
+        batches = epoch_batches(ctx, cfg.batch_size, epoch, step, steps_per_epoch, total_steps)
+        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
+            local = dist.local_part(batch)
+            rec.train(epoch, dist.real_indices(local))
+            batch = local.batch.to(accelerator.device)
+            with grad_sync(accelerator, net):
+                with accelerator.autocast():
+                    out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                              mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
+                    loss = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
+                optimizer_step(accelerator, net, weighted(loss, local.example_weight), cfg.max_grad_norm, [opt], sched)
             step += 1
+            last_loss = loss.item()
             if retarget is not None:
-                new = retarget(accelerator.unwrap_model(model), pruning, step, total_steps)
+                new = dist.decide_on_main(retarget, model, pruning, step, total_steps)
                 if new is not None:
                     pruning, info = new
                     thresholds = torch.tensor(pruning.thresholds, device=accelerator.device)
                     retargets.append({"step": step, **info})
-                    model.train()
+                    net.train()
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
+                checkpoint(epoch)
+            dist.maybe_fail(cfg.id, step)
         if cfg.eval_every_epoch or epoch == n_epochs - 1:
-            ev = evaluate(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
+            ev = evaluate(model, ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
             score, rel = ev.selection_score, ev.validation_cost["relative_flops"]
-            history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "validation": ev.metrics[VALIDATION],
+            history.append({"epoch": epoch + 1, "step": step, "loss": last_loss, "validation": ev.metrics[VALIDATION],
                             "validation_relative_flops": rel})
-            ctx.log.info("%s epoch %d: loss %.4f, validation main %.4f, relative FLOPs %.3f", cfg.id, epoch + 1, loss.item(), score, rel)
+            ctx.log.info("%s epoch %d: loss %.4f, validation main %.4f, relative FLOPs %.3f", cfg.id, epoch + 1, last_loss, score, rel)
             if cfg.keep_best and (eligible is None or eligible(ev.validation_cost)) and (best is None or score > best):
-                best, best_state, best_pruning = score, copy.deepcopy(accelerator.unwrap_model(model).state_dict()), pruning
+                best, best_state, best_pruning = score, copy.deepcopy(model.state_dict()), pruning
 
-    final = accelerator.unwrap_model(model)
+    final = model
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
         pruning = best_pruning
     ev = evaluate(final, ctx, pruning, cfg.eval_batch_size)
-    if accelerator.is_main_process:
+    if dist.is_main():
         save_stage_model(final, tokenizer, pruning, ctx.model_out)
     extra = {"history": history, "train_steps": step, "pruning": pruning.to_dict()}
     if retarget is not None:

@@ -23,13 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, linear_threshold_init
+from ltp_compress.modeling.pruned_encoder import PruningConfig, linear_threshold_init
 from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
 from ltp_compress.stages.configs import LTPSoftStage
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages import distributed as dist
+from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    adamw_with_warmup, evaluate, load_kd_teacher, optimizer_step, make_accelerator, pruning_stage_loss, set_seed,
-    shard, steps_plan, train_batches, weight_param_groups,
+    PruningForward, adamw_with_warmup, check_global_batch, epoch_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
+    optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
 )
 from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report
 
@@ -37,65 +39,91 @@ from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_p
 def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     set_seed(ctx.seed)
     accelerator = make_accelerator(cfg.mixed_precision)
+    check_global_batch(cfg)
     model, tokenizer, _ = load_stage_model(ctx.source_model, ctx.task)
     L = model.config.num_hidden_layers
-    thresholds = torch.nn.Parameter(torch.tensor(linear_threshold_init(L, cfg.final_threshold)))
+    # the thresholds live in the module DDP wraps: their gradients are all-reduced like the weights'
+    inner = PruningForward(model, torch.nn.Parameter(torch.tensor(linear_threshold_init(L, cfg.final_threshold))))
+    thresholds = inner.thresholds
     lam = cfg.lambda_
 
-    n_batches = len(shard(train_batches(ctx, cfg.batch_size, 0), accelerator))
-    total_steps, n_epochs = steps_plan(n_batches, cfg.epochs)
+    steps_per_epoch = len(train_batches(ctx, cfg.batch_size, 0))
+    total_steps, n_epochs = steps_plan(steps_per_epoch, cfg.epochs)
     opt, sched = adamw_with_warmup(weight_param_groups(model, cfg.weight_decay), cfg.lr, cfg.weight_decay, total_steps, cfg.warmup_ratio)
     th_opt = torch.optim.Adam([thresholds], lr=cfg.threshold_lr)
-    model, opt, sched, th_opt = accelerator.prepare(model, opt, sched, th_opt)
-    thresholds.data = thresholds.data.to(accelerator.device)
+    net, opt, th_opt = accelerator.prepare(inner, opt, th_opt)
+    weights = [p for p in model.parameters()]  # gradient clipping: the weights only, as on one process
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
 
     probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
 
-    history, step = [], 0
-    for epoch in range(n_epochs):
-        model.train()
-        batches = shard(train_batches(ctx, cfg.batch_size, epoch), accelerator)
-        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress):
-            if step >= total_steps:
-                break
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                out = forward_masked(model, batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                                     mode="soft", thresholds=thresholds, temperature=cfg.temperature)
-                loss_task = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
-                real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
-                mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
-                loss = loss_task + lam * mask_mean
-            optimizer_step(accelerator, model, loss, cfg.max_grad_norm, [opt, th_opt], sched)
+    history, step, start_epoch = [], 0, 0
+    last = {"loss": float("nan"), "task_loss": float("nan"), "mask_mean": float("nan")}
+    optimizers = {"weights": opt, "thresholds": th_opt}
+    ckpt = load_checkpoint(ctx.out_dir, cfg, ctx.log)
+    if ckpt is not None:
+        ckpt.restore(model, optimizers, sched)
+        with torch.no_grad():
+            thresholds.copy_(ckpt.tensors["thresholds"].to(thresholds.device))
+        history, lam, last, step, start_epoch = ckpt.state["history"], ckpt.state["lambda"], ckpt.state["last"], ckpt.step, ckpt.epoch
+        ctx.log.info("%s: resuming from the checkpoint at step %d of %d (epoch %d)", cfg.id, step, total_steps, start_epoch + 1)
+
+    def steer(lam: float) -> float:
+        rel = relative_flops_on(model, probe, _pruning(thresholds), cfg.flops_convention)
+        return _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
+
+    rec = dist.recorder()
+    for epoch in range(start_epoch, n_epochs):
+        net.train()
+        batches = epoch_batches(ctx, cfg.batch_size, epoch, step, steps_per_epoch, total_steps)
+        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
+            local = dist.local_part(batch)
+            rec.train(epoch, dist.real_indices(local))
+            batch = local.batch.to(accelerator.device)
+            with grad_sync(accelerator, net):
+                with accelerator.autocast():
+                    out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="soft", temperature=cfg.temperature)
+                    loss_task = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
+                    real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
+                    mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
+                    # example / token weights: DDP's average is the global batch's loss gradient
+                    loss = weighted(loss_task, local.example_weight) + weighted(lam * mask_mean, local.token_weight)
+                optimizer_step(accelerator, net, loss, cfg.max_grad_norm, [opt, th_opt], sched, clip_params=weights)
             step += 1
+            last = {"loss": loss.item(), "task_loss": loss_task.item(), "mask_mean": mask_mean.item()}
             if control_every and step % control_every == 0:
-                rel = relative_flops_on(accelerator.unwrap_model(model), probe, _pruning(thresholds), cfg.flops_convention)
-                lam = _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
-                model.train()
+                lam = dist.decide_on_main(steer, lam)  # λ decided once (rank 0), broadcast
+                net.train()
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
+                save_checkpoint(ctx.out_dir, cfg, step=step, epoch=epoch, model=model, optimizers=optimizers, scheduler=sched,
+                                tensors={"thresholds": thresholds}, state={"history": history, "lambda": lam, "last": last})
+            dist.maybe_fail(cfg.id, step)
+        if not dist.grad_sync_disabled():
+            dist.check_identical(thresholds, f"{cfg.id}: thresholds after epoch {epoch + 1}")
         pruning = _pruning(thresholds)
-        ev = evaluate(accelerator.unwrap_model(model), ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
+        ev = evaluate(model, ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
         rel = ev.validation_cost["by_convention"][cfg.flops_convention]["relative_flops"]
-        history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "task_loss": loss_task.item(),
-                        "mask_mean": mask_mean.item(), "lambda": lam, "thresholds": pruning.thresholds,
+        history.append({"epoch": epoch + 1, "step": step, "loss": last["loss"], "task_loss": last["task_loss"],
+                        "mask_mean": last["mask_mean"], "lambda": lam, "thresholds": pruning.thresholds,
                         "validation": ev.metrics[VALIDATION], "validation_relative_flops": rel, "flops_convention": cfg.flops_convention})
         ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, validation main %.4f, relative FLOPs (%s) %.3f, θ %s",
-                     cfg.id, epoch + 1, loss.item(), mask_mean.item(), lam, ev.selection_score, cfg.flops_convention, rel,
+                     cfg.id, epoch + 1, last["loss"], last["mask_mean"], lam, ev.selection_score, cfg.flops_convention, rel,
                      np.round(pruning.thresholds, 3).tolist())
 
-    final = accelerator.unwrap_model(model)
+    final = model
     pruning = _pruning(thresholds)
     calibration = None
     if cfg.target_flops:
         sample = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
         calibration = {"before": {"thresholds": pruning.thresholds}}
-        pruning, found = calibrate_threshold_offset(final, sample, pruning, cfg.target_flops, cfg.flops_convention)
+        # decided once (rank 0), broadcast
+        pruning, found = dist.decide_on_main(calibrate_threshold_offset, final, sample, pruning, cfg.target_flops, cfg.flops_convention)
         calibration.update(found, inputs=cfg.flops_calibration_inputs)
         ctx.log.info("%s: thresholds offset by %.4f·(l+1)/L to reach relative FLOPs (%s) %.3f on %s inputs", cfg.id,
                      calibration["offset"], cfg.flops_convention, calibration["relative_flops"], cfg.flops_calibration_inputs)
     ev = evaluate(final, ctx, pruning, cfg.eval_batch_size)
-    if accelerator.is_main_process:
+    if dist.is_main():
         save_stage_model(final, tokenizer, pruning, ctx.model_out)
     result = ev.result({"history": history, "train_steps": step, "final_lambda": lam, "pruning": pruning.to_dict(),
                         "calibration": calibration})

@@ -20,6 +20,7 @@ import torch
 
 from ltp_compress.kernels import kernel_counters, reset_kernel_counters
 from ltp_compress.modeling.deploy import save_deployable
+from ltp_compress.stages import distributed as dist
 from ltp_compress.modeling.quantized import (
     calibrate, convert_to_int8, fake_quant_weight, fake_quant_per_tensor, int8_precision, linear_names, load_act_scales,
 )
@@ -120,15 +121,17 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     info.percentile = cfg.percentile if cfg.observer == "percentile" else None
     info.calibration_batches = len(calib) if scale_source == "calibration" else 0
     precision = precision_for(fp_layers)
-    pruning, refit = refit_to_target(qmodel, ctx, pruning, cfg, cfg.eval_batch_size)  # on the INT8 model: what deploys
+    # on the INT8 model (what deploys); with several processes decided on rank 0 and broadcast
+    pruning, refit = dist.decide_on_main(refit_to_target, qmodel, ctx, pruning, cfg, cfg.eval_batch_size)
     reset_kernel_counters()
     ev = evaluate(qmodel, ctx, pruning, cfg.eval_batch_size, precision=precision)
     counters = kernel_counters()
     ctx.log.info("%s: INT8 backend %s, kernels run: %s", cfg.id, info.backend, counters)
     deploy_dir = ctx.model_out
-    save_deployable(qmodel, tokenizer, pruning, info, deploy_dir, max_seq_length=ctx.max_seq_length)
+    if dist.is_main():  # several processes: every rank calibrated and evaluated (its shard), rank 0 writes
+        save_deployable(qmodel, tokenizer, pruning, info, deploy_dir, max_seq_length=ctx.max_seq_length)
     extra = {
-        "kernel": {"backend": info.backend, "counters": counters},
+        "kernel": {"backend": info.backend, "counters": counters},  # this process's (rank 0's evaluation shard)
         "deploy_dir": str(ctx.final_model_dir),
         "act_scale_source": scale_source,
         "observer": info.observer,
