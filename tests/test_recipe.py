@@ -70,7 +70,7 @@ def test_lambda_alias_and_field_name(tmp_path):
 def test_demo_recipe_validates(capsys):
     r = load_recipe(REPO / "recipes" / "demo.yaml")
     assert [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize", "quantize"]
-    assert r.stages[1].lambda_ == 0.2 and r.stages[1].temperature == 0.1
+    assert r.stages[1].lambda_ == 0.5 and r.stages[1].temperature == 0.1 and r.stages[1].flops_convention == "paper"
     assert r.stages[3].teacher == "teacher" and r.stages[5].init_from == "hard"  # INT8 without KD, for comparison
     # data path is relative to the recipe file; preflight resolves it
     resolved, problems = preflight(r, REPO / "recipes" / "demo.yaml")
