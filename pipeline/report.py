@@ -64,6 +64,12 @@ def render_markdown(report: dict) -> str:
     header = ("| stage | type | validation main | dev main | dev metrics | rel. FLOPs executed | rel. FLOPs paper | "
               "rel. BOPs vs FP16 dense (executed / paper) | GFLOPs/ex | dev ex/s | params | size on disk | wall s |")
     lines += ["## Stages (FLOPs/BOPs on dev)", "", header, "|" + "---|" * (header.count("|") - 1)]
+    splits = data.get("splits") or {}
+    if "validation" in splits:  # the trivial predictor beside every model's metric
+        trivial_dev = next((v["trivial_baseline"] for k, v in splits.items() if k not in ("train", "validation")), None)
+        lines.append(f"| trivial baseline | {splits['validation']['trivial_baseline']['predictor']} | "
+                     f"{splits['validation']['trivial_baseline']['main']:.4f} | "
+                     + (f"{trivial_dev['main']:.4f}" if trivial_dev else "-") + " |" + " - |" * (header.count("|") - 5))
     for s in report["stages"]:
         metrics = s.get("metrics") or {}
         val = metrics.get("validation", {})

@@ -123,6 +123,16 @@ def test_full_run_report(full_run):
     rows = [line for line in md.splitlines() if line.startswith("| ") and " | " in line]
     for sid, typ in (("ft", "finetune"), ("soft", "ltp_soft"), ("hard", "ltp_hard"), ("ev", "evaluate")):
         assert sum(line.startswith(f"| {sid} | {typ} |") for line in rows) == 1, sid
+    # validation (chosen on) and dev (test) side by side, both FLOPs conventions, the trivial baseline, the data summary
+    data = json.loads((run_dir / "data.json").read_text())
+    assert set(data["splits"]) == {"train", "validation", "dev"} and data["splits"]["validation"]["examples"] > 0
+    assert report["data"] == data
+    hard_row = next(line for line in rows if line.startswith("| hard | ltp_hard |")).split(" | ")
+    assert float(hard_row[2]) == pytest.approx(hard["metrics"]["validation"]["main"], abs=1e-4)
+    assert float(hard_row[3]) == pytest.approx(hard["metrics"]["dev"]["main"], abs=1e-4)
+    assert float(hard_row[6]) == pytest.approx(hard["cost"]["by_convention"]["paper"]["relative_flops"], abs=1e-3)
+    trivial = next(line for line in rows if line.startswith("| trivial baseline |")).split(" | ")
+    assert float(trivial[2]) == pytest.approx(data["splits"]["validation"]["trivial_baseline"]["main"], abs=1e-4)
 
 
 def test_report_command(full_run, capsys):
