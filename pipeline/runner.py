@@ -123,24 +123,36 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     return None
 
 
-def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger) -> tuple[TaskData, dict]:
-    """The tokenised splits, and a summary of them for the report (sizes, mean tokens, truncated
-    inputs, how validation was carved, the trivial baseline on each evaluated split)."""
-    from ltp_compress.tasks.data import count_truncated, load_split, mean_tokens, tokenize_split
+def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger, *, progress: bool = False) -> tuple[TaskData, dict]:
+    """The tokenised splits (through the token cache unless `data.cache: false`), and a summary of
+    them for the report (sizes, mean tokens, truncated inputs, how validation was carved, the
+    trivial baseline on each evaluated split, the cache entry)."""
+    from ltp_compress.tasks.data import load_split, mean_tokens
     from ltp_compress.tasks.metrics import trivial_baseline
     from ltp_compress.tasks.splits import load_train_and_validation
+    from ltp_compress.tasks.token_cache import load_splits_cached
+
+    def loader():  # called only when the cache has no entry for these files, tokenizer and settings
+        train_split, val_split, carve = load_train_and_validation(recipe.data, task, seed=recipe.seed)
+        raw = {"train": train_split, VALIDATION: val_split}
+        for key in task.dev_keys:
+            raw[key] = load_split(recipe.data, task, key, seed=recipe.seed)
+        return raw, {"validation_carving": carve}
 
     max_len = recipe.data.max_seq_length
-    train_split, val_split, carve = load_train_and_validation(recipe.data, task, seed=recipe.seed)
-    raw = {"train": train_split, VALIDATION: val_split}
-    for key in task.dev_keys:
-        raw[key] = load_split(recipe.data, task, key, seed=recipe.seed)
-    tokenized = {name: tokenize_split(split, tokenizer, max_len, num_labels=task.num_labels) for name, split in raw.items()}
-    summary = {"validation_carving": carve, "max_seq_length": max_len, "splits": {}}
-    for name, split in raw.items():
-        ts = tokenized[name]
-        row = {"examples": len(ts), "source": split.source, "malformed_rows_skipped": split.skipped,
-               "mean_tokens": mean_tokens(ts), "truncated": count_truncated(split, ts, tokenizer, max_len)}
+    cache_dir = None
+    if recipe.data.cache:
+        cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else Path(recipe.output_dir) / ".token_cache"
+    tokenized, info = load_splits_cached(recipe.data, task, tokenizer, seed=recipe.seed, cache_dir=cache_dir, loader=loader,
+                                         label=task.name, progress=progress, log=log)
+    carve = info.extra["validation_carving"]
+    summary = {"validation_carving": carve, "max_seq_length": max_len, "splits": {},
+               "token_cache": {"path": info.path, "hit": info.hit, "seconds": info.seconds}}
+    log.info("token cache: %s (%s, %.1f s)", info.path or "off", "reused" if info.hit else "built", info.seconds)
+    for name, ts in tokenized.items():
+        meta = info.split(name)
+        row = {"examples": len(ts), "source": meta["source"], "malformed_rows_skipped": meta["skipped"],
+               "mean_tokens": mean_tokens(ts), "truncated": meta["truncated"]}
         if name != "train":
             row["trivial_baseline"] = trivial_baseline(task, tokenized["train"].labels, ts.labels)
         summary["splits"][name] = row
@@ -211,8 +223,11 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
             log.info("stage %s (%s): already finished, skipped", st.id, st.stage)
         else:
             if data is None:
-                data, data_summary = load_task_data(recipe, task, load_tokenizer(base_model), log)
+                if not main:
+                    dist.barrier()  # rank 0 builds the token cache first; the others then read it
+                data, data_summary = load_task_data(recipe, task, load_tokenizer(base_model), log, progress=progress and main)
                 if main:
+                    dist.barrier()
                     atomic_write_json(run.data_file, data_summary)
             src_i = source_stage_index(recipe, i)
             src_rec = records[recipe.stages[src_i].id] if src_i is not None else None

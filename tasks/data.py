@@ -93,6 +93,9 @@ class DataConfig(BaseModel):
     max_validation_examples: int | None = Field(1000, ge=1, description="cap on the validation split (on SST-2 every validation "
                                                 "sentence also removes its ~9 phrases from train)")
     on_bad_row: Literal["error", "skip"] = "error"
+    cache: bool = Field(True, description="cache the tokenised splits (memory-mapped arrays, reused by reruns and sweeps; "
+                                          "keyed by the data files' content, the tokenizer and these settings)")
+    cache_dir: str | None = Field(None, description="token cache folder (default: <output_dir>/.token_cache)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -142,6 +145,7 @@ def resolve_paths(cfg: DataConfig, base_dir: Path | str) -> DataConfig:
         "path": _resolve(cfg.path, base),
         "train_file": _resolve(cfg.train_file, base),
         "dev_file": _resolve(cfg.dev_file, base),
+        "cache_dir": _resolve(cfg.cache_dir, base),
     })
 
 
@@ -519,19 +523,6 @@ def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *,
         else:
             num_labels = max(2, (max(labels) + 1) if labels else 2)
     return TokenizedSplit(split.name, input_ids, type_ids, labels, int(num_labels))
-
-
-def count_truncated(split: SplitData, ts: TokenizedSplit, tokenizer, max_seq_length: int) -> int:
-    """How many examples `tokenize_split` cut at `max_seq_length`: only rows that came out exactly
-    that long can have been cut, and only those are tokenised again without truncation."""
-    at_max = [i for i, ids in enumerate(ts.input_ids) if len(ids) >= max_seq_length]
-    if not at_max:
-        return 0
-    ex = [split.examples[i] for i in at_max]
-    pair = ex[0].text_b is not None
-    enc = tokenizer([e.text_a for e in ex], [e.text_b for e in ex] if pair else None, truncation=False, padding=False,
-                    return_attention_mask=False, return_token_type_ids=False)
-    return sum(1 for ids in enc["input_ids"] if len(ids) > max_seq_length)
 
 
 def mean_tokens(ts: TokenizedSplit) -> float:
