@@ -1,49 +1,41 @@
-"""End-to-end inference benchmark: our pruned / INT8 runtimes vs HF FP32 and dense INT8 peers.
+"""End-to-end inference benchmark: our pruned / INT8 runtimes vs what users deploy.
 
-Every system runs on the SAME tokenised dev examples, cut into the SAME length-bucketed,
-dynamically padded batches (each batch padded to its own longest row; `length_bucketed_batches`
-with shuffle off), with ``torch.set_num_threads(threads)``:
-
-=============================  ==============================================================
-``hf_fp32_eager``              the FP teacher as a Hugging Face model, eager attention, dense
-``torch_dynamic_int8``         ``torch.ao.quantization.quantize_dynamic(teacher, {nn.Linear},
-                               dtype=torch.qint8)`` (dynamic activation scales), eager
-``inc_static_int8``            Intel Neural Compressor 3.x PT2E static INT8:
-                               ``neural_compressor.torch.export.export`` (dynamic batch / seq
-                               dims) -> ``prepare(get_default_static_config())`` -> calibrate ->
-                               ``convert`` -> ``torch.compile(dynamic=True)``
-``torchao_static_int8_compiled``  torchao ``Int8StaticActivationInt8WeightConfig`` (per-tensor
-                               symmetric static activation scale per Linear from our calibration
-                               pass, per-row int8 weights) -> ``torch.compile(dynamic=True)``
-``ltp_fp32``                   ours: the hard-pruned FP model, ``forward_packed`` (token removal)
-``dense_int8``                 ours: the teacher quantised in-process by our pipeline
-                               (``calibrate`` + ``convert_to_int8``, pruning none), packed runtime
-``ltp_int8``                   ours: the deployable INT8 checkpoint (``load_deployable``): token
-                               removal + INT8 GEMMs
-=============================  ==============================================================
+The systems are built by `pipeline/peers/` (one module per family; names and groups in
+`pipeline/bench_args.py`, which also holds the command line shared by `ltp-compress bench` and
+benchmarks/e2e_bench.py). This module measures them: every system runs on the SAME tokenised dev
+examples, cut into the SAME length-bucketed, dynamically padded batches (each batch padded to its
+own longest row; `length_bucketed_batches` with shuffle off), with ``torch.set_num_threads(threads)``
+and each runtime's own thread setting = threads. Tokenisation happens once, before any system is
+built: it is outside every timed region.
 
 Per system: accuracy (task metrics via ``compute_metrics``) on the benchmarked examples, throughput
-(examples/s, median of ``repeats`` timed passes after one warmup pass) per batch size, bs-1 latency
-p50/p95, peak RSS, setup (load / quantise / export) and warmup (incl. compilation) time, and the
-throughput ratios vs ``hf_fp32_eager`` and vs the best dense INT8 peer (the fastest of the three
-third-party INT8 systems at that batch size). A failing system is recorded with its error, never
-dropped. ``ltp_int8`` also gets a profile at bs 32 (time per op class, effective GOP/s of the INT8
-GEMMs inside the model vs a standalone GEMM rate).
+(examples/s, median of ``repeats`` timed passes after one warmup pass, then the median over
+``rounds`` interleaved rounds) per batch size, bs-1 latency p50/p95, peak RSS, setup (load /
+quantise / export) and warmup (incl. compilation) time, its settings and doc links (``info``), its
+runtime's profile of one batch (ORT / OpenVINO op types, or the torch profiler's int8 ops) and
+whether that profile shows the system's fast ops (``fast_ops``), its INT8-vs-FP32 accuracy gap
+(``accuracy_vs_fp32``, flagged above 1 point), and throughput ratios vs the baseline (HF FP32,
+sdpa) and vs the best dense INT8 peer (the fastest third-party INT8 system at that batch size).
+A failing system is recorded with its error, never dropped. ``ltp_int8`` also gets an op-class
+profile (`bench_profile.profile_int8`); every benchmarked checkpoint is named by recipe and sha256.
 
 Isolation: by default each system runs in its own ``multiprocessing`` *spawn* child (fresh
 interpreter, the same pickled batches), so its peak RSS (``ru_maxrss``) is its own;
 ``isolation="inprocess"`` runs everything in this process and reports VmRSS growth instead.
+Rounds: with ``rounds`` > 1 the whole list of systems runs again (fresh children, same order),
+so slow drifts of a shared machine hit every system alike.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,29 +43,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ltp_compress.errors import UserError
 from ltp_compress.manifest import MANIFEST_FILE
 from ltp_compress.modeling.checkpoint_format import read_deployable_info
+from ltp_compress.pipeline.bench_args import BASELINE, FP32_PEERS, INT8_PEERS, OURS, SYSTEMS  # noqa: F401 (re-exported)
+from ltp_compress.pipeline.peers import REGISTRY, check_fast_ops
+from ltp_compress.pipeline.peers import build as build_system  # noqa: F401 (re-exported)
+from ltp_compress.pipeline.peers.common import BenchError, System, checkpoint_identity, version
 from ltp_compress.pipeline.run_dir import RunDir
 
-from ltp_compress.pipeline.bench_args import BASELINE, INT8_PEERS, OURS, SYSTEMS  # noqa: F401 (re-exported)
-NEEDS = {  # which model each system is built from
-    "hf_fp32_eager": "teacher", "torch_dynamic_int8": "teacher", "inc_static_int8": "teacher",
-    "torchao_static_int8_compiled": "teacher", "dense_int8": "teacher", "ltp_fp32": "hard", "ltp_int8": "int8",
-}
-DESCRIPTIONS = {
-    "hf_fp32_eager": "HF model, FP32, eager attention, dense",
-    "torch_dynamic_int8": "torch.ao quantize_dynamic (Linear, qint8, dynamic activations), eager",
-    "inc_static_int8": "Neural Compressor PT2E static INT8 + torch.compile",
-    "torchao_static_int8_compiled": "torchao Int8StaticActivationInt8WeightConfig + torch.compile",
-    "ltp_fp32": "ours: hard-pruned FP32, packed token-removing runtime",
-    "dense_int8": "ours: teacher, static W8A8 (our calibrate + convert_to_int8), packed runtime, no pruning",
-    "ltp_int8": "ours: deployable checkpoint, token removal + INT8 GEMMs",
-}
-
-
-class BenchError(UserError, ValueError):
-    """Bad benchmark arguments (missing checkpoint / stage, unknown system)."""
+NEEDS = {name: peer.needs for name, peer in REGISTRY.items()}  # which model each system is built from
+DESCRIPTIONS = {name: peer.description for name, peer in REGISTRY.items()}
+ACCURACY_GAP_POINTS = 1.0  # an INT8 system more than this many points from its FP32 reference is flagged
+PRUNED_FP_STAGES = ("ltp_hard", "distill")  # stages whose model is a hard-pruned FP model (ltp_fp32 can run it)
+TOKENIZATION = ("outside the timed region: the dev set is tokenised once, before any system is built, and every "
+                "system receives the same pre-tokenised, pre-padded int64 batches")
 
 
 # ----------------------------------------------------------------------------- locating models
@@ -87,8 +70,10 @@ def resolve_models(checkpoint: str | Path | None = None, *, run_dir: str | Path 
 
     `checkpoint` may be a run directory (has stages/) or a deployable INT8 folder (has
     manifest.json); a deployable folder inside a run (runs/X/stages/NN-id/model) also finds its
-    run's teacher and hard stages. In a run: teacher = the first ``finetune`` stage, hard = the
-    last ``ltp_hard`` stage, int8 = the first ``quantize`` stage (explicit paths win)."""
+    run's teacher and hard stages. In a run: teacher = the first ``finetune`` stage, int8 = the
+    first ``quantize`` stage, hard = the pruned FP stage that INT8 checkpoint was quantised from
+    (``ltp_hard`` or ``distill``, from its meta's source_stage), else the last ``ltp_hard`` stage
+    (explicit paths win)."""
     notes: list[str] = []
     paths = {"teacher": None, "hard": None, "int8": None}
     int8_meta = None
@@ -126,11 +111,19 @@ def resolve_models(checkpoint: str | Path | None = None, *, run_dir: str | Path 
             for r in qz:
                 if r.model_dir.resolve() == Path(paths["int8"]).resolve():
                     int8_meta = r.meta
+        # the pruned FP model the INT8 checkpoint was quantised from (e.g. a distilled student) is the
+        # fair FP counterpart of ltp_int8; the last ltp_hard stage only when the source is unknown
+        src = next((r for r in records if int8_meta and r.id == int8_meta.get("source_stage")
+                    and r.stage in PRUNED_FP_STAGES and r.model_dir is not None), None)
+        if hard is None and src is not None and (not hd or src.model_dir != hd[-1].model_dir):
+            paths["hard"] = src.model_dir
+            notes.append(f"hard (ltp_fp32) = stage {src.id!r} ({src.stage}), the model the INT8 checkpoint was quantised from")
     for k, v in (("teacher", teacher), ("hard", hard), ("int8", int8)):
         if v is not None:
             paths[k] = Path(v)
     return {**{k: (str(v) if v else None) for k, v in paths.items()}, "int8_stage": int8_meta,
             "run_dir": str(run_dir) if run_dir else None, "notes": notes}
+
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -154,6 +147,7 @@ class BenchInputs:
     backend: str = "auto"
     profile_bs: int | None = 32
     gemm_bench_json: str | None = None
+    work_dir: str | None = None  # exported / quantised artifacts (ONNX files) shared by the systems of one run
     extra: dict = field(default_factory=dict)
 
 
@@ -172,247 +166,13 @@ def _maxrss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / (1024.0 * 1024.0)
 
 
-# ----------------------------------------------------------------------------- systems
-
-
-class System:
-    """A built system: `logits(batch) -> FloatTensor [b, num_labels]`."""
-
-    def __init__(self, fn, info: dict | None = None, pad_multiple: int | None = None):
-        self.fn = fn
-        self.info = info or {}
-        self.pad_multiple = pad_multiple
-
-    def logits(self, batch):
-        ids, mask, tt = batch.input_ids, batch.attention_mask, batch.token_type_ids
-        if self.pad_multiple:
-            ids, mask, tt = _pad_to_multiple(ids, mask, tt, self.pad_multiple, self.info.get("pad_token_id", 0))
-        return self.fn(ids, mask, tt)
-
-
-def _pad_to_multiple(ids, mask, tt, multiple: int, pad_id: int):
-    import torch.nn.functional as F
-
-    s = ids.shape[1]
-    extra = (-s) % multiple
-    if not extra:
-        return ids, mask, tt
-    return (F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0), F.pad(tt, (0, extra), value=0))
-
-
-def _load_teacher(inp: BenchInputs):
-    from ltp_compress.modeling.model_io import load_stage_model
-    from ltp_compress.tasks.glue import get_task
-
-    if not inp.models.get("teacher"):
-        raise BenchError("no FP teacher model available (pass a run directory or --teacher)")
-    model, _, _ = load_stage_model(Path(inp.models["teacher"]), get_task(inp.task))
-    return model.eval()
-
-
-class _HFWrap:
-    """nn.Module taking (input_ids, attention_mask, token_type_ids) positionally -> logits."""
-
-    @staticmethod
-    def make(model):
-        import torch
-
-        class HFLogits(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
-
-        return HFLogits(model).eval()
-
-
-def _linear_amax(model, batches) -> dict[str, tuple[float, int]]:
-    """{linear name: (max |x| over the calibration batches, input ndim)} through the HF forward."""
-    import torch
-
-    amax: dict[str, tuple[float, int]] = {}
-    hooks = []
-    for n, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            def hook(mod, args, _n=n):
-                x = args[0]
-                prev = amax.get(_n, (0.0, x.ndim))[0]
-                amax[_n] = (max(prev, float(x.detach().abs().max())) if x.numel() else prev, x.ndim)
-            hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for b in batches:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, token_type_ids=b.token_type_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return amax
-
-
-def build_system(name: str, inp: BenchInputs) -> System:
-    import torch
-
-    from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
-
-    if name == "hf_fp32_eager":
-        model = _load_teacher(inp)
-        return System(lambda i, m, t: model(input_ids=i, attention_mask=m, token_type_ids=t).logits,
-                      {"api": "AutoModelForSequenceClassification(attn_implementation='eager')"})
-
-    if name == "torch_dynamic_int8":
-        qd = getattr(getattr(torch, "ao", None), "quantization", None)
-        qd = getattr(qd, "quantize_dynamic", None)
-        if qd is None:
-            raise RuntimeError("torch.ao.quantization.quantize_dynamic is not available in this torch")
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = qd(_load_teacher(inp), {torch.nn.Linear}, dtype=torch.qint8)
-        return System(lambda i, m, t: model(input_ids=i, attention_mask=m, token_type_ids=t).logits,
-                      {"api": "torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)",
-                       "quantized_engine": torch.backends.quantized.engine})
-
-    if name == "inc_static_int8":
-        return _build_inc(inp)
-
-    if name == "torchao_static_int8_compiled":
-        return _build_torchao(inp)
-
-    if name == "ltp_fp32":
-        from ltp_compress.modeling.model_io import load_stage_model
-        from ltp_compress.tasks.glue import get_task
-
-        if not inp.models.get("hard"):
-            raise BenchError("no hard-pruned FP model available (pass a run directory with an ltp_hard stage or --hard)")
-        model, _, pruning = load_stage_model(Path(inp.models["hard"]), get_task(inp.task))
-        model.eval()
-        return System(lambda i, m, t: forward_packed(model, i, m, t, pruning).logits,
-                      {"api": "forward_packed(hard model, PruningConfig from pruning.json)", "pruning": pruning.to_dict(),
-                       "_model": model})
-
-    if name == "dense_int8":
-        from ltp_compress.modeling.quantized import calibrate, convert_to_int8
-
-        teacher = _load_teacher(inp)
-        none = PruningConfig()
-        scales = calibrate(teacher, inp.calibration, none, inp.quant.get("observer", "minmax"),
-                           inp.quant.get("percentile") or 99.99)
-        qmodel, info = convert_to_int8(teacher, scales, inp.backend, fuse_gelu=inp.quant.get("fuse_gelu", True))
-        del teacher
-        return System(lambda i, m, t: forward_packed(qmodel, i, m, t, none).logits,
-                      {"api": "calibrate(teacher, calib, PruningConfig()) + convert_to_int8(backend) + forward_packed(pruning none)",
-                       "backend": info.backend, "observer": inp.quant.get("observer", "minmax"),
-                       "percentile": inp.quant.get("percentile"), "fused_gelu_layers": len(info.fused_gelu),
-                       "_model": qmodel})
-
-    if name == "ltp_int8":
-        from ltp_compress.modeling.deploy import load_deployable
-
-        if not inp.models.get("int8"):
-            raise BenchError("no deployable INT8 checkpoint available")
-        dm = load_deployable(inp.models["int8"], inp.backend)
-        pruning = dm.pruning
-        return System(lambda i, m, t: forward_packed(dm.model, i, m, t, pruning).logits,
-                      {"api": "load_deployable(path, backend) -> forward_packed(model, ..., pruning)", "backend": dm.backend,
-                       "pruning": pruning.to_dict(), "load_notes": dm.notes, "_model": dm.model})
-
-    raise BenchError(f"unknown system {name!r}; choose from {list(SYSTEMS)}")
-
-
-def _build_inc(inp: BenchInputs) -> System:
-    import torch
-    import torch._dynamo
-
-    from neural_compressor.torch.export import export
-    from neural_compressor.torch.quantization import convert, get_default_static_config, prepare
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # X86InductorQuantizer's qdq patterns are lowered to oneDNN int8 kernels only with freezing on
-    # (as in INC's PT2E examples); without it the compiled graph runs dequantise + FP32 linear
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    teacher = _load_teacher(inp)
-    wrapped = _HFWrap.make(teacher)
-    first = inp.calibration[0]
-    example = (first.input_ids, first.attention_mask, first.token_type_ids)
-    max_seq = min(int(inp.max_seq_length), int(getattr(teacher.config, "max_position_embeddings", 512)))
-    notes = []
-    pad_multiple = None
-    try:
-        batch_dim = torch.export.Dim("batch", min=1, max=4096)
-        seq_dim = torch.export.Dim("seq", min=2, max=max_seq)
-        dyn = {k: {0: batch_dim, 1: seq_dim} for k in ("input_ids", "attention_mask", "token_type_ids")}
-        exported = export(wrapped, example, dynamic_shapes=dyn)
-        shapes = "dynamic batch and sequence dims (torch.export.Dim)"
-    except Exception as e:  # fall back: bucket the sequence length, static export per bucket is not attempted
-        notes.append(f"dynamic export failed ({type(e).__name__}: {str(e)[:200]}); exported with dynamic batch only, inputs padded to multiples of 16")
-        pad_multiple = 16
-        batch_dim = torch.export.Dim("batch", min=1, max=4096)
-        seq_dim = torch.export.Dim("seq16", min=1, max=max(1, max_seq // 16)) * 16
-        dyn = {k: {0: batch_dim, 1: seq_dim} for k in ("input_ids", "attention_mask", "token_type_ids")}
-        ex = _pad_to_multiple(*example, 16, inp.pad_token_id)
-        exported = export(wrapped, ex, dynamic_shapes=dyn)
-        shapes = "dynamic batch, sequence padded to multiples of 16"
-    prepared = prepare(exported, get_default_static_config())
-    with torch.no_grad():
-        for b in inp.calibration:
-            args = (b.input_ids, b.attention_mask, b.token_type_ids)
-            if pad_multiple:
-                args = _pad_to_multiple(*args, pad_multiple, inp.pad_token_id)
-            prepared(*args)
-    q = convert(prepared)
-    compiled = torch.compile(q, dynamic=True)
-    return System(lambda i, m, t: compiled(i, m, t),
-                  {"api": "neural_compressor.torch.export.export(dynamic_shapes) -> prepare(get_default_static_config()) -> "
-                          "calibrate -> convert -> torch._inductor.config.freezing = True; torch.compile(dynamic=True)",
-                   "shapes": shapes, "notes": notes, "pad_token_id": inp.pad_token_id,
-                   "inc_version": _version("neural_compressor")}, pad_multiple=pad_multiple)
-
-
-def _build_torchao(inp: BenchInputs) -> System:
-    import torch
-    import torch._dynamo
-
-    from torchao.quantization import Int8StaticActivationInt8WeightConfig, quantize_
-    from torchao.quantization.granularity import PerRow, PerTensor
-    from torchao.quantization.quant_primitives import MappingType
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    model = _load_teacher(inp)
-    amax = _linear_amax(model, inp.calibration)
-    for n, (a, ndim) in amax.items():
-        scale = torch.full([1] * ndim, (a / 127.0) if a > 0 else 1.0, dtype=torch.float32)
-        cfg = Int8StaticActivationInt8WeightConfig(act_quant_scale=scale, granularity=[PerTensor(), PerRow()],
-                                                   act_mapping_type=MappingType.SYMMETRIC)
-        quantize_(model, cfg, filter_fn=lambda mod, fqn, _n=n: fqn == _n)
-    wrapped = _HFWrap.make(model)
-    compiled = torch.compile(wrapped, dynamic=True)
-    return System(lambda i, m, t: compiled(i, m, t),
-                  {"api": "torchao.quantization.quantize_(model, Int8StaticActivationInt8WeightConfig(act_quant_scale=max|x|/127 "
-                          "per Linear, granularity=[PerTensor(), PerRow()], act_mapping_type=SYMMETRIC), filter_fn=that Linear) "
-                          "-> torch.compile(dynamic=True)",
-                   "calibration": "max |x| per Linear input over the calibration batches (HF forward)",
-                   "linears_quantized": len(amax), "torchao_version": _version("torchao")})
-
-
-def _version(mod: str) -> str | None:
-    try:
-        import importlib.metadata as md
-
-        return md.version({"neural_compressor": "neural-compressor"}.get(mod, mod))
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
 def _observed_int8_ops(system: System, batch) -> list[str]:
-    """Names of int8 / quantized ops seen by the profiler on one batch (honesty check for peers)."""
+    """Names of int8 / quantized ops seen by the torch profiler on one batch (torch systems)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -430,7 +190,8 @@ def measure_system(name: str, inp: BenchInputs) -> dict:
 
     torch.set_num_threads(inp.threads)
     task = get_task(inp.task)
-    res: dict = {"system": name, "description": DESCRIPTIONS.get(name, ""), "status": "ok"}
+    res: dict = {"system": name, "description": DESCRIPTIONS.get(name, ""), "status": "ok",
+                 "built_from": {"role": NEEDS[name], "path": inp.models.get(NEEDS[name])}}  # see the result's "checkpoints"
     rss0 = _rss_mb()
     import torch._inductor.config as inductor_config
 
@@ -441,11 +202,25 @@ def measure_system(name: str, inp: BenchInputs) -> dict:
         inductor_config.load_config(saved_inductor)
 
 
+def _timed_pass(system: System, batches, bs: int, lat: list) -> float:
+    t1 = time.perf_counter()
+    if bs == 1:
+        for b in batches:
+            s = time.perf_counter()
+            system.logits(b)
+            lat.append(time.perf_counter() - s)
+    elif system.run_pass is not None:
+        system.run_pass(batches)
+    else:
+        for b in batches:
+            system.logits(b)
+    return time.perf_counter() - t1
+
+
 def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     import torch
 
     from ltp_compress.kernels import kernel_counters
-    from ltp_compress.tasks.metrics import compute_metrics
     from ltp_compress.stages.common import predictions_from_logits
 
     t0 = time.perf_counter()
@@ -462,27 +237,21 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
             n = sum(len(b) for b in batches)
             preds: list = [None] * len(inp.labels)
             tw = time.perf_counter()
-            for b in batches:  # warmup pass (compilation for compiled systems), predictions
-                out = system.logits(b)
+            # warmup pass (compilation for compiled systems), predictions
+            outs = system.run_pass(batches) if (bs > 1 and system.run_pass is not None) else [system.logits(b) for b in batches]
+            for b, out in zip(batches, outs):
+                out = torch.as_tensor(out)
                 for j, p in zip(b.index.tolist(), predictions_from_logits(out, task.num_labels).tolist()):
                     preds[j] = p
             warmup_s = time.perf_counter() - tw
             preds_by_bs[bs] = preds
-            times, lat = [], []
-            for _ in range(max(1, inp.repeats)):
-                t1 = time.perf_counter()
-                if bs == 1:
-                    for b in batches:
-                        s = time.perf_counter()
-                        system.logits(b)
-                        lat.append(time.perf_counter() - s)
-                else:
-                    for b in batches:
-                        system.logits(b)
-                times.append(time.perf_counter() - t1)
+            lat: list = []
+            times = [_timed_pass(system, batches, bs, lat) for _ in range(max(1, inp.repeats))]
             med = statistics.median(times)
             r = {"batch_size": bs, "examples": n, "batches": len(batches), "warmup_s": warmup_s,
                  "times_s": times, "median_s": med, "examples_per_s": n / med if med > 0 else float("inf")}
+            if bs > 1 and system.run_pass is not None:
+                r["pass"] = "run_pass (the runtime's own way to run many requests, see info.settings)"
             if bs == 1 and lat:
                 r["latency_ms_p50"] = 1e3 * float(np.percentile(lat, 50))
                 r["latency_ms_p95"] = 1e3 * float(np.percentile(lat, 95))
@@ -497,6 +266,8 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     preds = preds_by_bs[main_bs]
     res["predictions_batch_size"] = main_bs
     res["predictions"] = preds
+    from ltp_compress.tasks.metrics import compute_metrics
+
     res["metrics"] = {k: float(v) for k, v in compute_metrics(task, preds, inp.labels).items()}
     res["accuracy"] = res["metrics"].get("accuracy")  # None for regression (STS-B)
     agree = {}
@@ -507,12 +278,24 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     bs1 = next((r for r in runs if r["batch_size"] == 1), None)
     if bs1:
         res["latency_ms_p50"], res["latency_ms_p95"] = bs1.get("latency_ms_p50"), bs1.get("latency_ms_p95")
-    try:
-        probe = inp.batches[main_bs][0]
-        res["int8_ops_observed"] = _observed_int8_ops(system, probe)
-    except Exception as e:  # diagnostics only
-        res["int8_ops_observed"] = f"profiler failed: {type(e).__name__}: {e}"
+    probe = inp.batches[main_bs][0]
+    ops: list = []
+    if system.op_profile is not None:  # the runtime's own profile (ORT, OpenVINO)
+        try:
+            res["runtime_profile"] = system.op_profile(probe)
+            ops = list(res["runtime_profile"].get("op_counts_per_run") or res["runtime_profile"].get("runtime_layers") or [])
+        except Exception as e:
+            res["runtime_profile"] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    else:
+        try:
+            ops = res["int8_ops_observed"] = _observed_int8_ops(system, probe)
+        except Exception as e:  # diagnostics only
+            res["int8_ops_observed"] = f"profiler failed: {type(e).__name__}: {e}"
+    if REGISTRY[name].fast_ops:
+        res["fast_ops"] = check_fast_ops(name, ops)
     if name == "ltp_int8" and inp.profile_bs:
+        from ltp_compress.pipeline.bench_profile import profile_int8
+
         pbs = inp.profile_bs if inp.profile_bs in inp.batches else max(inp.batches)
         try:
             res["profile"] = profile_int8(system, model, inp.batches[pbs], pbs, inp)
@@ -526,235 +309,6 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
 
 def _same(a, b) -> bool:
     return a == b if isinstance(a, int) else abs(a - b) < 1e-4
-
-
-# ----------------------------------------------------------------------------- profile
-
-
-ATTN_OPS = ("aten::matmul", "aten::bmm", "aten::baddbmm", "aten::softmax", "aten::_softmax", "aten::masked_fill",
-            "aten::masked_fill_", "aten::transpose", "aten::expand", "aten::_unsafe_view")
-SELECT_OPS = ("aten::sum", "aten::gt", "aten::__and__", "aten::bitwise_and", "aten::index", "aten::index_put_",
-              "aten::nonzero", "aten::lt", "aten::argsort", "aten::sort", "aten::scatter_", "aten::ceil", "aten::clamp",
-              "aten::minimum", "aten::masked_select")
-GEMM_KERNEL_OPS = ("onednn::qlinear_pointwise", "aten::_int_mm")
-PACK_LABEL, INT8_LABEL, EMB_LABEL = "ltp::token_pack", "ltp::int8_linear", "ltp::embeddings"
-SUMMARY_CLASSES = {  # the four headline classes -> the fine classes they sum
-    "int8_linear_kernels": ("int8_linear_gemm", "int8_linear_quantize_epilogue"),
-    "attention_matmul_softmax": ("attention_matmul_softmax",),
-    "layernorm_gelu_other": ("layernorm", "gelu", "embeddings", "other"),
-    "token_gather_pack": ("token_gather_pack", "token_scoring_select"),
-}
-
-
-def _op_class(key: str, ancestors: set[str], input_shapes) -> str:
-    if INT8_LABEL in ancestors:
-        return "int8_linear_gemm" if key in GEMM_KERNEL_OPS else "int8_linear_quantize_epilogue"
-    if key in GEMM_KERNEL_OPS:
-        return "int8_linear_gemm"
-    if PACK_LABEL in ancestors:
-        return "token_gather_pack"
-    if EMB_LABEL in ancestors:
-        return "embeddings"
-    if key in ("aten::layer_norm", "aten::native_layer_norm"):
-        return "layernorm"
-    if key == "aten::gelu":
-        return "gelu"
-    if key in ATTN_OPS:
-        return "attention_matmul_softmax"
-    if key == "aten::mul":
-        # att * scaling (scalar operand) is attention; probs * valid[:, None, :, None] is token scoring
-        shapes = list(input_shapes or [])
-        second = shapes[1] if len(shapes) > 1 else []
-        return "token_scoring_select" if (isinstance(second, (list, tuple)) and len(second) == 4) else "attention_matmul_softmax"
-    if key == "aten::div" or key in SELECT_OPS:
-        return "token_scoring_select"
-    return "other"
-
-
-@contextlib.contextmanager
-def _annotated(model):
-    """Temporarily wrap Int8Linear forwards, the embeddings and PackedLayout's pack/unpack methods
-    in profiler labels, and count the MACs of every Int8Linear call."""
-    from torch.profiler import record_function
-
-    from ltp_compress.kernels import Int8Linear
-    from ltp_compress.modeling import pruned_encoder as pe
-
-    stats = {"macs": 0, "calls": 0}
-    wrapped = []
-
-    def wrap_module(mod, label, count=False):
-        orig = mod.forward
-
-        def fwd(*a, _orig=orig, _mod=mod, **k):
-            if count:
-                x = a[0]
-                stats["macs"] += (x.numel() // _mod.in_features) * _mod.in_features * _mod.out_features
-                stats["calls"] += 1
-            with record_function(label):
-                return _orig(*a, **k)
-        mod.forward = fwd
-        wrapped.append(mod)
-
-    for mod in model.modules():
-        if isinstance(mod, Int8Linear):
-            wrap_module(mod, INT8_LABEL, count=True)
-    wrap_module(pe.base_model(model).embeddings, EMB_LABEL)
-    saved = {}
-    for meth in ("pack", "unpack", "valid_mask", "first_rows"):
-        orig = getattr(pe.PackedLayout, meth, None)
-        if orig is None:
-            continue
-        saved[meth] = orig
-
-        def m(self, *a, _orig=orig, **k):
-            with record_function(PACK_LABEL):
-                return _orig(self, *a, **k)
-        setattr(pe.PackedLayout, meth, m)
-    orig_from = pe.PackedLayout.__dict__["from_lengths"]
-
-    def from_lengths(cls, *a, _orig=orig_from.__func__, **k):
-        with record_function(PACK_LABEL):
-            return _orig(cls, *a, **k)
-    pe.PackedLayout.from_lengths = classmethod(from_lengths)
-    try:
-        yield stats
-    finally:
-        for mod in wrapped:
-            del mod.forward
-        for meth, orig in saved.items():
-            setattr(pe.PackedLayout, meth, orig)
-        pe.PackedLayout.from_lengths = orig_from
-
-
-def profile_int8(system: System, model, batches, bs: int, inp: BenchInputs) -> dict:
-    """torch.profiler (self CPU time) over one pass of `batches` through the ltp_int8 model.
-
-    Int8Linear forwards, the embeddings and PackedLayout's pack/unpack are labelled with
-    ``record_function`` for the pass, so self time splits into: INT8 GEMM kernel (oneDNN qlinear /
-    _int_mm op), INT8 quantise + epilogue (the rest of Int8Linear), attention matmuls + softmax
-    (+ mask, scaling), layernorm, gelu, embeddings, token gather/pack (PackedLayout), token
-    scoring/selection (importance scores, threshold, row gather) and other. Effective GOP/s of
-    the in-model GEMMs = 2 * MACs (M*K*N of every Int8Linear call) / kernel self time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        for b in batches[:2]:
-            system.logits(b)  # warm
-    with _annotated(model) as stats, torch.inference_mode():
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for b in batches:
-                system.logits(b)
-        wall = time.perf_counter() - t0
-    by_class: dict[str, float] = {}
-    by_op: dict[str, list] = {}
-    kernel_us = 0.0
-    for e in prof.events():
-        key = e.name
-        if key.startswith("ltp::") or key.startswith("ProfilerStep"):
-            continue
-        anc = set()
-        p = e.cpu_parent
-        while p is not None:
-            if p.name.startswith("ltp::"):
-                anc.add(p.name)
-            p = p.cpu_parent
-        self_us = e.self_cpu_time_total
-        cls = _op_class(key, anc, getattr(e, "input_shapes", None))
-        by_class[cls] = by_class.get(cls, 0.0) + self_us
-        agg = by_op.setdefault((key, cls), [0, 0.0])
-        agg[0] += 1
-        agg[1] += self_us
-        if key in GEMM_KERNEL_OPS:
-            kernel_us += self_us
-    total_us = sum(by_class.values())
-    gemm_macs = stats["macs"]
-    eff = 2.0 * gemm_macs / (kernel_us * 1e-6) / 1e9 if kernel_us > 0 else None
-    int8_total_us = by_class.get("int8_linear_gemm", 0.0) + by_class.get("int8_linear_quantize_epilogue", 0.0)
-    eff_incl = 2.0 * gemm_macs / (int8_total_us * 1e-6) / 1e9 if int8_total_us > 0 else None
-    ref = standalone_int8_rate(model, batches, inp)
-    top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:25]
-    summary = {k: sum(by_class.get(c, 0.0) for c in cs) * 1e-6 for k, cs in SUMMARY_CLASSES.items()}
-    best = ref.get("gops")
-    return {
-        "status": "ok", "batch_size": bs, "batches": len(batches), "examples": sum(len(b) for b in batches),
-        "wall_s_profiled": wall, "profiled_self_cpu_s": total_us * 1e-6,
-        "time_by_summary_class_s": summary,
-        "fraction_by_summary_class": {k: v / (total_us * 1e-6) for k, v in summary.items()} if total_us else {},
-        "time_by_class_s": {k: v * 1e-6 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-        "fraction_by_class": {k: v / total_us for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])} if total_us else {},
-        "top_ops": [{"op": k[0], "class": k[1], "calls": v[0], "self_s": v[1] * 1e-6} for k, v in top],
-        "int8_linear_calls": stats["calls"], "int8_gemm_macs": gemm_macs,
-        "int8_gemm_kernel_s": kernel_us * 1e-6,
-        "effective_gemm_gops": eff,
-        "effective_int8_linear_gops_incl_quantize": eff_incl,
-        "standalone_reference": ref,
-        "gemm_efficiency_vs_best_standalone": (eff / best) if (eff and best) else None,
-        "note": "self CPU times from torch.profiler (profiling adds overhead, esp. for small ops)",
-    }
-
-
-def standalone_int8_rate(model, batches, inp: BenchInputs) -> dict:
-    """Best standalone INT8 GEMM rate at the model's shapes: the max of a quick measurement of the
-    model's own kernel at a typical shape (M = mean tokens of a profiled batch, K = hidden,
-    N = intermediate) and the best `*:gemm` result of gemm_bench.json at the model's (K, N) when
-    that file is present (its best at any shape is reported for context only)."""
-    import torch
-
-    from ltp_compress.kernels import Int8Linear, int8_linear, onednn_qlinear_u8, quantize_u8_zp128
-
-    out: dict = {}
-    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8Linear)}
-    if inp.gemm_bench_json and Path(inp.gemm_bench_json).is_file():
-        try:
-            data = json.loads(Path(inp.gemm_bench_json).read_text())
-            gem = [r for r in data.get("results", []) if r.get("kind") == "int8_gemm"]
-            if gem:
-                best = max(gem, key=lambda r: r["gops"])
-                out["gemm_bench_best_any_shape"] = {k: best[k] for k in ("M", "K", "N", "impl", "gops")}
-                same = [r for r in gem if (r["K"], r["N"]) in shapes]
-                if same:
-                    bm = max(same, key=lambda r: r["gops"])
-                    out["gemm_bench_best_model_shapes"] = {k: bm[k] for k in ("M", "K", "N", "impl", "gops")}
-                out["gemm_bench_file"] = inp.gemm_bench_json
-                out["gemm_bench_loadavg_before"] = data.get("meta", {}).get("loadavg_before")
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            out["gemm_bench_error"] = str(e)
-    lin = next((m for n, m in model.named_modules() if isinstance(m, Int8Linear) and n.endswith("intermediate.dense")), None)
-    lin = lin or next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
-    if lin is not None:
-        m_rows = int(np.mean([int(b.attention_mask.sum()) for b in batches]))
-        x = torch.randn(max(1, m_rows), lin.in_features)
-        packed = lin.packed_weight()
-        reps = []
-        with torch.inference_mode():
-            if packed.backend in ("cpu_vnni", "cpu_avx2"):
-                xs = float(x.abs().max()) / 127.0
-                xu8 = quantize_u8_zp128(x, xs)
-
-                def fn():
-                    return onednn_qlinear_u8(xu8, xs, packed)
-                what = "onednn::qlinear_pointwise on pre-quantised u8 input"
-            else:
-                xs = float(x.abs().max()) / 127.0
-
-                def fn():
-                    return int8_linear(x, xs, packed)
-                what = f"int8_linear ({packed.backend})"
-            for _ in range(3):
-                fn()
-            for _ in range(10):
-                t = time.perf_counter()
-                fn()
-                reps.append(time.perf_counter() - t)
-        med = statistics.median(reps)
-        out.update({"measured": {"M": int(x.shape[0]), "K": lin.in_features, "N": lin.out_features, "what": what,
-                                 "gops": 2.0 * x.shape[0] * lin.in_features * lin.out_features / med / 1e9}})
-    cands = [v["gops"] for v in (out.get("gemm_bench_best_model_shapes"), out.get("measured")) if v]
-    out["gops"] = max(cands) if cands else None
-    return out
 
 
 # ----------------------------------------------------------------------------- isolation
@@ -819,7 +373,8 @@ def run_system(name: str, inp: BenchInputs, isolation: str = "subprocess", timeo
 
 
 def _load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_examples, threads, repeats,
-                 calibration_batches: int, calibration_batch_size: int, backend: str, profile_bs, gemm_bench_json) -> tuple[BenchInputs, dict]:
+                 calibration_batches: int, calibration_batch_size: int, backend: str, profile_bs, gemm_bench_json,
+                 work_dir: str | None = None) -> tuple[BenchInputs, dict]:
     import torch
 
     from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, split_file, tokenize_split
@@ -867,16 +422,19 @@ def _load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_
     inp = BenchInputs(task=task_name, models={k: models.get(k) for k in ("teacher", "hard", "int8")}, batches=batches,
                       calibration=calib, calibration_source=calib_src, labels=list(ts.labels), threads=threads,
                       repeats=repeats, max_seq_length=max_seq, pad_token_id=int(pad), quant=quant, backend=backend,
-                      profile_bs=profile_bs, gemm_bench_json=str(gemm_bench_json) if gemm_bench_json else None)
+                      profile_bs=profile_bs, gemm_bench_json=str(gemm_bench_json) if gemm_bench_json else None,
+                      work_dir=work_dir)
     meta = {"dev_source": dev.source, "examples": len(ts), "mean_tokens": float(ts.lengths.mean()),
             "max_tokens": int(ts.lengths.max()), "max_seq_length": max_seq, "calibration": calib_src,
-            "quant_config_for_dense_int8": quant}
+            "quant_config_for_dense_int8": quant, "tokenization": TOKENIZATION}
     return inp, meta
 
 
+
+
 def add_ratios(results: dict[str, dict], batch_sizes) -> dict:
-    """Per successful system and batch size: throughput ratio vs hf_fp32_eager and vs the best
-    successful dense INT8 peer (max of the third-party INT8 systems at that batch size)."""
+    """Per successful system and batch size: throughput ratio vs the baseline (HF FP32, sdpa) and vs
+    the best successful dense INT8 peer (the fastest third-party INT8 system at that batch size)."""
     def thr(name, bs):
         r = results.get(name)
         if not r or r.get("status") != "ok":
@@ -895,20 +453,78 @@ def add_ratios(results: dict[str, dict], batch_sizes) -> dict:
             t = thr(name, bs)
             base = thr(BASELINE, bs)
             bp = best_peer[str(bs)]
-            ratios[str(bs)] = {"vs_hf_fp32_eager": (t / base) if (t and base) else None,
+            ratios[str(bs)] = {"vs_baseline": (t / base) if (t and base) else None,
                                "vs_best_int8_peer": (t / bp["examples_per_s"]) if (t and bp) else None,
                                "best_int8_peer": bp["system"] if bp else None}
         r["ratios"] = ratios
     return best_peer
 
 
+def add_accuracy_gaps(results: dict[str, dict]) -> None:
+    """Each successful system with an FP32 reference (peers: INT8 vs its own FP32; ours: INT8 vs the
+    FP model it was quantised from; ORT runs of ours vs the torch run): the main-metric gap in
+    points, flagged when above ACCURACY_GAP_POINTS."""
+    for name, r in results.items():
+        ref = REGISTRY[name].fp32_reference if name in REGISTRY else None
+        if r.get("status") != "ok" or ref is None:
+            continue
+        rr = results.get(ref)
+        if not rr or rr.get("status") != "ok":
+            r["accuracy_vs_fp32"] = {"reference": ref, "status": "reference not run or failed: gap unverified"}
+            continue
+        gap = 100.0 * (r["metrics"]["main"] - rr["metrics"]["main"])
+        agree = float(np.mean([_same(a, b) for a, b in zip(r["predictions"], rr["predictions"])]))
+        r["accuracy_vs_fp32"] = {"reference": ref, "main_points": 100.0 * r["metrics"]["main"],
+                                 "reference_main_points": 100.0 * rr["metrics"]["main"], "gap_points": gap,
+                                 "prediction_agreement": agree, "flag": abs(gap) > ACCURACY_GAP_POINTS,
+                                 "limit_points": ACCURACY_GAP_POINTS}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One system's results of several interleaved rounds -> one result: the first successful
+    round's record, its per-batch-size throughput and bs-1 latencies replaced by the median over
+    the successful rounds (each round's value kept)."""
+    ok = [r for r in rounds if r.get("status") == "ok"]
+    if not ok:
+        out = dict(rounds[0])
+        out["rounds"] = [{"status": r.get("status"), "error": r.get("error")} for r in rounds]
+        return out
+    out = dict(ok[0])
+    if len(rounds) == 1:
+        out["rounds_ok"] = 1
+        return out
+    runs = []
+    for x in ok[0]["runs"]:
+        bs = x["batch_size"]
+        per = [next(y for y in r["runs"] if y["batch_size"] == bs) for r in ok]
+        m = dict(x)
+        m["rounds_examples_per_s"] = [y["examples_per_s"] for y in per]
+        m["examples_per_s"] = float(statistics.median(m["rounds_examples_per_s"]))
+        m["warmup_s"] = [y["warmup_s"] for y in per]
+        for k in ("latency_ms_p50", "latency_ms_p95"):
+            if k in x:
+                m[f"rounds_{k}"] = [y[k] for y in per]
+                m[k] = float(statistics.median(m[f"rounds_{k}"]))
+        runs.append(m)
+    out["runs"] = runs
+    bs1 = next((r for r in runs if r["batch_size"] == 1), None)
+    if bs1:
+        out["latency_ms_p50"], out["latency_ms_p95"] = bs1.get("latency_ms_p50"), bs1.get("latency_ms_p95")
+    out["rounds_ok"] = len(ok)
+    out["rounds_failed"] = [r.get("error") for r in rounds if r.get("status") != "ok"]
+    out["predictions_stable_across_rounds"] = all(r["predictions"] == ok[0]["predictions"] for r in ok)
+    out["setup_s"] = [r.get("setup_s") for r in ok]
+    return out
+
+
 def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path | None = None,
                   teacher: str | Path | None = None, hard: str | Path | None = None, int8: str | Path | None = None,
                   data_dir: str | Path, task: str, threads: int = 2, batch_sizes=(1, 8, 32),
-                  max_examples: int | None = None, repeats: int = 3, systems=None,
+                  max_examples: int | None = None, repeats: int = 3, rounds: int = 1, systems=None,
                   isolation: str = "subprocess", calibration_batches: int = 16, calibration_batch_size: int = 32,
                   backend: str = "auto", profile_bs: int | None = 32,
                   gemm_bench_json: str | Path | None = "benchmarks/results/gemm_bench.json",
+                  work_dir: str | Path | None = None,
                   out_dir: str | Path | None = None, name: str = "e2e_bench", command: str | None = None,
                   log=print) -> dict:
     """Benchmark the systems (default: all of :data:`SYSTEMS`) on the dev set; returns the result
@@ -916,60 +532,87 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
 
     Models: `checkpoint` (run directory or deployable INT8 folder) and/or `run_dir`, with
     explicit `teacher` / `hard` / `int8` paths overriding what the run provides. A system whose
-    model is missing or which raises is recorded as failed with the reason."""
+    model or package is missing or which raises is recorded as failed with the reason. Exported /
+    quantised artifacts go to `work_dir` (kept) or to a temporary folder (removed at the end)."""
     systems = list(systems) if systems else list(SYSTEMS)
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         raise BenchError(f"unknown systems {bad}; choose from {list(SYSTEMS)}")
     if isolation not in ("subprocess", "inprocess"):
         raise BenchError("isolation must be 'subprocess' or 'inprocess'")
+    if int(rounds) < 1 or int(repeats) < 1:
+        raise BenchError("rounds and repeats must be >= 1")
     batch_sizes = sorted({int(b) for b in batch_sizes})
     models = resolve_models(checkpoint, run_dir=run_dir, teacher=teacher, hard=hard, int8=int8)
     load0 = _loadavg()
-    inp, data_meta = _load_inputs(models, Path(data_dir), task, batch_sizes, max_examples, threads, repeats,
-                                  calibration_batches, calibration_batch_size, backend, profile_bs, gemm_bench_json)
-    results: dict[str, dict] = {}
-    for s in systems:
-        need = NEEDS[s]
-        if not models.get(need):
-            results[s] = {"system": s, "status": "failed", "error": f"no {need} model available for this checkpoint"}
-            log(f"[bench] {s}: skipped (no {need} model)")
-            continue
-        log(f"[bench] {s}: running ({isolation})")
-        t0 = time.perf_counter()
-        results[s] = run_system(s, inp, isolation)
-        results[s]["wall_s_total"] = time.perf_counter() - t0
-        r = results[s]
-        if r.get("status") == "ok":
-            log(f"[bench] {s}: {r['metrics'].get('main', float('nan')):.4f} main metric; "
-                + ", ".join(f"bs{x['batch_size']} {x['examples_per_s']:.1f} ex/s" for x in r["runs"]))
-        else:
-            log(f"[bench] {s}: FAILED: {r.get('error')}")
+    tmp_work = None
+    if work_dir is None:
+        tmp_work = work_dir = tempfile.mkdtemp(prefix="ltp-bench-")
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        inp, data_meta = _load_inputs(models, Path(data_dir), task, batch_sizes, max_examples, threads, repeats,
+                                      calibration_batches, calibration_batch_size, backend, profile_bs, gemm_bench_json,
+                                      str(work_dir))
+        per_round: dict[str, list] = {s: [] for s in systems}
+        for rnd in range(int(rounds)):
+            for s in systems:
+                need = NEEDS[s]
+                missing = _missing_packages(s)
+                if not models.get(need) or missing:
+                    why = f"no {need} model available for this checkpoint" if not models.get(need) else \
+                        f"package(s) {missing} not installed (pip install -c requirements-lock.txt -e '.[peers,onnx]')"
+                    per_round[s].append({"system": s, "status": "failed", "error": why})
+                    log(f"[bench] {s}: not run ({why})")
+                    continue
+                log(f"[bench] round {rnd + 1}/{rounds} {s}: running ({isolation})")
+                t0 = time.perf_counter()
+                r = run_system(s, inp, isolation)
+                r["wall_s_total"] = time.perf_counter() - t0
+                per_round[s].append(r)
+                if r.get("status") == "ok":
+                    log(f"[bench] {s}: {r['metrics'].get('main', float('nan')):.4f} main metric; "
+                        + ", ".join(f"bs{x['batch_size']} {x['examples_per_s']:.1f} ex/s" for x in r["runs"]))
+                else:
+                    log(f"[bench] {s}: FAILED: {r.get('error')}")
+    finally:
+        if tmp_work is not None:
+            shutil.rmtree(tmp_work, ignore_errors=True)
+    results = {s: merge_rounds(v) for s, v in per_round.items()}
     best_peer = add_ratios(results, batch_sizes)
+    add_accuracy_gaps(results)
     import torch
 
     from ltp_compress.kernels import cpu_isa
 
     out = {
-        "format": "ltp-compress-e2e-bench", "version": 1,
+        "format": "ltp-compress-e2e-bench", "version": 2,
         "command": command or " ".join(sys.argv),
         "task": task, "data_dir": str(data_dir), "models": {k: models[k] for k in ("teacher", "hard", "int8", "run_dir")},
+        "checkpoints": {k: checkpoint_identity(models[k]) for k in ("teacher", "hard", "int8")},
         "model_notes": models["notes"], "threads": threads, "batch_sizes": batch_sizes, "repeats": repeats,
-        "max_examples": max_examples, "isolation": isolation, "data": data_meta,
+        "rounds": int(rounds), "max_examples": max_examples, "isolation": isolation, "data": data_meta,
+        "tokenization": TOKENIZATION, "baseline": BASELINE,
+        "work_dir": None if tmp_work is not None else str(work_dir),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                         "cpu_isa": _safe(cpu_isa), "cpu_count": os.cpu_count(),
-                        "neural_compressor": _version("neural_compressor"), "torchao": _version("torchao"),
-                        "transformers": _version("transformers")},
+                        **{d: version(d) for d in ("neural-compressor", "torchao", "transformers", "onnx", "onnxruntime",
+                                                   "openvino", "nncf")}},
         "loadavg_before": load0, "loadavg_after": _loadavg(),
         "systems": systems, "best_int8_peer": best_peer, "results": results,
-        "method": ("same tokenised dev examples and the same length-bucketed, dynamically padded batches for every system; "
-                   "throughput = examples / median of `repeats` timed passes after one warmup pass (warmup includes "
-                   "torch.compile); bs-1 latency percentiles over every example of the timed passes; accuracy from the "
-                   "warmup pass at the largest batch size"),
+        "method": ("same tokenised dev examples and the same length-bucketed, dynamically padded batches for every system "
+                   "(tokenisation outside the timed region); throughput = examples / median of `repeats` timed passes after "
+                   "one warmup pass (warmup includes compilation), median over `rounds` interleaved rounds; bs-1 latency "
+                   "percentiles over every example of the timed passes; accuracy from the warmup pass at the largest batch size"),
     }
     if out_dir is not None:
         write_outputs(out, Path(out_dir), name)
     return out
+
+
+def _missing_packages(name: str) -> list[str]:
+    from ltp_compress.pipeline.peers import missing_packages
+
+    return missing_packages(name)
 
 
 def _safe(fn):
@@ -995,17 +638,27 @@ def _fmt(v, nd=1, suffix=""):
     return f"{v:.{nd}f}{suffix}"
 
 
+def _first(v):
+    return v[0] if isinstance(v, list) else v
+
+
 def render_markdown(res: dict) -> str:
     bss = res["batch_sizes"]
     L = ["# End-to-end inference benchmark", "",
          f"task `{res['task']}`, {res['data']['examples']} dev examples (mean {res['data']['mean_tokens']:.1f} tokens, "
          f"max {res['data']['max_tokens']}), {res['threads']} threads, batch sizes {bss}, {res['repeats']} timed repeats, "
-         f"isolation: {res['isolation']}", "",
-         f"models: teacher `{res['models']['teacher']}`, hard `{res['models']['hard']}`, int8 `{res['models']['int8']}`", "",
+         f"{res.get('rounds', 1)} interleaved round(s), isolation: {res['isolation']}; tokenisation {res.get('tokenization', '')}", "",
+         f"models: teacher `{res['models']['teacher']}`, hard `{res['models']['hard']}`, int8 `{res['models']['int8']}`", ""]
+    for role, ident in (res.get("checkpoints") or {}).items():
+        if ident:
+            L.append(f"- {role}: recipe `{ident.get('recipe')}`, stage `{ident.get('stage')}`, "
+                     + ", ".join(f"{k} sha256 `{v[:16]}…`" for k, v in ident.get("files", {}).items()))
+    L += ["",
          f"load average before / after: {res['loadavg_before']} / {res['loadavg_after']} "
          "(other processes on the machine distort timings)", ""]
     head = ["system", "main metric", "accuracy"] + [f"bs{b} ex/s" for b in bss] + ["bs1 p50 ms", "bs1 p95 ms", "peak RSS MB"]
-    head += [f"bs{b} vs HF" for b in bss] + [f"bs{b} vs best INT8 peer" for b in bss] + ["setup s", "warmup s"]
+    head += ["INT8 vs FP32 (points)", "fast ops"]
+    head += [f"bs{b} vs {res.get('baseline', 'baseline')}" for b in bss] + [f"bs{b} vs best INT8 peer" for b in bss] + ["setup s", "warmup s"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in res["systems"]:
         r = res["results"][s]
@@ -1019,9 +672,15 @@ def render_markdown(res: dict) -> str:
         row = [s, _fmt(r["metrics"].get("main"), 4), _fmt(r.get("accuracy"), 4)]
         row += [_fmt(thr[b]["examples_per_s"]) if b in thr else "-" for b in bss]
         row += [_fmt(r.get("latency_ms_p50"), 2), _fmt(r.get("latency_ms_p95"), 2), rss_s]
-        row += [_fmt(r["ratios"][str(b)]["vs_hf_fp32_eager"], 2, "x") for b in bss]
+        gap = r.get("accuracy_vs_fp32") or {}
+        gap_s = "-" if "gap_points" not in gap else (f"{gap['gap_points']:+.1f} vs {gap['reference']}" + (" **FLAG**" if gap["flag"] else ""))
+        fo = r.get("fast_ops")
+        row += [gap_s, "-" if not fo else ("confirmed" if fo["confirmed"] else "**NOT confirmed**")]
+        row += [_fmt(r["ratios"][str(b)]["vs_baseline"], 2, "x") for b in bss]
         row += [_fmt(r["ratios"][str(b)]["vs_best_int8_peer"], 2, "x") for b in bss]
-        row += [_fmt(r.get("setup_s"), 1), " / ".join(_fmt(thr[b]["warmup_s"], 1) for b in bss if b in thr)]
+        setup = r.get("setup_s")
+        row += [_fmt(setup if not isinstance(setup, list) else statistics.median(setup), 1),
+                " / ".join(_fmt(_first(thr[b]["warmup_s"]), 1) for b in bss if b in thr)]
         L.append("| " + " | ".join(row) + " |")
     L += ["", "best dense INT8 peer per batch size: "
           + ", ".join(f"bs{b}: {(v or {}).get('system', 'none')}" for b, v in res["best_int8_peer"].items()), ""]
@@ -1035,6 +694,17 @@ def render_markdown(res: dict) -> str:
         if r.get("status") != "ok":
             line += f"; **failed**: {r.get('error')}"
         else:
+            if info.get("settings"):
+                line += f"; settings: `{json.dumps(info['settings'], default=str)}`"
+            docs = info.get("docs")
+            if docs:
+                line += "; docs: " + ", ".join(docs if isinstance(docs, list) else [docs])
+            rp = r.get("runtime_profile")
+            if rp:
+                counts = rp.get("op_counts_per_run") or rp.get("runtime_layers") or rp.get("error")
+                line += f"; runtime profile ({rp.get('tool', 'failed')}): {counts}"
+            if r.get("fast_ops"):
+                line += f"; fast ops: {r['fast_ops']['found']}"
             ops = r.get("int8_ops_observed")
             if ops is not None:
                 line += f"; int8 ops seen by the profiler: {ops if ops else 'none'}"
@@ -1045,7 +715,7 @@ def render_markdown(res: dict) -> str:
             if info.get("shapes"):
                 line += f"; shapes: {info['shapes']}"
         L.append(line)
-    L += ["", f"calibration for INT8 systems (inc, torchao, dense_int8): {res['data']['calibration']}", ""]
+    L += ["", f"calibration for every statically quantised system: {res['data']['calibration']}", ""]
     prof = (res["results"].get("ltp_int8") or {}).get("profile")
     if prof:
         L += [f"## Profile: ltp_int8 at bs {prof.get('batch_size')}", ""]
@@ -1082,10 +752,11 @@ def bench_cli(args, command: str | None = None) -> int:
     res = run_benchmark(args.checkpoint, run_dir=args.run_dir, teacher=args.teacher, hard=args.hard, data_dir=args.data,
                         task=args.task, threads=args.threads,
                         batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
-                        max_examples=args.max_examples, repeats=args.repeats,
+                        max_examples=args.max_examples, repeats=args.repeats, rounds=args.rounds,
                         systems=[x.strip() for x in args.systems.split(",")] if args.systems else None,
                         isolation=args.isolation, calibration_batches=args.calibration_batches, backend=args.backend,
-                        profile_bs=args.profile_bs or None, gemm_bench_json=args.gemm_bench, out_dir=args.out_dir,
+                        profile_bs=args.profile_bs or None, gemm_bench_json=args.gemm_bench, work_dir=args.work_dir,
+                        out_dir=args.out_dir,
                         name=args.name, command=command or "ltp-compress " + " ".join(sys.argv[1:]),
                         log=lambda m: print(m, file=sys.stderr))
     print(render_markdown(res))

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-OURS = ("ltp_fp32", "dense_int8", "ltp_int8")
-INT8_PEERS = ("torch_dynamic_int8", "inc_static_int8", "torchao_static_int8_compiled")
-BASELINE = "hf_fp32_eager"
-SYSTEMS = (BASELINE,) + INT8_PEERS + OURS
+# the baseline: HF FP32 with its default attention (sdpa)
+BASELINE = "hf_fp32_sdpa"
+# other FP32 systems users deploy
+FP32_PEERS = ("hf_fp32_eager", "ort_fp32", "openvino_fp32")
+# the dense INT8 peers ("best dense INT8 peer" = the fastest of these at a batch size)
+INT8_PEERS = ("torch_dynamic_int8", "inc_static_int8", "torchao_static_int8_compiled", "ort_int8_dynamic",
+              "ort_int8_static", "openvino_int8")
+# ours, on each runtime (torch, onnxruntime)
+OURS = ("ltp_fp32", "dense_int8", "ltp_int8", "dense_int8_ort", "ltp_int8_ort")
+SYSTEMS = (BASELINE,) + FP32_PEERS + INT8_PEERS + OURS
 
 
 def add_bench_arguments(p) -> None:
@@ -23,7 +29,9 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     p.add_argument("--max-examples", type=int, default=None, help="seeded subset of the dev set (default: all)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per batch size and round (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds: the whole system list runs this many times (median over rounds)")
     p.add_argument("--systems", default=None, help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--isolation", choices=("subprocess", "inprocess"), default="subprocess",
                    help="subprocess (default): each system in a fresh spawn child, own peak RSS")
@@ -31,6 +39,8 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--backend", default="auto", help="INT8 backend for our systems")
     p.add_argument("--profile-bs", type=int, default=32, help="batch size of the ltp_int8 profile (0: no profile)")
     p.add_argument("--gemm-bench", type=Path, default=Path("benchmarks/results/gemm_bench.json"))
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="keep exported / quantised artifacts (ONNX files) here (default: a temporary folder, removed)")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="e2e_bench")
 

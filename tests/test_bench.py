@@ -1,4 +1,5 @@
-"""End-to-end benchmark (pipeline/bench.py) on a tiny run directory: our three systems + HF eager."""
+"""End-to-end benchmark (pipeline/bench.py) on a tiny run directory: our torch systems + the HF FP32 baseline (sdpa).
+The ONNX Runtime / OpenVINO peers and ours on ONNX Runtime: tests/test_bench_peers.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import pytest
 
 from conftest import DEMO_DATA, write_recipe
 
-SYSTEMS = ["hf_fp32_eager", "ltp_fp32", "dense_int8", "ltp_int8"]
+SYSTEMS = ["hf_fp32_sdpa", "ltp_fp32", "dense_int8", "ltp_int8"]
+
+
+_RUNS: dict = {}  # the tiny run is built once per session and shared with tests/test_bench_peers.py (read only)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_bert):
+    if "run" not in _RUNS:
+        _RUNS["run"] = _make_tiny_run(tmp_path_factory, tiny_bert)
+    return _RUNS["run"]
+
+
+def _make_tiny_run(tmp_path_factory, tiny_bert):
     from ltp_compress.pipeline.runner import run_recipe
 
     tmp = tmp_path_factory.mktemp("bench_run")
@@ -58,7 +68,9 @@ def test_fields_accuracy_and_ratios(bench):
     res, out = bench
     task = get_task("sst2")
     assert res["systems"] == SYSTEMS and res["data"]["examples"] == 24
-    hf = res["results"]["hf_fp32_eager"]
+    assert res["baseline"] == "hf_fp32_sdpa"
+    hf = res["results"]["hf_fp32_sdpa"]
+    assert hf["info"]["settings"]["attn_implementation"] == "sdpa"
     for s in SYSTEMS:
         r = res["results"][s]
         assert r["status"] == "ok", (s, r.get("error"), r.get("traceback"))
@@ -74,12 +86,18 @@ def test_fields_accuracy_and_ratios(bench):
         assert set(runs) == {1, 8}
         for bs, x in runs.items():
             assert x["examples"] == 24 and x["examples_per_s"] > 0 and len(x["times_s"]) == 1
-            ratio = r["ratios"][str(bs)]["vs_hf_fp32_eager"]
+            ratio = r["ratios"][str(bs)]["vs_baseline"]
             hf_thr = next(y["examples_per_s"] for y in hf["runs"] if y["batch_size"] == bs)
             assert ratio == pytest.approx(x["examples_per_s"] / hf_thr)
             assert r["ratios"][str(bs)]["vs_best_int8_peer"] is None  # no peer ran
         assert r["latency_ms_p95"] >= r["latency_ms_p50"] > 0
-    assert res["results"]["hf_fp32_eager"]["ratios"]["8"]["vs_hf_fp32_eager"] == pytest.approx(1.0)
+    assert res["results"]["hf_fp32_sdpa"]["ratios"]["8"]["vs_baseline"] == pytest.approx(1.0)
+    # INT8 vs its FP32 reference, from the two systems' own predictions
+    gap = res["results"]["ltp_int8"]["accuracy_vs_fp32"]
+    assert gap["reference"] == "ltp_fp32" and gap["gap_points"] == pytest.approx(
+        100 * (res["results"]["ltp_int8"]["metrics"]["main"] - res["results"]["ltp_fp32"]["metrics"]["main"]))
+    assert res["results"]["dense_int8"]["accuracy_vs_fp32"]["reference"] == "hf_fp32_sdpa"
+    assert "outside the timed region" in res["tokenization"]
     # the real INT8 kernel ran for our INT8 systems
     for s in ("dense_int8", "ltp_int8"):
         kc = res["results"][s]["kernel_counters"]
@@ -105,9 +123,9 @@ def test_failed_system_is_recorded_not_dropped(tiny_run, tmp_path):
 
     int8 = tiny_run / "stages" / "03-int8" / "model"
     res = run_benchmark(int8, run_dir=None, teacher=tmp_path / "missing", data_dir=DEMO_DATA, task="sst2", threads=1,
-                        batch_sizes=(8,), max_examples=8, repeats=1, systems=["hf_fp32_eager", "ltp_int8"],
+                        batch_sizes=(8,), max_examples=8, repeats=1, systems=["hf_fp32_sdpa", "ltp_int8"],
                         isolation="inprocess", profile_bs=None, log=lambda m: None)
-    assert res["results"]["hf_fp32_eager"]["status"] == "failed" and res["results"]["hf_fp32_eager"]["error"]
+    assert res["results"]["hf_fp32_sdpa"]["status"] == "failed" and res["results"]["hf_fp32_sdpa"]["error"]
     assert res["results"]["ltp_int8"]["status"] == "ok"
     assert "failed:" in render_markdown(res)
 

@@ -1,0 +1,166 @@
+"""Our systems, on each runtime:
+
+``ltp_fp32``        the hard-pruned FP model, ``forward_packed`` (token removal), torch
+``dense_int8``      the teacher quantised in-process by our pipeline (``calibrate`` +
+                    ``convert_to_int8``, pruning none), packed torch runtime
+``ltp_int8``        the deployable INT8 checkpoint (``load_deployable``): token removal + INT8 GEMMs, torch
+``ltp_int8_ort``    that checkpoint exported by ``modeling.onnx_export.export_onnx`` (pruning in the
+                    graph), run by ``modeling.onnx_runtime.load_onnx`` (ONNX Runtime)
+``dense_int8_ort``  ``dense_int8`` saved as a deployable checkpoint (``save_deployable``) and exported
+                    the same way: the dense INT8 graph on ONNX Runtime
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ltp_compress.pipeline.peers.common import BenchError, System, checkpoint_identity, load_teacher, numpy_feed, sha256_of
+
+
+def build_ltp_fp32(inp) -> System:
+    from ltp_compress.modeling.model_io import load_stage_model
+    from ltp_compress.modeling.pruned_encoder import forward_packed
+    from ltp_compress.tasks.glue import get_task
+
+    if not inp.models.get("hard"):
+        raise BenchError("no hard-pruned FP model available (pass a run directory with an ltp_hard stage or --hard)")
+    model, _, pruning = load_stage_model(Path(inp.models["hard"]), get_task(inp.task))
+    model.eval()
+    return System(lambda i, m, t: forward_packed(model, i, m, t, pruning).logits,
+                  {"api": "forward_packed(hard model, PruningConfig from pruning.json)", "pruning": pruning.to_dict(),
+                   "settings": {"runtime": "torch eager, packed token layout", "torch_threads": inp.threads},
+                   "_model": model})
+
+
+def _dense_qmodel(inp):
+    from ltp_compress.modeling.pruned_encoder import PruningConfig
+    from ltp_compress.modeling.quantized import calibrate, convert_to_int8
+
+    teacher = load_teacher(inp)
+    none = PruningConfig()
+    scales = calibrate(teacher, inp.calibration, none, inp.quant.get("observer", "minmax"), inp.quant.get("percentile") or 99.99)
+    qmodel, info = convert_to_int8(teacher, scales, inp.backend, fuse_gelu=inp.quant.get("fuse_gelu", True))
+    return qmodel, info, none
+
+
+def build_dense_int8(inp) -> System:
+    from ltp_compress.modeling.pruned_encoder import forward_packed
+
+    qmodel, info, none = _dense_qmodel(inp)
+    return System(lambda i, m, t: forward_packed(qmodel, i, m, t, none).logits,
+                  {"api": "calibrate(teacher, calib, PruningConfig()) + convert_to_int8(backend) + forward_packed(pruning none)",
+                   "backend": info.backend, "observer": inp.quant.get("observer", "minmax"),
+                   "percentile": inp.quant.get("percentile"), "fused_gelu_layers": len(info.fused_gelu),
+                   "settings": {"runtime": "torch eager, packed token layout", "backend": info.backend,
+                                "observer": inp.quant.get("observer", "minmax"), "torch_threads": inp.threads},
+                   "_model": qmodel})
+
+
+def build_ltp_int8(inp) -> System:
+    from ltp_compress.modeling.deploy import load_deployable
+    from ltp_compress.modeling.pruned_encoder import forward_packed
+
+    if not inp.models.get("int8"):
+        raise BenchError("no deployable INT8 checkpoint available")
+    dm = load_deployable(inp.models["int8"], inp.backend)
+    pruning = dm.pruning
+    return System(lambda i, m, t: forward_packed(dm.model, i, m, t, pruning).logits,
+                  {"api": "load_deployable(path, backend) -> forward_packed(model, ..., pruning)", "backend": dm.backend,
+                   "pruning": pruning.to_dict(), "load_notes": dm.notes,
+                   "settings": {"runtime": "torch eager, packed token layout", "backend": dm.backend, "torch_threads": inp.threads},
+                   "_model": dm.model})
+
+
+def _onnx_system(export_dir: Path, inp, info: dict) -> System:
+    """Our export folder on ONNX Runtime (load_onnx: manifest verified, documented session options)."""
+    import torch
+
+    from ltp_compress.modeling.onnx_export import ONNX_FILE
+    from ltp_compress.modeling.onnx_runtime import load_onnx
+    from ltp_compress.pipeline.peers.onnxruntime_peers import op_profile, settings_record
+
+    dm = load_onnx(export_dir, threads=inp.threads)
+    names = tuple(i.name for i in dm.session.get_inputs())
+
+    def fn(ids, mask, tt):
+        return torch.from_numpy(dm.logits(numpy_feed((ids, mask, tt), names)))
+
+    info = {**info, "backend": dm.backend, "session_options": settings_record(inp.threads),
+            "export": checkpoint_identity(export_dir), "onnx_sha256": sha256_of(export_dir / ONNX_FILE),
+            "export_parity": _parity(export_dir)}
+    def profile(batch):
+        prof = op_profile(export_dir / ONNX_FILE, inp.threads, numpy_feed(batch, names), Path(inp.work_dir))
+        by: dict = {}
+        for op, frac in prof["time_fraction_by_op"].items():
+            cls = next((c for c, ops in ORT_OP_CLASSES.items() if op in ops), "other")
+            by[cls] = by.get(cls, 0.0) + frac
+        prof["time_fraction_by_class"] = dict(sorted(by.items(), key=lambda kv: -kv[1]))
+        prof["op_classes"] = {c: list(ops) for c, ops in ORT_OP_CLASSES.items()}
+        return prof
+
+    return System(fn, info, op_profile=profile)
+
+
+# op-class profile of our exported graph on ONNX Runtime (op types as ORT's profile names them after its own
+# fusions); an op type used in several places (Mul, Add, Where) counts for its dominant use: approximate
+ORT_OP_CLASSES = {
+    "int8_linear": ("MatMulIntegerToFloat", "MatMulInteger", "QuantizeLinear", "DynamicQuantizeLinear", "Max"),
+    "attention_matmul_softmax": ("FusedMatMul", "MatMul", "Softmax", "Transpose", "Where", "Mul", "Div"),
+    "layernorm_gelu": ("LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "Add"),
+    "token_scoring_select_gather": ("ReduceSum", "ReduceMax", "Greater", "Less", "Equal", "Not", "And", "Or", "NonZero",
+                                    "Compress", "Gather", "GatherND", "GatherElements", "ScatterND", "CumSum", "TopK"),
+    "shape_glue": ("Reshape", "Unsqueeze", "Squeeze", "Concat", "Shape", "Range", "ConstantOfShape", "Cast", "Sub",
+                   "Expand", "Slice"),
+}
+
+
+def _parity(export_dir: Path):
+    import json
+
+    from ltp_compress.manifest import MANIFEST_FILE
+
+    try:
+        return json.loads((export_dir / MANIFEST_FILE).read_text()).get("parity")
+    except (OSError, ValueError) as e:
+        return f"{export_dir / MANIFEST_FILE}: unreadable: {e}"
+
+
+def _export(ckpt: Path, out: Path, notes: list) -> Path:
+    from ltp_compress.modeling.onnx_export import export_onnx
+
+    if out.is_dir():
+        notes.append(f"{out.name} reused from the benchmark work folder")
+        return out
+    export_onnx(ckpt, out)
+    return out
+
+
+def build_ltp_int8_ort(inp) -> System:
+    if not inp.models.get("int8"):
+        raise BenchError("no deployable INT8 checkpoint available")
+    notes: list = []
+    out = _export(Path(inp.models["int8"]), Path(inp.work_dir) / "ltp_int8_onnx", notes)
+    return _onnx_system(out, inp, {
+        "api": "modeling.onnx_export.export_onnx(int8 checkpoint) -> modeling.onnx_runtime.load_onnx(threads) "
+               "(token pruning in the graph, MatMulIntegerToFloat with the checkpoint's scales)",
+        "settings": {"runtime": "onnxruntime"}, "notes": notes,
+        "docs": ["https://onnxruntime.ai/docs/performance/tune-performance/threading.html"]})
+
+
+def build_dense_int8_ort(inp) -> System:
+    from ltp_compress.modeling.deploy import save_deployable
+    from ltp_compress.modeling.model_io import load_tokenizer
+
+    notes: list = []
+    work = Path(inp.work_dir)
+    ckpt = work / "dense_int8_ckpt"
+    if not ckpt.is_dir():
+        qmodel, info, none = _dense_qmodel(inp)
+        save_deployable(qmodel, load_tokenizer(inp.models["teacher"]), none, info, ckpt, max_seq_length=inp.max_seq_length)
+    else:
+        notes.append(f"{ckpt.name} reused from the benchmark work folder")
+    out = _export(ckpt, work / "dense_int8_onnx", notes)
+    return _onnx_system(out, inp, {
+        "api": "dense_int8's model -> save_deployable(pruning none) -> export_onnx -> load_onnx(threads)",
+        "settings": {"runtime": "onnxruntime", "observer": inp.quant.get("observer", "minmax")}, "notes": notes,
+        "docs": ["https://onnxruntime.ai/docs/performance/tune-performance/threading.html"]})
