@@ -128,7 +128,8 @@ def render_sweep(result: dict) -> str:
                      f"{_pm(r['dev_main'])} | {drop} | {_pm(r['relative_flops_paper'], 1, 3)} | {_pm(r['relative_flops_executed'], 1, 3)} | "
                      f"{_pm(r['relative_bops_vs_fp16_paper'], 1, 4)} |")
     if len(seeds) > 1:
-        lines += ["", "Per seed: dev main metric and drop vs that seed's own unpruned reference (points)", "",
+        lines += ["", "Per seed: dev main metric and, in brackets, its change vs that seed's own unpruned reference "
+                  "(points; negative = below the reference)", "",
                   "| point | stage | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
         refs = {(r["point"], r["seed"]): r["dev_main"] for r in result["rows"] if r["is_reference"]}
         for (point, sid) in sorted({(r["point"], r["id"]) for r in result["rows"] if not r["is_reference"]}):
@@ -136,7 +137,7 @@ def render_sweep(result: dict) -> str:
             for seed in seeds:
                 r = next((x for x in result["rows"] if x["point"] == point and x["id"] == sid and x["seed"] == seed), None)
                 ref = refs.get((point, seed))
-                cells.append("-" if r is None else f"{100 * r['dev_main']:.2f}" + (f" ({100 * (ref - r['dev_main']):+.2f})" if ref is not None else ""))
+                cells.append("-" if r is None else f"{100 * r['dev_main']:.2f}" + (f" ({100 * (r['dev_main'] - ref):+.2f})" if ref is not None else ""))
             lines.append(f"| {point} | {sid} | " + " | ".join(cells) + " |")
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
