@@ -78,6 +78,17 @@ def epoch_batches(ctx: StageContext, batch_size: int, epoch: int, start_step: in
     return batches[max(0, start_step - first):max(0, total_steps - first)]
 
 
+def rank_batches(ctx: StageContext, cfg, epoch: int, start_step: int, steps_per_epoch: int, total_steps: int, device, recorder):
+    """This process's share of the global batches epoch `epoch` still has to run, on `device`:
+    yields (batch, share) where `share` carries the loss weights of this rank's part
+    (stages/distributed.py `local_part`); the examples each rank trained on go to `recorder`."""
+    batches = epoch_batches(ctx, cfg.batch_size, epoch, start_step, steps_per_epoch, total_steps)
+    for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
+        share = dist.local_part(batch)
+        recorder.train(epoch, dist.real_indices(share))
+        yield share.batch.to(device), share
+
+
 def train_batches(ctx: StageContext, batch_size: int, epoch: int) -> list:
     return length_bucketed_batches(ctx.data.train, batch_size, shuffle=True, seed=ctx.seed + epoch, pad_token_id=ctx.data.pad_token_id)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import forward_masked
 from ltp_compress.modeling.quantized import QATLinear, QMAX, disable_qat, enable_qat, save_act_scales
@@ -35,7 +34,7 @@ from ltp_compress.stages.flops_target import refit_to_target, target_report
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    PruningForward, adamw_with_warmup, check_global_batch, epoch_batches, evaluate, grad_sync, kd_logit_loss, make_accelerator,
+    PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, kd_logit_loss, make_accelerator,
     optimizer_step, set_seed, steps_plan, task_loss, train_batches, weight_param_groups, weighted,
 )
 
@@ -104,11 +103,7 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
     rec = dist.recorder()
     for epoch in range(start_epoch, n_epochs):
         net.train()
-        batches = epoch_batches(ctx, cfg.batch_size, epoch, step, steps_per_epoch, total_steps)
-        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
-            local = dist.local_part(batch)
-            rec.train(epoch, dist.real_indices(local))
-            batch = local.batch.to(accelerator.device)
+        for batch, local in rank_batches(ctx, cfg, epoch, step, steps_per_epoch, total_steps, accelerator.device, rec):
             with torch.no_grad():
                 t_out = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense")
             with grad_sync(accelerator, net):

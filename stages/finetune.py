@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig
 from ltp_compress.modeling.model_io import load_classifier, load_tokenizer, save_stage_model
@@ -19,7 +18,7 @@ from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    PruningForward, adamw_with_warmup, check_global_batch, epoch_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
+    PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
     optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
 )
 
@@ -100,11 +99,7 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
     rec = dist.recorder()
     for epoch in range(start_epoch, n_epochs):
         net.train()
-        batches = epoch_batches(ctx, cfg.batch_size, epoch, step, steps_per_epoch, total_steps)
-        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
-            local = dist.local_part(batch)
-            rec.train(epoch, dist.real_indices(local))
-            batch = local.batch.to(accelerator.device)
+        for batch, local in rank_batches(ctx, cfg, epoch, step, steps_per_epoch, total_steps, accelerator.device, rec):
             with grad_sync(accelerator, net):
                 with accelerator.autocast():
                     out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ltp_compress.modeling.pruned_encoder import PruningConfig, linear_threshold_init
 from ltp_compress.modeling.model_io import load_stage_model, save_stage_model
@@ -30,7 +29,7 @@ from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    PruningForward, adamw_with_warmup, check_global_batch, epoch_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
+    PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
     optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
 )
 from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report
@@ -76,11 +75,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     rec = dist.recorder()
     for epoch in range(start_epoch, n_epochs):
         net.train()
-        batches = epoch_batches(ctx, cfg.batch_size, epoch, step, steps_per_epoch, total_steps)
-        for batch in tqdm(batches, desc=f"{cfg.id} epoch {epoch + 1}", disable=not ctx.progress or not dist.is_main()):
-            local = dist.local_part(batch)
-            rec.train(epoch, dist.real_indices(local))
-            batch = local.batch.to(accelerator.device)
+        for batch, local in rank_batches(ctx, cfg, epoch, step, steps_per_epoch, total_steps, accelerator.device, rec):
             with grad_sync(accelerator, net):
                 with accelerator.autocast():
                     out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="soft", temperature=cfg.temperature)
