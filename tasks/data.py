@@ -492,6 +492,22 @@ class TokenizedSplit:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
 
+def encode_in_chunks(examples: list[Example], tokenizer, max_seq_length: int, chunk_size: int = 8192):
+    """One batched tokenizer call per chunk of examples (truncation at max_seq_length, no padding):
+    yields (input_ids, token_type_ids) per chunk, as the tokenizer returns them (sequences of
+    ints); tokenizers without type ids (RoBERTa, DistilBERT) give all-zero type ids."""
+    is_pair = bool(examples) and examples[0].text_b is not None
+    for start in range(0, len(examples), chunk_size):
+        chunk = examples[start:start + chunk_size]
+        a = [e.text_a for e in chunk]
+        b = [e.text_b if e.text_b is not None else "" for e in chunk] if is_pair else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=False,
+                        return_token_type_ids=True, return_attention_mask=False)
+        ids = enc["input_ids"]
+        tt = enc.get("token_type_ids") if hasattr(enc, "get") else None
+        yield ids, (tt if tt is not None else [[0] * len(x) for x in ids])
+
+
 def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *,
                    num_labels: int | None = None, chunk_size: int = 8192) -> TokenizedSplit:
     """Tokenise with one batched call per chunk: ``tokenizer(a, b, truncation=True, max_length=...)``.
@@ -502,20 +518,11 @@ def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *,
     ``task.num_labels`` to be explicit.
     """
     ex = split.examples
-    is_pair = bool(ex) and ex[0].text_b is not None
     input_ids: list[list[int]] = []
     type_ids: list[list[int]] = []
-    for start in range(0, len(ex), chunk_size):
-        chunk = ex[start:start + chunk_size]
-        a = [e.text_a for e in chunk]
-        b = [e.text_b if e.text_b is not None else "" for e in chunk] if is_pair else None
-        enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=False,
-                        return_token_type_ids=True, return_attention_mask=False)
-        ids = [list(x) for x in enc["input_ids"]]
-        tt = enc.get("token_type_ids") if hasattr(enc, "get") else None
-        tt = [list(x) for x in tt] if tt is not None else [[0] * len(x) for x in ids]
-        input_ids.extend(ids)
-        type_ids.extend(tt)
+    for ids, tt in encode_in_chunks(ex, tokenizer, max_seq_length, chunk_size):
+        input_ids.extend(list(x) for x in ids)
+        type_ids.extend(list(x) for x in tt)
     labels = [e.label for e in ex]
     if num_labels is None:
         if labels and isinstance(labels[0], float):

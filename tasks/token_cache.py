@@ -72,7 +72,7 @@ import numpy as np
 from ltp_compress.fileio import atomic_write_json, fsync_dir
 from ltp_compress.manifest import sha256_file
 
-from .data import Batch, DataConfig, DataError, SplitData, TokenizedSplit, load_split, split_file
+from .data import Batch, DataConfig, DataError, SplitData, TokenizedSplit, encode_in_chunks, load_split, split_file
 from .glue import TaskSpec
 
 __all__ = [
@@ -236,26 +236,16 @@ def tokenize_to_arrays(split: SplitData, tokenizer, max_seq_length: int, *, num_
     len_parts: list[np.ndarray] = []
     with tqdm(total=len(ex), desc=f"tokenise {split.name}", unit="ex", unit_scale=True,
               disable=not progress, mininterval=1.0) as bar:
-        for start in range(0, len(ex), chunk_size):
-            chunk = ex[start:start + chunk_size]
-            a = [e.text_a for e in chunk]
-            b = [e.text_b if e.text_b is not None else "" for e in chunk] if is_pair else None
-            enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=False,
-                            return_token_type_ids=True, return_attention_mask=False)
-            ids = enc["input_ids"]
+        for ids, tt in encode_in_chunks(ex, tokenizer, max_seq_length, chunk_size):
             lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             total = int(lens.sum())
             id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total))
-            tt = enc.get("token_type_ids") if hasattr(enc, "get") else None
-            if tt is None:
-                type_parts.append(np.zeros(total, dtype=np.int8))
-            else:
-                t64 = np.fromiter(itertools.chain.from_iterable(tt), dtype=np.int64, count=total)
-                if total and (t64.min() < 0 or t64.max() > 127):
-                    raise ValueError(f"token type ids out of int8 range in split {split.name!r}")
-                type_parts.append(t64.astype(np.int8))
+            t64 = np.fromiter(itertools.chain.from_iterable(tt), dtype=np.int64, count=total)
+            if total and (t64.min() < 0 or t64.max() > 127):
+                raise ValueError(f"token type ids out of int8 range in split {split.name!r}")
+            type_parts.append(t64.astype(np.int8))
             len_parts.append(lens)
-            bar.update(len(chunk))
+            bar.update(len(ids))
     ids64 = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
     if len(ids64) and (ids64.min() < 0 or ids64.max() > np.iinfo(np.int32).max):
         raise ValueError(f"token ids out of int32 range in split {split.name!r}")
