@@ -105,7 +105,7 @@ def test_ort_peers_configuration(peers):
     # the artifacts the peers ran, with their sha256 (the work folder is kept when given)
     for s, f in (("ort_fp32", "teacher_fp32_opt.onnx"), ("ort_int8_dynamic", "teacher_int8_dynamic.onnx")):
         art = r[s]["info"]["artifacts"][f]
-        from ltp_compress.pipeline.peers.common import sha256_of
+        from ltp_compress.manifest import sha256_file as sha256_of
 
         assert Path(art["path"]) == work / f and art["sha256"] == sha256_of(work / f)
     assert r["ltp_int8_ort"]["info"]["export_parity"]["argmax_agreement"] >= 0.9
@@ -154,7 +154,7 @@ def test_float_profile_fails_the_int8_check(peers):
 
 
 def test_checkpoints_named_by_recipe_and_sha256(peers, tiny_run):  # noqa: F811
-    from ltp_compress.pipeline.peers.common import sha256_of
+    from ltp_compress.manifest import sha256_file as sha256_of
 
     res, _, _ = peers
     for role, stage in (("teacher", "00-teacher"), ("int8", "03-int8")):

@@ -3,13 +3,11 @@ FP teacher, numpy feeds, checkpoint identity (recipe + sha256) and small helpers
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ltp_compress.errors import UserError
-
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-
+from ltp_compress.manifest import sha256_file
+from ltp_compress.modeling.onnx_export import INPUT_NAMES  # the exported graph's input names: one owner
 
 class BenchError(UserError, ValueError):
     """Bad benchmark arguments (missing checkpoint / stage, unknown system)."""
@@ -102,14 +100,6 @@ def version(dist: str) -> str | None:
         return None
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_identity(folder: str | Path | None) -> dict | None:
     """{"path", "recipe", "run_dir", "stage", "files": {model.safetensors / model.onnx: sha256}} of a
     benchmarked model folder; the recipe is named when the folder is a stage of a run folder."""
@@ -128,5 +118,5 @@ def checkpoint_identity(folder: str | Path | None) -> dict | None:
             ident["recipe_error"] = f"{run.recipe_file}: {e}"
     for name in ("model.safetensors", "model.onnx"):
         if (folder / name).is_file():
-            ident["files"][name] = sha256_of(folder / name)
+            ident["files"][name] = sha256_file(folder / name)
     return ident

@@ -27,7 +27,8 @@ import os
 import time
 from pathlib import Path
 
-from ltp_compress.pipeline.peers.common import INPUT_NAMES, System, hf_logits_module, load_teacher, numpy_feed, sha256_of, version
+from ltp_compress.manifest import sha256_file
+from ltp_compress.pipeline.peers.common import INPUT_NAMES, System, hf_logits_module, load_teacher, numpy_feed, version
 
 DOCS = {
     "session_options": "https://onnxruntime.ai/docs/performance/tune-performance/threading.html",
@@ -118,7 +119,7 @@ def ort_system(path: Path, inp, info: dict) -> System:
 
     info = {**info, "session_options": settings_record(inp.threads), "onnxruntime_version": version("onnxruntime"),
             "graph_inputs": list(names)}
-    info.setdefault("artifacts", {})[path.name] = {"path": str(path), "sha256": sha256_of(path)}
+    info.setdefault("artifacts", {})[path.name] = {"path": str(path), "sha256": sha256_file(path)}
     return System(fn, info, op_profile=lambda batch: op_profile(path, inp.threads, numpy_feed(batch, names), work))
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ltp_compress.pipeline.peers.common import BenchError, System, checkpoint_identity, load_teacher, numpy_feed, sha256_of
+from ltp_compress.manifest import sha256_file
+from ltp_compress.pipeline.peers.common import BenchError, System, checkpoint_identity, load_teacher, numpy_feed
 
 
 def build_ltp_fp32(inp) -> System:
@@ -86,7 +87,7 @@ def _onnx_system(export_dir: Path, inp, info: dict) -> System:
         return torch.from_numpy(dm.logits(numpy_feed((ids, mask, tt), names)))
 
     info = {**info, "backend": dm.backend, "session_options": settings_record(inp.threads),
-            "export": checkpoint_identity(export_dir), "onnx_sha256": sha256_of(export_dir / ONNX_FILE),
+            "export": checkpoint_identity(export_dir), "onnx_sha256": sha256_file(export_dir / ONNX_FILE),
             "export_parity": _parity(export_dir)}
     def profile(batch):
         prof = op_profile(export_dir / ONNX_FILE, inp.threads, numpy_feed(batch, names), Path(inp.work_dir))
