@@ -253,7 +253,13 @@ def quantize_per_channel_symmetric(w: Tensor, qmax: int = QMAX) -> tuple[Tensor,
 
 
 def quantize_per_tensor_symmetric(x: Tensor, scale: float | Tensor) -> Tensor:
-    """x float (any shape) -> int8 = clamp(round_half_even(x / scale), -127, 127)."""
+    """x float (any shape) -> int8 = clamp(round_half_even(x / scale), -127, 127).
+
+    The division is IEEE fp32 division on every device: CUDA turns a division by a CPU scalar
+    into a multiplication by its reciprocal, which rounds differently near .5 (seen on an H200:
+    single-step flips against the CPU reference), so there the scale is a device tensor."""
+    if x.device.type != "cpu" and not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
     return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8)
 
 

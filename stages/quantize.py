@@ -86,10 +86,21 @@ def layer_sensitivity(model, batch, pruning, act_scales: dict[str, float]) -> di
     return errs
 
 
+def quantize_device(backend: str) -> torch.device:
+    """Where calibration, conversion and evaluation run: the GPU this process uses for the 'cuda'
+    backend (the one GPU backend), else the CPU (every other backend, 'auto' included, is a CPU
+    kernel: the deployment target the recipe names explicitly)."""
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("quantize backend 'cuda' needs a CUDA device; torch.cuda.is_available() is False")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     set_seed(ctx.seed)
     model, tokenizer, pruning = load_stage_model(ctx.source_model, ctx.task)
-    model.eval()
+    model.eval().to(quantize_device(cfg.backend))
     calib = calibration_batches(ctx, cfg.calibration_batches, cfg.calibration_batch_size)
     scale_source = "calibration"
     if cfg.reuse_qat_scales:
