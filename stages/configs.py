@@ -96,7 +96,14 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields):
                                                                      "this value, then move the thresholds onto it")
 
 
-class LTPHardStage(PruneTrainStageBase, FlopsTargetFields):
+class RetargetFields(StrictModel):
+    """How a threshold rule keeps a FLOPs target while its weights are finetuned (ltp_hard, manual_prune)."""
+
+    retargets: int = Field(8, ge=1, description="how many re-fits (evenly spaced over the first retarget_until of the steps)")
+    retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
+
+
+class LTPHardStage(PruneTrainStageBase, FlopsTargetFields, RetargetFields):
     """Hard pruning: thresholds frozen, binary mask, weights finetuned again."""
 
     stage: Literal["ltp_hard"]
@@ -104,25 +111,30 @@ class LTPHardStage(PruneTrainStageBase, FlopsTargetFields):
     target_flops: float | None = Field(None, gt=0, le=1, description="re-fit the thresholds (one offset along the linear ramp) during the "
                                                                      "first retarget_until of training so relative FLOPs stays at this value; "
                                                                      "None: thresholds stay exactly as ltp_soft left them (the paper)")
-    retargets: int = Field(8, ge=1, description="how many re-fits (evenly spaced over the first retarget_until of the steps)")
-    retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
 
 
-class ManualPruneStage(PruneTrainStageBase):
+class ManualPruneStage(PruneTrainStageBase, FlopsTargetFields, RetargetFields):
     """Baseline: fixed thresholds rising linearly with depth (nothing learned); optional finetune."""
 
     stage: Literal["manual_prune"]
     final_threshold: float = Field(0.5, gt=0, description="θ_L of the fixed linear thresholds (normalised-score units)")
     epochs: float = Field(0.0, ge=0)
+    target_flops: float | None = Field(None, gt=0, le=1, description="choose θ_L (the ramp stays linear) so relative FLOPs on the "
+                                                                     "calibration inputs lands at this value before finetuning, and re-fit "
+                                                                     "it like ltp_hard while finetuning: the same budget as LTP at a FLOPs "
+                                                                     "level. None: final_threshold as given")
 
 
-class TopkPruneStage(PruneTrainStageBase):
+class TopkPruneStage(PruneTrainStageBase, FlopsTargetFields):
     """Baseline (SpAtten-style top-k): first layers keep all, then keep ratio decays linearly."""
 
     stage: Literal["topk_prune"]
     final_keep_ratio: float = Field(0.3, gt=0, le=1)
     dense_layers: int = Field(3, ge=0)
     epochs: float = Field(0.0, ge=0)
+    target_flops: float | None = Field(None, gt=0, le=1, description="choose final_keep_ratio so relative FLOPs on the calibration inputs "
+                                                                     "lands at this value (top-k counts depend on lengths only, so it stays "
+                                                                     "there while finetuning). None: final_keep_ratio as given")
 
 
 class DistillStage(TrainStageBase, FlopsTargetFields):

@@ -26,6 +26,13 @@ def run(cfg: LTPHardStage, ctx: StageContext) -> StageResult:
     model, tokenizer, pruning = load_stage_model(ctx.source_model, ctx.task)
     if pruning.mode != "threshold":
         raise ValueError(f"{cfg.id}: source model {ctx.source_model} has no learned thresholds (pruning mode '{pruning.mode}')")
+    return train_to_target(cfg, ctx, model, tokenizer, pruning)
+
+
+def train_to_target(cfg, ctx: StageContext, model, tokenizer, pruning) -> StageResult:
+    """Finetune under a threshold rule; with `cfg.target_flops`, re-fit the thresholds a few times
+    during the first `retarget_until` of the steps and keep_best only among evaluations that meet
+    the target (ltp_hard, and manual_prune at a FLOPs level)."""
     retarget = None
     if cfg.target_flops is not None:
         probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 512, cfg.eval_batch_size)

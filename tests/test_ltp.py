@@ -506,3 +506,47 @@ stages:
     ok = [h for h in hist if abs(h["validation_relative_flops"] - 0.5) <= 0.05 * 0.5]
     assert hard["extra"]["validation_cost"]["relative_flops"] in [pytest.approx(h["validation_relative_flops"]) for h in ok]
     assert hard["extra"]["pruning"]["thresholds"] != extra["pruning"]["thresholds"]
+
+
+def test_baselines_land_a_flops_target_for_matched_comparisons(tmp_path, tiny_bert):
+    """manual_prune / topk_prune with `target_flops` choose their one knob (θ_L, final keep ratio) on
+    the validation inputs so every method runs at the same FLOPs level; an unreachable top-k target
+    is an error naming the keys."""
+    import json
+
+    from ltp_compress.errors import UserError
+    from ltp_compress.pipeline.runner import run_recipe
+
+    from conftest import DEMO_DATA, write_recipe
+
+    body = f"""\
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 96, max_dev_examples: 64, max_seq_length: 64}}
+seed: 3
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+"""
+    recipe = write_recipe(tmp_path / "r.yaml", "name: base\n" + body + """\
+  - {id: man, stage: manual_prune, init_from: ft, final_threshold: 0.1, epochs: 1, batch_size: 16, target_flops: 0.55, flops_convention: paper, retargets: 2}
+  - {id: top, stage: topk_prune, init_from: ft, dense_layers: 1, epochs: 1, batch_size: 16, target_flops: 0.55, flops_convention: paper}
+""")
+    run_dir = run_recipe(recipe, progress=False)
+    man = json.loads((run_dir / "stages" / "01-man" / "meta.json").read_text())["extra"]
+    top = json.loads((run_dir / "stages" / "02-top" / "meta.json").read_text())["extra"]
+    for extra in (man, top):
+        t = extra["flops_target"]
+        assert t["convention"] == "paper" and t["calibration_inputs"] == "validation"
+        assert abs(t["validation_relative_flops"] - 0.55) <= 0.05 * 0.55, t
+    th = man["pruning"]["thresholds"]
+    assert th == pytest.approx([th[-1] * (l + 1) / len(th) for l in range(len(th))])  # still a linear ramp
+    assert man["initial_fit"]["final_threshold"] != pytest.approx(0.1)  # moved from the recipe's value
+    ratios = top["pruning"]["keep_ratios"]
+    assert ratios[-1] == pytest.approx(top["initial_fit"]["final_keep_ratio"])
+    bad = write_recipe(tmp_path / "bad.yaml", "name: bad\n" + body + """\
+  - {id: top, stage: topk_prune, init_from: ft, dense_layers: 1, target_flops: 0.05}
+""")
+    with pytest.raises(UserError, match="target_flops 0.05 .* dense_layers 1"):
+        run_recipe(bad, progress=False)

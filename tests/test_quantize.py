@@ -271,3 +271,37 @@ def test_quantize_refits_thresholds_to_target_on_the_int8_model(tmp_path, conven
     assert abs(val - 0.7) <= 0.05 * 0.7 and val == pytest.approx(target["validation_relative_flops"])
     dm = load_deployable(ctx.out_dir / "model", backend="reference")
     assert dm.pruning.thresholds == res.extra["pruning"]["thresholds"] != [0.2, 0.4]
+
+
+def test_quantize_stage_device_follows_the_backend(monkeypatch):
+    """The 'cuda' backend calibrates and evaluates on the GPU (the H200 check found the stage left
+    the model on the CPU); every CPU backend, 'auto' included, stays on the CPU."""
+    import torch
+
+    from ltp_compress.stages.quantize import quantize_device
+
+    for b in ("auto", "reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm"):
+        assert quantize_device(b) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        quantize_device("cuda")
+
+
+def test_activation_quantiser_divides_exactly_with_tensor_or_float_scale():
+    """quantize_per_tensor_symmetric gives the same codes for a float scale and a 0-dim fp32 tensor
+    scale (the form it uses on CUDA, where a CPU-scalar divisor becomes a reciprocal multiply), on
+    values placed exactly at .5 boundaries, where x * (1/s) and x / s round differently."""
+    import torch
+
+    from ltp_compress.kernels.linear_int8 import quantize_per_tensor_symmetric
+
+    s = 0.037
+    g = torch.Generator().manual_seed(0)
+    x = ((torch.randint(-126, 126, (4096,), generator=g).float() + 0.5) * torch.tensor(s)).float()
+    a = quantize_per_tensor_symmetric(x, s)
+    b = quantize_per_tensor_symmetric(x, torch.tensor(s, dtype=torch.float32))
+    assert torch.equal(a, b)
+    exact = torch.round(x.double() / torch.tensor(s, dtype=torch.float32).double()).clamp(-127, 127)  # the fp32 division, rounded
+    recip = torch.round(x * (1.0 / torch.tensor(s, dtype=torch.float32))).clamp(-127, 127)
+    assert torch.equal(a.double(), torch.round((x / torch.tensor(s)).double()).clamp(-127, 127))
+    assert not torch.equal(recip.double(), exact)  # the reciprocal form really differs on these inputs (negative control)
