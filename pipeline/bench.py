@@ -278,6 +278,8 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     bs1 = next((r for r in runs if r["batch_size"] == 1), None)
     if bs1:
         res["latency_ms_p50"], res["latency_ms_p95"] = bs1.get("latency_ms_p50"), bs1.get("latency_ms_p95")
+    if system.kept_tokens is not None:
+        res["cost"] = executed_cost(system, inp.batches[main_bs], inp.models[NEEDS[name]])
     probe = inp.batches[main_bs][0]
     ops: list = []
     if system.op_profile is not None:  # the runtime's own profile (ORT, OpenVINO)
@@ -305,6 +307,46 @@ def _measure(name: str, inp: BenchInputs, task, res: dict, rss0: float) -> dict:
     res["rss_after_mb"] = _rss_mb()
     res["peak_rss_mb_process"] = _maxrss_mb()
     return res
+
+
+def executed_cost(system: System, batches, model_dir) -> dict:
+    """Relative FLOPs (both conventions) of what `system` executes on these batches, from the
+    tokens its own runtime reports entering each layer (not from the run's report)."""
+    from transformers import AutoConfig
+
+    from ltp_compress.modeling.accounting import EncoderShape, relative_flops
+
+    kept = np.concatenate([np.asarray(system.kept_tokens(b)) for b in batches])  # [N, L]
+    lengths = np.concatenate([b.attention_mask.sum(1).numpy() for b in batches])  # [N]
+    shape = EncoderShape.from_config(AutoConfig.from_pretrained(str(model_dir)))  # the checkpoint the system was built from
+    return {"relative_flops_executed": relative_flops(kept, lengths, shape, "executed"),
+            "relative_flops_paper": relative_flops(kept, lengths, shape, "paper"),
+            "mean_tokens_per_layer": kept.mean(0).tolist(), "examples": int(len(lengths))}
+
+
+#: (dense system, pruned system, runtime): realised speedup of token pruning alone on that runtime
+PRUNING_PAIRS = (("dense_int8", "ltp_int8", "torch"), ("dense_int8_ort", "ltp_int8_ort", "onnxruntime"))
+
+
+def add_pruning_speedup(results: dict[str, dict], batch_sizes) -> dict:
+    """Per runtime and batch size: speedup of the pruned INT8 model over the dense INT8 model on the
+    same runtime, and that speedup divided by the FLOPs reduction it ran at (executed convention,
+    measured by the pruned system itself): 1.0 = every FLOP removed is time saved."""
+    out = {}
+    for dense, pruned, runtime in PRUNING_PAIRS:
+        d, p = results.get(dense, {}), results.get(pruned, {})
+        if d.get("status") != "ok" or p.get("status") != "ok" or "cost" not in p:
+            out[runtime] = {"status": "not measured", "dense": dense, "pruned": pruned}
+            continue
+        rel = p["cost"]["relative_flops_executed"] / d["cost"]["relative_flops_executed"]
+        row = {"dense": dense, "pruned": pruned, "relative_flops_executed": rel, "flops_reduction": 1.0 / rel, "by_batch_size": {}}
+        for bs in batch_sizes:
+            td = next((x["examples_per_s"] for x in d["runs"] if x["batch_size"] == bs), None)
+            tp = next((x["examples_per_s"] for x in p["runs"] if x["batch_size"] == bs), None)
+            if td and tp:
+                row["by_batch_size"][str(bs)] = {"speedup": tp / td, "realised_fraction": (tp / td) * rel}
+        out[runtime] = row
+    return out
 
 
 def _same(a, b) -> bool:
@@ -579,6 +621,7 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
             shutil.rmtree(tmp_work, ignore_errors=True)
     results = {s: merge_rounds(v) for s, v in per_round.items()}
     best_peer = add_ratios(results, batch_sizes)
+    pruning_speedup = add_pruning_speedup(results, batch_sizes)
     add_accuracy_gaps(results)
     import torch
 
@@ -598,7 +641,7 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
                         **{d: version(d) for d in ("neural-compressor", "torchao", "transformers", "onnx", "onnxruntime",
                                                    "openvino", "nncf")}},
         "loadavg_before": load0, "loadavg_after": _loadavg(),
-        "systems": systems, "best_int8_peer": best_peer, "results": results,
+        "systems": systems, "best_int8_peer": best_peer, "pruning_speedup": pruning_speedup, "results": results,
         "method": ("same tokenised dev examples and the same length-bucketed, dynamically padded batches for every system "
                    "(tokenisation outside the timed region); throughput = examples / median of `repeats` timed passes after "
                    "one warmup pass (warmup includes compilation), median over `rounds` interleaved rounds; bs-1 latency "
@@ -640,6 +683,30 @@ def _fmt(v, nd=1, suffix=""):
 
 def _first(v):
     return v[0] if isinstance(v, list) else v
+
+
+def render_pruning_speedup(res: dict) -> list[str]:
+    """The realised speedup of token pruning alone per runtime (issue goal: >= 0.9 of the FLOPs reduction)."""
+    ps = res.get("pruning_speedup") or {}
+    if not ps:
+        return []
+    bss = res["batch_sizes"]
+    L = ["## Token pruning alone: realised speedup vs FLOPs reduction", "",
+         "pruned INT8 vs dense INT8 on the same runtime; FLOPs reduction = dense / pruned relative FLOPs (executed convention), "
+         "counted from the tokens each system's own runtime reports entering each layer on the main-batch-size pass; "
+         "realised fraction = speedup / FLOPs reduction", "",
+         "| runtime | pruned / dense | FLOPs reduction | " + " | ".join(f"bs{b} speedup | bs{b} realised" for b in bss) + " |",
+         "|" + "---|" * (3 + 2 * len(bss))]
+    for runtime, row in ps.items():
+        if "by_batch_size" not in row:
+            L.append(f"| {runtime} | {row['pruned']} / {row['dense']} | {row.get('status')} |" + " |" * (2 * len(bss)))
+            continue
+        cells = []
+        for b in bss:
+            x = row["by_batch_size"].get(str(b))
+            cells += [_fmt(x["speedup"], 2, "x"), _fmt(x["realised_fraction"], 2)] if x else ["-", "-"]
+        L.append(f"| {runtime} | {row['pruned']} / {row['dense']} | {_fmt(row['flops_reduction'], 2, 'x')} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def render_markdown(res: dict) -> str:
@@ -684,6 +751,7 @@ def render_markdown(res: dict) -> str:
         L.append("| " + " | ".join(row) + " |")
     L += ["", "best dense INT8 peer per batch size: "
           + ", ".join(f"bs{b}: {(v or {}).get('system', 'none')}" for b, v in res["best_int8_peer"].items()), ""]
+    L += render_pruning_speedup(res)
     L += ["## Systems", ""]
     for s in res["systems"]:
         r = res["results"][s]

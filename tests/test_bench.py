@@ -111,11 +111,23 @@ def test_fields_accuracy_and_ratios(bench):
     assert prof["int8_gemm_macs"] > 0 and sum(prof["fraction_by_class"].values()) == pytest.approx(1.0)
     assert sum(prof["fraction_by_summary_class"].values()) == pytest.approx(1.0)
     assert prof["time_by_class_s"].get("int8_linear_gemm", 0) > 0 and prof["effective_gemm_gops"] > 0
+    # what ours executed, counted from their own runtimes' kept tokens: dense runs every token
+    assert res["results"]["dense_int8"]["cost"]["relative_flops_executed"] == pytest.approx(1.0)
+    ltp_cost = res["results"]["ltp_int8"]["cost"]
+    assert ltp_cost["examples"] == 24 and 0 < ltp_cost["relative_flops_executed"] <= ltp_cost["relative_flops_paper"] <= 1.0
+    assert "cost" not in hf
+    sp = res["pruning_speedup"]["torch"]
+    assert sp["relative_flops_executed"] == pytest.approx(ltp_cost["relative_flops_executed"])
+    for bs in ("1", "8"):
+        thr = {s: next(y["examples_per_s"] for y in res["results"][s]["runs"] if y["batch_size"] == int(bs)) for s in ("dense_int8", "ltp_int8")}
+        assert sp["by_batch_size"][bs]["speedup"] == pytest.approx(thr["ltp_int8"] / thr["dense_int8"])
+        assert sp["by_batch_size"][bs]["realised_fraction"] == pytest.approx(sp["by_batch_size"][bs]["speedup"] / sp["flops_reduction"])
+    assert res["pruning_speedup"]["onnxruntime"]["status"] == "not measured"  # dense_int8_ort / ltp_int8_ort not in this run
     # outputs
     saved = json.loads((out / "tiny.json").read_text())
     assert saved["results"]["ltp_int8"]["metrics"] == res["results"]["ltp_int8"]["metrics"]
     md = (out / "tiny.md").read_text()
-    assert all(s in md for s in SYSTEMS)
+    assert all(s in md for s in SYSTEMS) and "realised speedup vs FLOPs reduction" in md
 
 
 def test_failed_system_is_recorded_not_dropped(tiny_run, tmp_path):

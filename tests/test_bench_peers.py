@@ -113,6 +113,12 @@ def test_ort_peers_configuration(peers):
     cls = r["ltp_int8_ort"]["runtime_profile"]["time_fraction_by_class"]  # op-class profile of ours on ORT
     assert sum(cls.values()) == pytest.approx(1.0) and cls["int8_linear"] > 0
     assert r["ort_int8_dynamic"]["accuracy_vs_fp32"]["reference"] == "ort_fp32"
+    # the exported graph's own kept_tokens output gives the same executed FLOPs as the torch runtime
+    if r["ltp_int8"]["status"] == "ok":
+        assert r["ltp_int8_ort"]["cost"]["relative_flops_executed"] == pytest.approx(r["ltp_int8"]["cost"]["relative_flops_executed"], abs=0.02)
+    assert r["dense_int8_ort"]["cost"]["relative_flops_executed"] == pytest.approx(1.0)
+    sp = res["pruning_speedup"]["onnxruntime"]
+    assert sp["pruned"] == "ltp_int8_ort" and sp["relative_flops_executed"] == pytest.approx(r["ltp_int8_ort"]["cost"]["relative_flops_executed"])
 
 
 @pytest.mark.skipif(not _have("openvino", "nncf"), reason="openvino / nncf not installed")

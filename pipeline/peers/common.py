@@ -22,12 +22,16 @@ class System:
       * `op_profile(batch) -> dict` the runtime's own profile of one batch (ORT's op types,
         OpenVINO's executed layer types and precisions) instead of the torch profiler."""
 
-    def __init__(self, fn, info: dict | None = None, pad_multiple: int | None = None, *, run_pass=None, op_profile=None):
+    def __init__(self, fn, info: dict | None = None, pad_multiple: int | None = None, *, run_pass=None, op_profile=None,
+                 kept_tokens=None):
         self.fn = fn
         self.info = info or {}
         self.pad_multiple = pad_multiple
         self.run_pass = run_pass
         self.op_profile = op_profile
+        # ours only: `kept_tokens(batch) -> [b, L]` tokens entering each layer when the system runs
+        # this batch (what it executes; the bench turns it into the relative FLOPs it really ran at)
+        self.kept_tokens = kept_tokens
 
     def logits(self, batch):
         ids, mask, tt = batch.input_ids, batch.attention_mask, batch.token_type_ids

@@ -30,7 +30,17 @@ def build_ltp_fp32(inp) -> System:
     return System(lambda i, m, t: forward_packed(model, i, m, t, pruning).logits,
                   {"api": "forward_packed(hard model, PruningConfig from pruning.json)", "pruning": pruning.to_dict(),
                    "settings": {"runtime": "torch eager, packed token layout", "torch_threads": inp.threads},
-                   "_model": model})
+                   "_model": model}, kept_tokens=_torch_kept(model, pruning))
+
+
+def _torch_kept(model, pruning):
+    """kept_tokens(batch) for a torch system: forward_packed's own count of the tokens entering each layer."""
+    from ltp_compress.modeling.pruned_encoder import forward_packed
+
+    def kept(batch):
+        out = forward_packed(model, batch.input_ids, batch.attention_mask, batch.token_type_ids, pruning, return_kept=True)
+        return out.kept_tokens.cpu().numpy()
+    return kept
 
 
 def _dense_qmodel(inp):
@@ -54,7 +64,7 @@ def build_dense_int8(inp) -> System:
                    "percentile": inp.quant.get("percentile"), "fused_gelu_layers": len(info.fused_gelu),
                    "settings": {"runtime": "torch eager, packed token layout", "backend": info.backend,
                                 "observer": inp.quant.get("observer", "minmax"), "torch_threads": inp.threads},
-                   "_model": qmodel})
+                   "_model": qmodel}, kept_tokens=_torch_kept(qmodel, none))
 
 
 def build_ltp_int8(inp) -> System:
@@ -69,7 +79,7 @@ def build_ltp_int8(inp) -> System:
                   {"api": "load_deployable(path, backend) -> forward_packed(model, ..., pruning)", "backend": dm.backend,
                    "pruning": pruning.to_dict(), "load_notes": dm.notes,
                    "settings": {"runtime": "torch eager, packed token layout", "backend": dm.backend, "torch_threads": inp.threads},
-                   "_model": dm.model})
+                   "_model": dm.model}, kept_tokens=_torch_kept(dm.model, pruning))
 
 
 def _onnx_system(export_dir: Path, inp, info: dict) -> System:
@@ -99,7 +109,11 @@ def _onnx_system(export_dir: Path, inp, info: dict) -> System:
         prof["op_classes"] = {c: list(ops) for c, ops in ORT_OP_CLASSES.items()}
         return prof
 
-    return System(fn, info, op_profile=profile)
+    def kept(batch):  # the graph's own `kept_tokens` output
+        dm.logits(numpy_feed((batch.input_ids, batch.attention_mask, batch.token_type_ids), names))
+        return dm.last_kept_tokens
+
+    return System(fn, info, op_profile=profile, kept_tokens=kept)
 
 
 # op-class profile of our exported graph on ONNX Runtime (op types as ORT's profile names them after its own
