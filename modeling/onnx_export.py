@@ -33,11 +33,19 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
   projection and FFN, exactly like ``forward_packed``: a token pruned at layer l skips layer l's
   output projection and FFN. The grid of the next layer comes from the new lengths.
 * The classifier reads each sequence's first packed row (CumSum of the lengths).
+* Batch of one (threshold or no pruning): an ``If`` on the batch size runs a second branch with the
+  same math and the same initializers but none of the padding machinery (no grid, masks or index
+  maps: the sequence's present rows are the attention grid; position 0 is kept by a Concat, pruned
+  rows leave by one Gather): about 40 instead of about 65 nodes per layer, and at ~25 tokens per-node
+  overhead, not arithmetic, is most of a batch of one's time (benchmarks/results/ort_graph_ab.md).
+  Top-k checkpoints keep the one general graph.
 
 INT8 linears (every layer in the checkpoint's ``int8_layers``) use the checkpoint's own scales::
 
     x_c  = Max(x, -127 * x_scale)                   # the reference clamps to [-127, 127]: keep
-                                                    # QuantizeLinear from producing -128 (u8 0)
+                                                    # QuantizeLinear from producing -128 (u8 0);
+                                                    # omitted where x is a GELU/ReLU output and
+                                                    # 127 * x_scale >= 0.17 (it cannot act there)
     x_u8 = QuantizeLinear(x_c, x_scale, zp=128)     # uint8 = round_half_even(x / x_scale) + 128,
                                                     # saturating at 255 (= +127)
     int8_op "MatMulIntegerToFloat" (default; ORT contrib op, one kernel):
@@ -92,6 +100,8 @@ EXPORT_REQUIRED_FILES = (ONNX_FILE, ONNX_CONFIG_FILE)
 _NOT_COPIED = (WEIGHTS_FILE, LTP_FILE, MANIFEST_FILE)
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# a lower bound of exact GELU (min x·Φ(x) = -0.16997 at x = -0.7518) and of ReLU
+GELU_MIN_BOUND = 0.17
 OUTPUT_NAMES = ("logits", "kept_tokens")
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(17, 22)
@@ -148,6 +158,7 @@ class _Graph:
         self._init_names: set[str] = set()
         self._consts: dict[tuple, str] = {}
         self._n = 0
+        self.scope = ""  # prefix of named outputs inside an `If` branch (names stay unique model-wide)
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -169,14 +180,14 @@ class _Graph:
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None,
            domain: str = "", **attrs) -> Any:
         self._n += 1
-        base = name or f"{op_type}_{self._n}"
+        base = self.scope + (name or f"{op_type}_{self._n}")
         outs = [f"{base}:{i}" if n_out > 1 else base for i in range(n_out)]
         self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=f"n{self._n}.{base}", domain=domain, **attrs))
         return outs if n_out > 1 else outs[0]
 
     # small conveniences (all shapes are noted at the call sites)
-    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
-        return self.op("Unsqueeze", [x, self.const(list(axes), np.int64)])
+    def unsqueeze(self, x: str, axes: Sequence[int], name: str | None = None) -> str:
+        return self.op("Unsqueeze", [x, self.const(list(axes), np.int64)], name=name)
 
     def squeeze(self, x: str, axes: Sequence[int]) -> str:
         return self.op("Squeeze", [x, self.const(list(axes), np.int64)])
@@ -276,7 +287,9 @@ class _Builder:
         (n,) = names
         if n not in self.w.fp_layers and f"{n}.weight" not in self.w.tensors:
             raise ExportError(f"{WEIGHTS_FILE}: Linear '{n}' is neither int8 (w_q) nor float (weight)")
-        wt = self.g.init(f"{n}.weight.T", np.ascontiguousarray(self.tensor(f"{n}.weight").astype(np.float32).T))  # [K, N]
+        wt = f"{n}.weight.T"
+        if wt not in g._init_names:  # the other `If` branch may have made it
+            g.init(wt, np.ascontiguousarray(self.tensor(f"{n}.weight").astype(np.float32).T))  # [K, N]
         y = g.op("MatMul", [x, wt], name=f"{n}.fp_matmul")
         y = g.op("Add", [y, self.param(f"{n}.bias")]) if f"{n}.bias" in self.w.tensors else y
         if n.endswith("intermediate.dense"):
@@ -291,25 +304,35 @@ class _Builder:
         biases = [self.w.tensors.get(f"{n}.bias") for n in names]
         if w_q.dtype != np.int8:
             raise ExportError(f"{WEIGHTS_FILE}: '{names[0]}.w_q' is {w_q.dtype}, expected int8")
-        xs_name = g.init(f"{tag}.x_scale", np.asarray(x_scale, dtype=np.float32))  # [] the checkpoint's scale
+        first = f"{tag}.x_scale" not in g._init_names  # the other `If` branch may have built this GEMM already
+        xs_name = g.init(f"{tag}.x_scale", np.asarray(x_scale, dtype=np.float32)) if first else f"{tag}.x_scale"  # [] the checkpoint's scale
         zp = g.const(128, np.uint8)
-        x_min = g.init(f"{tag}.x_min", np.asarray(-127.0 * x_scale, dtype=np.float32))
-        xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
+        # the FFN output projection reads GELU / ReLU outputs (>= -0.17): there the clamp can never act
+        ffn_out = names[0].endswith(".output.dense") and not names[0].endswith("attention.output.dense")
+        bounded = ffn_out and self.act in ("gelu", "relu") and 127.0 * x_scale >= GELU_MIN_BOUND
+        if bounded:
+            xc = x
+        else:
+            x_min = f"{tag}.x_min"
+            if x_min not in g._init_names:
+                g.init(x_min, np.asarray(-127.0 * x_scale, dtype=np.float32))
+            xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
         xq = g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize")  # [T, K] uint8
-        wt = g.init(f"{tag}.w_q.T", np.ascontiguousarray(w_q.T))  # [K, N] int8
+        init = (lambda name, arr: g.init(name, arr)) if first else (lambda name, arr: name)
+        wt = init(f"{tag}.w_q.T", np.ascontiguousarray(w_q.T))  # [K, N] int8
         bias = None
         if any(b is not None for b in biases):
-            bias = g.init(f"{tag}.bias", np.concatenate([np.zeros(self.tensor(f"{n}.w_q").shape[0], np.float32) if b is None
-                                                         else b.astype(np.float32) for n, b in zip(names, biases)]))  # [N]
+            bias = init(f"{tag}.bias", np.concatenate([np.zeros(self.tensor(f"{n}.w_q").shape[0], np.float32) if b is None
+                                                       else b.astype(np.float32) for n, b in zip(names, biases)]))  # [N]
         if self.int8_op == "MatMulIntegerToFloat":
             # one ORT contrib kernel: (x_u8 - 128) @ W_q^T * x_scale * w_scale[n] + bias
-            ws = g.init(f"{tag}.w_scale", w_scale)  # [N]
-            wzp = g.init(f"{tag}.w_zero_point", np.zeros(w_q.shape[0], np.int8))  # [N] symmetric weights
+            ws = init(f"{tag}.w_scale", w_scale)  # [N]
+            wzp = init(f"{tag}.w_zero_point", np.zeros(w_q.shape[0], np.int8))  # [N] symmetric weights
             y = g.op("MatMulIntegerToFloat", [xq, wt, xs_name, ws, zp, wzp] + ([bias] if bias else []),
                      name=f"{tag}.matmul_integer", domain="com.microsoft")  # [T, N] float
         else:
             acc = g.op("MatMulInteger", [xq, wt, zp], name=f"{tag}.matmul_integer")  # [T, N] int32
-            out_scale = g.init(f"{tag}.out_scale", (np.float32(x_scale) * w_scale).astype(np.float32))  # [N]
+            out_scale = init(f"{tag}.out_scale", (np.float32(x_scale) * w_scale).astype(np.float32))  # [N]
             y = g.op("Mul", [g.op("Cast", [acc], to=1), out_scale])  # [T, N] float
             y = g.op("Add", [y, bias]) if bias else y
         fused = [n in self.w.fused_gelu for n in names]
@@ -319,8 +342,9 @@ class _Builder:
             y = self.gelu(y)
         elif names[0].endswith("intermediate.dense"):
             y = self.activation(y)
-        self.w.gemms.append({"node": f"{tag}.matmul_integer", "layers": list(names), "x_scale_initializer": xs_name,
-                             "weight_initializer": wt, "fused_gelu": bool(any(fused))})
+        if first:
+            self.w.gemms.append({"node": f"{tag}.matmul_integer", "layers": list(names), "x_scale_initializer": xs_name,
+                                 "weight_initializer": wt, "fused_gelu": bool(any(fused))})
         return y
 
     def layout(self, lengths: str) -> _Layout:
@@ -351,7 +375,10 @@ class _Builder:
         x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.position_embeddings.weight"), pos_ids])])
         tte = self.tensor(f"{p}.token_type_embeddings.weight")
         if int(self.cfg.get("type_vocab_size", tte.shape[0])) == 1:
-            x = g.op("Add", [x, g.init(f"{p}.token_type_embeddings.row0", tte[0].astype(np.float32))])  # types ignored
+            row0 = f"{p}.token_type_embeddings.row0"
+            if row0 not in g._init_names:  # the other `If` branch may have made it
+                g.init(row0, tte[0].astype(np.float32))
+            x = g.op("Add", [x, row0])  # types ignored
         else:
             x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.token_type_embeddings.weight"), tt])])
         return self.layer_norm(x, f"{p}.LayerNorm")
@@ -387,7 +414,9 @@ class _Builder:
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")  # 1/H sum_h sum_j A_h(j, i)
             pos0 = g.unsqueeze(g.op("Equal", [lay.pos, g.const(0, np.int64)]), [0])  # [1, S]
             if mode == "threshold":
-                th = g.init(f"prune.threshold.{l}", np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
+                th = f"prune.threshold.{l}"
+                if th not in g._init_names:  # the batch-of-one branch may have made it
+                    g.init(th, np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
                 keep = g.op("Greater", [score, th])  # [b, S]
             else:
                 keep = self.topk_keep(l, score, lay, pos0, n0)
@@ -400,11 +429,68 @@ class _Builder:
             lay = self.layout(g.reduce_sum(g.op("Cast", [keep], to=7), [1]))  # new lengths [b]
         else:
             ctx = g.op("Gather", [ctx, lay.flat_index], axis=0)  # [T, d] packed
+        return self.post_attention(p, ctx, x), lay
+
+    def post_attention(self, p: str, ctx: str, x: str) -> str:
+        """ctx, x [T', d] (the kept rows) -> the layer's output [T', d]: output projection, residual +
+        LayerNorm, FFN, residual + LayerNorm."""
+        g = self.g
         a = self.linear(ctx, [f"{p}.attention.output.dense"])  # [T', d]
-        h = self.layer_norm(g.op("Add", [a, x]), f"{p}.attention.output.LayerNorm")
+        h = self.add_layer_norm(a, x, f"{p}.attention.output.LayerNorm")
         f = self.linear(h, [f"{p}.intermediate.dense"])  # [T', d_ff] (activation applied)
         o = self.linear(f, [f"{p}.output.dense"])  # [T', d]
-        return self.layer_norm(g.op("Add", [o, h]), f"{p}.output.LayerNorm"), lay
+        return self.add_layer_norm(o, h, f"{p}.output.LayerNorm")
+
+    def add_layer_norm(self, y: str, residual: str, name: str) -> str:
+        """LayerNorm(y + residual). (ORT's contrib SkipLayerNormalization on our 2-D [T, d] rows was tried:
+        slower here and its outputs differed: benchmarks/results/design_observations.md.)"""
+        return self.layer_norm(self.g.op("Add", [y, residual]), name)
+
+    def single_layer(self, l: int, x: str) -> str:
+        """The batch-of-one branch: x [T, d] (the sequence's present tokens, no padding anywhere) ->
+        [T', d]. The same math as `encoder_layer` without the padded grid, masks or index maps."""
+        g, d, H = self.g, self.d, self.heads
+        dh = d // H
+        p = f"{self.prefix}.encoder.layer.{l}"
+        qkv_names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
+        if self.fuse_qkv:
+            qkv = self.linear(x, qkv_names)  # [T, 3d]
+        else:
+            qkv = g.op("Concat", [self.linear(x, [n]) for n in qkv_names], axis=-1)
+        heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
+        q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
+        kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
+        att = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(dh ** -0.5, np.float32)])  # [1, H, T, T]
+        probs = g.op("Softmax", [att], axis=-1)
+        ctx = g.reshape(g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
+        if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
+            score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
+            score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
+            th = f"prune.threshold.{l}"
+            if th not in g._init_names:
+                g.init(th, np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
+            keep = g.op("Greater", [score, th])  # [T]
+            rest = g.op("Slice", [keep, g.const([1], np.int64), g.const([np.iinfo(np.int64).max], np.int64)])  # [T-1]
+            keep = g.op("Concat", [g.const([True], np.bool_), rest], axis=0)  # [T] position 0 always kept
+            rows = g.squeeze(g.op("NonZero", [keep]), [0])  # [T']
+            ctx = g.op("Gather", [ctx, rows], axis=0, name=f"prune.{l}.gather_ctx")  # [T', d]
+            x = g.op("Gather", [x, rows], axis=0, name=f"prune.{l}.gather_x")  # [T', d]
+        return self.post_attention(p, ctx, x)
+
+    def build_single(self) -> tuple[str, str]:
+        """Batch of one: returns (logits [1, num_labels], kept_tokens [1, L])."""
+        g = self.g
+        emb = self.embeddings("input_ids", "attention_mask", "token_type_ids")  # [1, s, d]
+        mask = g.op("Not", [g.op("Equal", ["attention_mask", g.const(0, np.int64)])])  # [1, s]
+        n = g.reduce_sum(g.op("Cast", [mask], to=7), [1])  # [1] tokens (right padding, like the torch runtime)
+        x = g.op("Slice", [g.reshape(emb, [-1, self.d]), g.const([0], np.int64), n], name="pack_tokens")  # [T, d]
+        kept = []
+        for l in range(self.num_layers):
+            kept.append(g.op("Shape", [x], start=0, end=1))  # [1] tokens entering layer l
+            x = self.single_layer(l, x)
+        kept_tokens = g.unsqueeze(g.op("Concat", kept, axis=0), [0], name="kept_tokens")  # [1, L]
+        cls = g.op("Gather", [x, g.const([0], np.int64)], axis=0)  # [1, d]
+        return g.op("Identity", [self.head(cls)], name="logits"), kept_tokens
 
     def topk_keep(self, l: int, score: str, lay: _Layout, pos0: str, n0: str) -> str:
         """keep the ceil(ratio_l * n0) best present tokens of each row (position 0 first). [b, S] bool"""
@@ -430,7 +516,31 @@ class _Builder:
         pooled = g.op("Tanh", [self.linear(cls, [f"{self.prefix}.pooler.dense"])])
         return self.linear(pooled, ["classifier"])
 
-    def build(self) -> None:
+    def build(self, batch_of_one_branch: bool) -> None:
+        """Outputs `logits` and `kept_tokens`. With `batch_of_one_branch` (and threshold or no pruning),
+        an `If` on the batch size runs `build_single`'s graph for one sequence (about 40 instead of
+        about 65 nodes per layer: no padded grid, masks or index maps; per-node overhead is most of a
+        batch of one's time) and `build_general`'s otherwise. Both compute the same thing."""
+        g = self.g
+        if not batch_of_one_branch or self.pruning.get("mode", "none") == "topk":
+            self.build_general()
+            return
+        from onnx import TensorProto, helper
+
+        one = g.squeeze(g.op("Equal", [g.op("Shape", ["input_ids"], start=0, end=1), g.const([1], np.int64)]), [0])  # []
+        outer, branches = g.nodes, {}
+        for scope, fn in (("one/", self.build_single), ("many/", self.build_general)):
+            g.nodes, g.scope = [], scope
+            logits, kept = fn()
+            branches[scope] = helper.make_graph(g.nodes, scope.strip("/"), [], [
+                helper.make_tensor_value_info(logits, TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(kept, TensorProto.INT64, None)])
+        g.nodes, g.scope = outer, ""
+        g.nodes.append(helper.make_node("If", [one], list(OUTPUT_NAMES), name="batch_of_one",
+                                        then_branch=branches["one/"], else_branch=branches["many/"]))
+
+    def build_general(self) -> tuple[str, str]:
+        """Any batch (mixed lengths, right padding): returns (logits [b, num_labels], kept_tokens [b, L])."""
         g = self.g
         emb = self.embeddings("input_ids", "attention_mask", "token_type_ids")  # [b, s, d]
         mask = g.op("Not", [g.op("Equal", ["attention_mask", g.const(0, np.int64)])])  # [b, s] bool
@@ -442,10 +552,10 @@ class _Builder:
         for l in range(self.num_layers):
             kept.append(g.unsqueeze(lay.lengths, [1]))  # [b, 1] tokens entering layer l
             x, lay = self.encoder_layer(l, x, lay, lengths)
-        g.op("Concat", kept, axis=1, name="kept_tokens")  # [b, L]
+        kept_tokens = g.op("Concat", kept, axis=1, name="kept_tokens")  # [b, L]
         first = g.op("Sub", [g.op("CumSum", [lay.lengths, g.const(0, np.int64)]), lay.lengths])  # [b]
         cls = g.op("Gather", [x, first], axis=0)  # [b, d]
-        g.op("Identity", [self.head(cls)], name="logits")
+        return g.op("Identity", [self.head(cls)], name="logits"), kept_tokens
 
 
 def num_labels(tensors: dict[str, np.ndarray], config: dict) -> int:
@@ -458,7 +568,7 @@ def num_labels(tensors: dict[str, np.ndarray], config: dict) -> int:
 
 
 def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *, opset: int = DEFAULT_OPSET,
-                     fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP):
+                     fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP, batch_of_one_branch: bool = True):
     """The onnx.ModelProto for a checkpoint's tensors, HF config and ltp.json; also returns the
     per-GEMM records for ltp_onnx.json."""
     import onnx
@@ -483,7 +593,7 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     if int8_op not in INT8_OPS:
         raise ExportError(f"int8_op {int8_op!r} not supported (choose from {INT8_OPS})")
     g = _Graph(opset)
-    _Builder(g, config, w, pruning, fuse_qkv, int8_op).build()
+    _Builder(g, config, w, pruning, fuse_qkv, int8_op).build(batch_of_one_branch)
     dyn = ["batch", "sequence"]
     graph = helper.make_graph(
         g.nodes, "ltp_pruned_int8_encoder",

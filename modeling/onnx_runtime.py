@@ -23,6 +23,19 @@ from ltp_compress.modeling.onnx_export import (INPUT_NAMES, ONNX_CONFIG_FILE, ON
                                                ExportError, verify_export)
 
 
+def session_options(threads: int | None):
+    """ONNX Runtime's documented CPU latency settings (RECOMMENDED_SESSION_OPTIONS in onnx_export)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 class OnnxDeployedModel:
     """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`."""
 
@@ -90,12 +103,7 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
         raise ExportError(f"{path / ONNX_CONFIG_FILE}: not valid JSON: {e}") from None
     if list(info.get("inputs") or []) != list(INPUT_NAMES) or "quantization" not in info or "num_labels" not in info:
         raise ExportError(f"{path / ONNX_CONFIG_FILE}: not an ltp-compress ONNX export description")
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = session_options(threads)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path / ONNX_FILE), so, providers=providers)

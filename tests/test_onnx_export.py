@@ -79,16 +79,33 @@ class _Quantised:
         return save_deployable(self.qmodel, self.tok, pruning, self.info, dst)
 
 
+def _branch_ops(model, branch: str) -> Counter | None:
+    """Op types of the graph a batch takes: with the `If` on the batch size, its `branch`
+    (then_branch: one sequence, else_branch: several), else (no `If`) the graph itself for the
+    else_branch and None for the then_branch."""
+    top = list(model.graph.node)
+    cond = [n for n in top if n.op_type == "If"]
+    if not cond:
+        return Counter(n.op_type for n in top) if branch == "else_branch" else None
+    sub = next(a.g for a in cond[0].attribute if a.name == branch)
+    return Counter(n.op_type for n in sub.node)
+
+
 def _feed(enc) -> dict[str, np.ndarray]:
     return {k: enc[k].numpy().astype(np.int64) for k in INPUTS}
 
 
-def _scores(onnx_path: Path, feed: dict, layer: int) -> np.ndarray:
-    """The graph's pruning score of `layer` ([b, S]) exposed as an extra output (unoptimised session)."""
+def _scores(ckpt: Path, feed: dict, layer: int) -> np.ndarray:
+    """The pruning score of `layer` ([b, S]) in the checkpoint's graph for any batch (the `If`
+    branch a batch of several takes, built alone) exposed as an extra output (unoptimised session)."""
     import onnx
     import onnxruntime as ort
+    from safetensors.numpy import load_file
 
-    m = onnx.load(str(onnx_path))
+    from ltp_compress.modeling.onnx_export import build_onnx_model
+
+    m, _ = build_onnx_model(load_file(str(ckpt / "model.safetensors")), json.loads((ckpt / "config.json").read_text()),
+                            json.loads((ckpt / "ltp.json").read_text()), batch_of_one_branch=False)
     m.graph.output.append(onnx.helper.make_tensor_value_info(f"prune.{layer}.score", onnx.TensorProto.FLOAT, None))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -117,10 +134,9 @@ def pruned_exports(quantised, tmp_path_factory) -> dict[str, tuple[Path, Path, f
     out = {}
     for kind, q in quantised.items():
         root = tmp_path_factory.mktemp(f"onnx_{kind}")
-        probe = export_onnx(q.checkpoint(PruningConfig(mode="threshold", thresholds=[1.0, 1.0]), root / "probe_ckpt"),
-                            root / "probe_onnx", parity_texts=_mixed_batch())
+        probe = q.checkpoint(PruningConfig(mode="threshold", thresholds=[1.0, 1.0]), root / "probe_ckpt")
         enc = q.tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
-        th, margin = _threshold_away_from_ties(_scores(probe / ONNX_FILE, _feed(enc), 0), enc["attention_mask"].numpy())
+        th, margin = _threshold_away_from_ties(_scores(probe, _feed(enc), 0), enc["attention_mask"].numpy())
         ckpt = q.checkpoint(PruningConfig(mode="threshold", thresholds=[th, 1.0]), root / "ckpt")
         out[kind] = (ckpt, export_onnx(ckpt, root / "onnx", parity_texts=_dev_texts()), margin)
     return out
@@ -261,8 +277,14 @@ def test_topk_and_dense_checkpoints_export_and_match(quantised, tmp_path, kind, 
     texts = _mixed_batch()
     kept = _compare(ckpt, export, texts, batch_size=7)
     lengths = q.tok(texts, padding=True, return_tensors="np")["attention_mask"].sum(1)
-    ops = Counter(n.op_type for n in onnx.load(str(export / ONNX_FILE)).graph.node)
+    model = onnx.load(str(export / ONNX_FILE))
+    ops, one = _branch_ops(model, "else_branch"), _branch_ops(model, "then_branch")
     assert ops["Gelu" if opset >= 20 else "Erf"] == 2  # exact GELU after each layer's FFN input GEMM
+    if mode == "topk":
+        assert one is None  # top-k keeps its one graph
+    else:  # the batch-of-one branch: the same GEMMs, none of the padding machinery
+        assert one["MatMulIntegerToFloat"] == ops["MatMulIntegerToFloat"] and not {"Where", "Less", "ReduceMax"} & set(one)
+        assert sum(one.values()) < 0.75 * sum(ops.values())
     if mode == "none":
         assert (kept == lengths[:, None]).all()
         assert not {"Greater", "TopK", "Compress"} & set(ops)  # dense INT8: no pruning ops

@@ -38,6 +38,8 @@ DOCS = {
 }
 ONNX_OPSET = 17
 # op types that do integer GEMM work in an ORT CPU graph
+# ops whose kernel time is the sum of their subgraph's nodes (our export's `If` on the batch size)
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
 INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QAttention", "QGemm",
                "ConvInteger", "QLinearConv")
 FUSED_FP32_OPS = (("Attention", "MultiHeadAttention"), ("SkipLayerNormalization",), ("BiasGelu", "FastGelu", "Gelu"))
@@ -94,6 +96,8 @@ def op_profile(path: Path, threads: int, feed: dict, work_dir: Path, runs: int =
     dur: collections.Counter = collections.Counter()
     for e in events:
         args = e.get("args") or {}
+        if args.get("op_name") in CONTROL_FLOW_OPS:  # its time is its subgraph's nodes', which are profiled themselves
+            continue
         if e.get("cat") == "Node" and "op_name" in args and str(e.get("name", "")).endswith("_kernel_time"):
             counts[args["op_name"]] += 1
             dur[args["op_name"]] += float(e.get("dur", 0))

@@ -1,0 +1,141 @@
+"""A/B of two versions of our ONNX graph builder on one checkpoint (not a test).
+
+Builds the graph of a deployable INT8 checkpoint with `modeling/onnx_export.py` as it is now (B)
+and as it was at git revision `--baseline-rev` (A), runs both with ONNX Runtime (the runtime's
+session options, `--threads`) on the same pre-tokenised, length-bucketed dev batches, interleaved
+A, B, A, B... for `--rounds` rounds, and reports examples/s (median over rounds of the median of
+`--repeats` passes), the B/A ratio per batch size, and whether both graphs give the same logits
+and kept tokens. Writes <out-dir>/<name>.json and .md.
+
+    python benchmarks/ort_graph_ab.py runs/demo/stages/04-int8/model --data data/sst2_demo --task sst2 \
+        --baseline-rev 058619a --threads 2 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def builder_at(rev: str | None):
+    """`build_onnx_model` of modeling/onnx_export.py at git revision `rev` (None: the working tree)."""
+    if rev is None:
+        from ltp_compress.modeling.onnx_export import build_onnx_model
+
+        return build_onnx_model
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:modeling/onnx_export.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"onnx_export_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"onnx_export_{rev}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(mod)
+    return mod.build_onnx_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--baseline-rev", required=True, help="git revision of the graph builder to compare against")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default="ort_graph_ab")
+    args = p.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+    from safetensors.numpy import load_file
+
+    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+    from ltp_compress.modeling.model_io import load_tokenizer
+    from ltp_compress.modeling.onnx_export import OUTPUT_NAMES
+    from ltp_compress.modeling.onnx_runtime import session_options
+    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
+    from ltp_compress.tasks.glue import get_task
+
+    torch.set_num_threads(args.threads)
+    manifest = verify_checkpoint(args.checkpoint)
+    tensors = load_file(str(args.checkpoint / WEIGHTS_FILE))
+    config = json.loads((args.checkpoint / "config.json").read_text())
+    ltp = json.loads((args.checkpoint / LTP_FILE).read_text())
+    task = get_task(args.task)
+    dev = load_split(DataConfig(source="glue_dir", path=str(args.data)), task, "dev")
+    ts = tokenize_split(dev, load_tokenizer(args.checkpoint), int(ltp.get("max_seq_length", 128)))
+    pad = load_tokenizer(args.checkpoint).pad_token_id
+    bss = [int(b) for b in args.batch_sizes.split(",")]
+    batches = {bs: [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
+                     "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
+                    for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=pad)] for bs in bss}
+    work = Path(tempfile.mkdtemp())
+    sessions = {}
+    for label, rev in (("A", args.baseline_rev), ("B", None)):
+        model, _ = builder_at(rev)(tensors, config, ltp)
+        import onnx
+
+        onnx.save_model(model, str(work / f"{label}.onnx"))
+        sessions[label] = ort.InferenceSession(str(work / f"{label}.onnx"), session_options(args.threads),
+                                               providers=["CPUExecutionProvider"])
+    # the same outputs?
+    same = {}
+    for bs in bss:
+        outs = {k: [s.run(list(OUTPUT_NAMES), f) for f in batches[bs]] for k, s in sessions.items()}
+        same[str(bs)] = {"max_abs_logit_diff": float(max(np.abs(a[0] - b[0]).max() for a, b in zip(outs["A"], outs["B"]))),
+                         "kept_tokens_equal": bool(all(np.array_equal(a[1], b[1]) for a, b in zip(outs["A"], outs["B"])))}
+    times = {k: {bs: [] for bs in bss} for k in sessions}
+    n = {bs: sum(f["input_ids"].shape[0] for f in batches[bs]) for bs in bss}
+    for _ in range(args.rounds):
+        for k, s in sessions.items():
+            for bs in bss:
+                per = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    for f in batches[bs]:
+                        s.run(list(OUTPUT_NAMES), f)
+                    per.append(time.perf_counter() - t0)
+                times[k][bs].append(n[bs] / statistics.median(per))
+    res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "checkpoint": str(args.checkpoint),
+           "weights_sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "task": args.task, "examples": len(ts.labels),
+           "baseline_rev": args.baseline_rev, "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                                                    capture_output=True, text=True).stdout.strip(),
+           "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats, "onnxruntime": ort.__version__,
+           "same_outputs": same,
+           "examples_per_s": {k: {str(bs): statistics.median(v) for bs, v in d.items()} for k, d in times.items()},
+           "rounds_examples_per_s": {k: {str(bs): v for bs, v in d.items()} for k, d in times.items()}}
+    res["ratio_B_over_A"] = {str(bs): res["examples_per_s"]["B"][str(bs)] / res["examples_per_s"]["A"][str(bs)] for bs in bss}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    from ltp_compress.fileio import atomic_write_json, atomic_write_text
+
+    atomic_write_json(args.out_dir / f"{args.name}.json", res)
+    L = [f"# ONNX graph A/B: `{args.baseline_rev}` (A) vs `{res['head']}` + working tree (B)", "",
+         f"command: `{res['command']}`", "",
+         f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`), {args.task} dev ({res['examples']} examples), "
+         f"onnxruntime {ort.__version__}, {args.threads} threads, {args.rounds} interleaved rounds x {args.repeats} passes", "",
+         "| batch size | A ex/s | B ex/s | B / A | same kept tokens | max logit diff |", "|---|---|---|---|---|---|"]
+    for bs in bss:
+        k = str(bs)
+        L.append(f"| {bs} | {res['examples_per_s']['A'][k]:.1f} | {res['examples_per_s']['B'][k]:.1f} | {res['ratio_B_over_A'][k]:.3f}x | "
+                 f"{same[k]['kept_tokens_equal']} | {same[k]['max_abs_logit_diff']:.2e} |")
+    atomic_write_text(args.out_dir / f"{args.name}.md", "\n".join(L) + "\n")
+    print("\n".join(L))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
