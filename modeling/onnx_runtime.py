@@ -119,15 +119,20 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
 
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
+#: the CPU runtime 'auto' picks for a folder that has an ONNX export: chosen from the committed
+#: end-to-end benchmarks (benchmarks/results/e2e_bench_*.md), where our graph on ONNX Runtime
+#: (`ltp_int8_ort`) ran faster than the torch packed runtime (`ltp_int8`) at every batch size.
+#: A safetensors checkpoint without an export runs on torch (`ltp-compress export` makes one).
+CPU_DEFAULT_RUNTIME = "onnxruntime"
 
 
 def resolve_runtime(path: str | Path, runtime: str = "auto") -> str:
-    """'auto' -> 'onnxruntime' if the folder holds model.onnx, else 'torch' (a safetensors
-    deployable checkpoint); other values are checked and returned."""
+    """'auto' -> CPU_DEFAULT_RUNTIME if the folder holds model.onnx, else 'torch' (a safetensors
+    deployable checkpoint); other values are checked and returned. Nothing is probed."""
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime {runtime!r} not supported (choose from {RUNTIMES})")
     if runtime == "auto":
-        return "onnxruntime" if (Path(path) / ONNX_FILE).is_file() else "torch"
+        return CPU_DEFAULT_RUNTIME if (Path(path) / ONNX_FILE).is_file() else "torch"
     return runtime
 
 
