@@ -434,7 +434,6 @@ class _Builder:
     def post_attention(self, p: str, ctx: str, x: str) -> str:
         """ctx, x [T', d] (the kept rows) -> the layer's output [T', d]: output projection, residual +
         LayerNorm, FFN, residual + LayerNorm."""
-        g = self.g
         a = self.linear(ctx, [f"{p}.attention.output.dense"])  # [T', d]
         h = self.add_layer_norm(a, x, f"{p}.attention.output.LayerNorm")
         f = self.linear(h, [f"{p}.intermediate.dense"])  # [T', d_ff] (activation applied)
