@@ -383,16 +383,19 @@ class _Builder:
             x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.token_type_embeddings.weight"), tt])])
         return self.layer_norm(x, f"{p}.LayerNorm")
 
+    def qkv(self, x: str, p: str) -> str:
+        """x [T, d] -> Q, K, V concatenated [T, 3d] (one GEMM when they share their activation scale)."""
+        names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
+        if self.fuse_qkv:
+            return self.linear(x, names)
+        return self.g.op("Concat", [self.linear(x, [n]) for n in names], axis=-1)
+
     def encoder_layer(self, l: int, x: str, lay: _Layout, n0: str) -> tuple[str, _Layout]:
         """x [T, d] packed -> [T', d] packed (T' = tokens kept after this layer)."""
         g, d, H = self.g, self.d, self.heads
         dh = d // H
         p = f"{self.prefix}.encoder.layer.{l}"
-        qkv_names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
-        if self.fuse_qkv:
-            qkv = self.linear(x, qkv_names)  # [T, 3d]
-        else:
-            qkv = g.op("Concat", [self.linear(x, [n]) for n in qkv_names], axis=-1)  # [T, 3d]
+        qkv = self.qkv(x, p)  # [T, 3d]
         b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
         # packed rows -> the per-layer attention grid by one Gather (a padded slot reads row 0: its key is
         # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
@@ -451,11 +454,7 @@ class _Builder:
         g, d, H = self.g, self.d, self.heads
         dh = d // H
         p = f"{self.prefix}.encoder.layer.{l}"
-        qkv_names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
-        if self.fuse_qkv:
-            qkv = self.linear(x, qkv_names)  # [T, 3d]
-        else:
-            qkv = g.op("Concat", [self.linear(x, [n]) for n in qkv_names], axis=-1)
+        qkv = self.qkv(x, p)  # [T, 3d]
         heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
         q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
         kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
