@@ -399,7 +399,7 @@ class _Builder:
         b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
         # packed rows -> the per-layer attention grid by one Gather (a padded slot reads row 0: its key is
         # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
-        # zeros + ScatterND, 19% of the graph's time at bs 32 in ORT 1.31 (e2e_bench_demo_sst2.json's profile).
+        # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
         grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
         grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3, H, dh], np.int64)], axis=0))  # [b, S, 3, H, dh]
         q = g.op("Transpose", [g.op("Gather", [grid, g.const(0, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
