@@ -169,6 +169,10 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # (ascontiguousarray would make 0-d 1-d)
         return name
 
+    def shared(self, name: str, make) -> str:
+        """An initializer both `If` branches may ask for: created once from `make()`, then reused by name."""
+        return name if name in self._init_names else self.init(name, make())
+
     def const(self, value, dtype) -> str:
         """A (cached) constant initializer: scalar or 1-D list."""
         arr = np.asarray(value, dtype=dtype)
@@ -251,9 +255,11 @@ class _Builder:
 
     def param(self, name: str) -> str:
         """A float tensor of the checkpoint as an initializer under its own name."""
-        if name not in self.g._init_names:
-            self.g.init(name, self.tensor(name).astype(np.float32))
-        return name
+        return self.g.shared(name, lambda: self.tensor(name).astype(np.float32))
+
+    def threshold(self, l: int) -> str:
+        """Layer l's pruning threshold as the initializer `prune.threshold.<l>`."""
+        return self.g.shared(f"prune.threshold.{l}", lambda: np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
 
     def layer_norm(self, x: str, name: str) -> str:
         return self.g.op("LayerNormalization", [x, self.param(f"{name}.weight"), self.param(f"{name}.bias")],
@@ -287,9 +293,7 @@ class _Builder:
         (n,) = names
         if n not in self.w.fp_layers and f"{n}.weight" not in self.w.tensors:
             raise ExportError(f"{WEIGHTS_FILE}: Linear '{n}' is neither int8 (w_q) nor float (weight)")
-        wt = f"{n}.weight.T"
-        if wt not in g._init_names:  # the other `If` branch may have made it
-            g.init(wt, np.ascontiguousarray(self.tensor(f"{n}.weight").astype(np.float32).T))  # [K, N]
+        wt = g.shared(f"{n}.weight.T", lambda: np.ascontiguousarray(self.tensor(f"{n}.weight").astype(np.float32).T))  # [K, N]
         y = g.op("MatMul", [x, wt], name=f"{n}.fp_matmul")
         y = g.op("Add", [y, self.param(f"{n}.bias")]) if f"{n}.bias" in self.w.tensors else y
         if n.endswith("intermediate.dense"):
@@ -304,8 +308,8 @@ class _Builder:
         biases = [self.w.tensors.get(f"{n}.bias") for n in names]
         if w_q.dtype != np.int8:
             raise ExportError(f"{WEIGHTS_FILE}: '{names[0]}.w_q' is {w_q.dtype}, expected int8")
-        first = f"{tag}.x_scale" not in g._init_names  # the other `If` branch may have built this GEMM already
-        xs_name = g.init(f"{tag}.x_scale", np.asarray(x_scale, dtype=np.float32)) if first else f"{tag}.x_scale"  # [] the checkpoint's scale
+        first = f"{tag}.x_scale" not in g._init_names  # False: the other `If` branch built this GEMM already
+        xs_name = g.shared(f"{tag}.x_scale", lambda: np.asarray(x_scale, dtype=np.float32))  # [] the checkpoint's scale
         zp = g.const(128, np.uint8)
         # the FFN output projection reads GELU / ReLU outputs (>= -0.17): there the clamp can never act
         ffn_out = names[0].endswith(".output.dense") and not names[0].endswith("attention.output.dense")
@@ -313,26 +317,23 @@ class _Builder:
         if bounded:
             xc = x
         else:
-            x_min = f"{tag}.x_min"
-            if x_min not in g._init_names:
-                g.init(x_min, np.asarray(-127.0 * x_scale, dtype=np.float32))
+            x_min = g.shared(f"{tag}.x_min", lambda: np.asarray(-127.0 * x_scale, dtype=np.float32))
             xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
         xq = g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize")  # [T, K] uint8
-        init = (lambda name, arr: g.init(name, arr)) if first else (lambda name, arr: name)
-        wt = init(f"{tag}.w_q.T", np.ascontiguousarray(w_q.T))  # [K, N] int8
+        wt = g.shared(f"{tag}.w_q.T", lambda: np.ascontiguousarray(w_q.T))  # [K, N] int8
         bias = None
         if any(b is not None for b in biases):
-            bias = init(f"{tag}.bias", np.concatenate([np.zeros(self.tensor(f"{n}.w_q").shape[0], np.float32) if b is None
-                                                       else b.astype(np.float32) for n, b in zip(names, biases)]))  # [N]
+            bias = g.shared(f"{tag}.bias", lambda: np.concatenate([np.zeros(self.tensor(f"{n}.w_q").shape[0], np.float32) if b is None
+                                                                   else b.astype(np.float32) for n, b in zip(names, biases)]))  # [N]
         if self.int8_op == "MatMulIntegerToFloat":
             # one ORT contrib kernel: (x_u8 - 128) @ W_q^T * x_scale * w_scale[n] + bias
-            ws = init(f"{tag}.w_scale", w_scale)  # [N]
-            wzp = init(f"{tag}.w_zero_point", np.zeros(w_q.shape[0], np.int8))  # [N] symmetric weights
+            ws = g.shared(f"{tag}.w_scale", lambda: w_scale)  # [N]
+            wzp = g.shared(f"{tag}.w_zero_point", lambda: np.zeros(w_q.shape[0], np.int8))  # [N] symmetric weights
             y = g.op("MatMulIntegerToFloat", [xq, wt, xs_name, ws, zp, wzp] + ([bias] if bias else []),
                      name=f"{tag}.matmul_integer", domain="com.microsoft")  # [T, N] float
         else:
             acc = g.op("MatMulInteger", [xq, wt, zp], name=f"{tag}.matmul_integer")  # [T, N] int32
-            out_scale = init(f"{tag}.out_scale", (np.float32(x_scale) * w_scale).astype(np.float32))  # [N]
+            out_scale = g.shared(f"{tag}.out_scale", lambda: (np.float32(x_scale) * w_scale).astype(np.float32))  # [N]
             y = g.op("Mul", [g.op("Cast", [acc], to=1), out_scale])  # [T, N] float
             y = g.op("Add", [y, bias]) if bias else y
         fused = [n in self.w.fused_gelu for n in names]
@@ -375,9 +376,7 @@ class _Builder:
         x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.position_embeddings.weight"), pos_ids])])
         tte = self.tensor(f"{p}.token_type_embeddings.weight")
         if int(self.cfg.get("type_vocab_size", tte.shape[0])) == 1:
-            row0 = f"{p}.token_type_embeddings.row0"
-            if row0 not in g._init_names:  # the other `If` branch may have made it
-                g.init(row0, tte[0].astype(np.float32))
+            row0 = g.shared(f"{p}.token_type_embeddings.row0", lambda: tte[0].astype(np.float32))
             x = g.op("Add", [x, row0])  # types ignored
         else:
             x = g.op("Add", [x, g.op("Gather", [self.param(f"{p}.token_type_embeddings.weight"), tt])])
@@ -417,10 +416,7 @@ class _Builder:
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")  # 1/H sum_h sum_j A_h(j, i)
             pos0 = g.unsqueeze(g.op("Equal", [lay.pos, g.const(0, np.int64)]), [0])  # [1, S]
             if mode == "threshold":
-                th = f"prune.threshold.{l}"
-                if th not in g._init_names:  # the batch-of-one branch may have made it
-                    g.init(th, np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
-                keep = g.op("Greater", [score, th])  # [b, S]
+                keep = g.op("Greater", [score, self.threshold(l)])  # [b, S]
             else:
                 keep = self.topk_keep(l, score, lay, pos0, n0)
             keep = g.op("And", [g.op("Or", [keep, pos0]), lay.valid])  # [b, S] position 0 kept, padding never
@@ -464,10 +460,7 @@ class _Builder:
         if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
             score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
-            th = f"prune.threshold.{l}"
-            if th not in g._init_names:
-                g.init(th, np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
-            keep = g.op("Greater", [score, th])  # [T]
+            keep = g.op("Greater", [score, self.threshold(l)])  # [T]
             rest = g.op("Slice", [keep, g.const([1], np.int64), g.const([np.iinfo(np.int64).max], np.int64)])  # [T-1]
             keep = g.op("Concat", [g.const([True], np.bool_), rest], axis=0)  # [T] position 0 always kept
             rows = g.squeeze(g.op("NonZero", [keep]), [0])  # [T']

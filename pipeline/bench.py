@@ -341,8 +341,7 @@ def add_pruning_speedup(results: dict[str, dict], batch_sizes) -> dict:
         rel = p["cost"]["relative_flops_executed"] / d["cost"]["relative_flops_executed"]
         row = {"dense": dense, "pruned": pruned, "relative_flops_executed": rel, "flops_reduction": 1.0 / rel, "by_batch_size": {}}
         for bs in batch_sizes:
-            td = next((x["examples_per_s"] for x in d["runs"] if x["batch_size"] == bs), None)
-            tp = next((x["examples_per_s"] for x in p["runs"] if x["batch_size"] == bs), None)
+            td, tp = throughput(results, dense, bs), throughput(results, pruned, bs)
             if td and tp:
                 row["by_batch_size"][str(bs)] = {"speedup": tp / td, "realised_fraction": (tp / td) * rel}
         out[runtime] = row
@@ -474,14 +473,19 @@ def _load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_
 
 
 
+def throughput(results: dict[str, dict], name: str, bs: int) -> float | None:
+    """Examples/s of a successful system at batch size bs (None: failed, missing or not run at bs)."""
+    r = results.get(name)
+    if not r or r.get("status") != "ok":
+        return None
+    return next((x["examples_per_s"] for x in r["runs"] if x["batch_size"] == bs), None)
+
+
 def add_ratios(results: dict[str, dict], batch_sizes) -> dict:
     """Per successful system and batch size: throughput ratio vs the baseline (HF FP32, sdpa) and vs
     the best successful dense INT8 peer (the fastest third-party INT8 system at that batch size)."""
     def thr(name, bs):
-        r = results.get(name)
-        if not r or r.get("status") != "ok":
-            return None
-        return next((x["examples_per_s"] for x in r["runs"] if x["batch_size"] == bs), None)
+        return throughput(results, name, bs)
 
     best_peer = {}
     for bs in batch_sizes:
