@@ -5,6 +5,10 @@ point k sets every key to its k-th value (a key with one value applies to every 
 sweep can move LTP's λ, the manual baseline's threshold and the top-k ratio together, giving
 one curve per method. Each point is an ordinary, resumable run named `<name>-p<k>` (with several
 `--seeds`, `<name>-p<k>-s<seed>`, aggregated as mean ± sd over seeds).
+
+A run that stops on a user error (e.g. a method asked for a FLOPs level it cannot reach) does not end
+the sweep: its error is recorded beside the point (sweep.json `failures`, a table in sweep.md), the
+stages it finished still give rows, and the next point runs. Any other exception ends the sweep.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ltp_compress.errors import UserError
 from ltp_compress.pipeline.recipe import RecipeError, load_recipe
 from ltp_compress.pipeline.report import collect_report
 from ltp_compress.fileio import atomic_write_json, atomic_write_text
@@ -54,17 +59,25 @@ def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | No
     for overrides in points:  # validate every point before running any
         load_recipe(recipe_path, overrides)
     out_dir = Path(out_dir) if out_dir else Path(base.output_dir) / f"{base.name}-sweep"
-    rows = []
+    rows, failures = [], []
     for k, overrides in enumerate(points):
         for seed in seeds:
             name = f"{base.name}-p{k}" + (f"-s{seed}" if len(seeds) > 1 else "")
-            run_dir = run_recipe(recipe_path, overrides + [f"seed={seed}", f"name={name}"], progress=progress)
+            run_overrides = overrides + [f"seed={seed}", f"name={name}"]
+            try:
+                run_dir = run_recipe(recipe_path, run_overrides, progress=progress)
+            except UserError as e:  # recorded, the stages it finished still count, the sweep goes on
+                run_dir = Path(load_recipe(recipe_path, run_overrides).output_dir) / name
+                failures.append({"point": k, "overrides": overrides, "seed": seed, "run_dir": str(run_dir), "error": str(e)})
+                if not (run_dir / "recipe.json").is_file():
+                    continue
             rows += sweep_rows(collect_report(run_dir), point=k, overrides=overrides, seed=seed, run_dir=run_dir)
     summary = aggregate_over_seeds(rows)
     reference = next((r for r in summary if r["is_reference"]), None)
     plot = plot_sweep([r for r in summary if not r["is_reference"]], reference["dev_main"]["mean"] if reference else None,
                       out_dir / "accuracy_vs_flops.png")
-    result = {"recipe": str(recipe_path), "grid": grid, "seeds": seeds, "rows": rows, "summary": summary, "plot": str(plot)}
+    result = {"recipe": str(recipe_path), "grid": grid, "seeds": seeds, "rows": rows, "summary": summary, "failures": failures,
+              "plot": str(plot)}
     atomic_write_json(out_dir / "sweep.json", result)
     atomic_write_text(out_dir / "sweep.md", render_sweep(result))
     return out_dir
@@ -139,6 +152,10 @@ def render_sweep(result: dict) -> str:
                 ref = refs.get((point, seed))
                 cells.append("-" if r is None else f"{100 * r['dev_main']:.2f}" + (f" ({100 * (r['dev_main'] - ref):+.2f})" if ref is not None else ""))
             lines.append(f"| {point} | {sid} | " + " | ".join(cells) + " |")
+    if result.get("failures"):
+        lines += ["", "Runs that stopped on a user error (the stages they finished are in the tables above):", "",
+                  "| point | seed | settings | error |", "|---|---|---|---|"]
+        lines += [f"| {f['point']} | {f['seed']} | `{' '.join(f['overrides'])}` | {f['error'].replace('|', '/')} |" for f in result["failures"]]
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
 

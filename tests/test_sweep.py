@@ -52,3 +52,28 @@ stages:
     assert any(r["relative_flops_paper"] > r["relative_flops_executed"] for r in man)
     md = (out / "sweep.md").read_text()
     assert "±" in md and "rel. FLOPs paper" in md and (out / "accuracy_vs_flops.png").is_file()
+
+
+def test_sweep_records_a_point_that_stops_on_a_user_error_and_goes_on(tmp_path, tiny_bert):
+    """Top-k with a dense first layer cannot reach a tiny FLOPs level: that point's error is recorded,
+    its finished stages still give rows, and the later point runs."""
+    from ltp_compress.pipeline.cli import main
+
+    recipe = write_recipe(tmp_path / "s.yaml", f"""\
+name: sw
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 32, max_dev_examples: 24, max_validation_examples: 24, max_seq_length: 48}}
+seed: 0
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: base, stage: evaluate}}
+  - {{id: topk, stage: topk_prune, dense_layers: 1, target_flops: 0.9, flops_convention: paper}}
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", str(recipe), "--grid", "stages.topk.target_flops=0.9,0.05,0.95", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "sweep.json").read_text())
+    assert [f["point"] for f in res["failures"]] == [1] and "below what top-k" in res["failures"][0]["error"]
+    assert sorted((r["point"], r["id"]) for r in res["rows"]) == [(0, "base"), (0, "topk"), (1, "base"), (2, "base"), (2, "topk")]
+    assert "stopped on a user error" in (out / "sweep.md").read_text()
