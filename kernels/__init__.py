@@ -20,6 +20,9 @@ _LAZY = {
         "quantize_per_channel_symmetric", "quantize_per_tensor_symmetric", "quantize_u8_zp128", "reset_kernel_counters",
         "resolve_backend", "weight_qmax",
     )},
+    **{name: "attention_int8" for name in (
+        "Int8AttentionMatmuls", "attention_matmuls_reference", "int8_attention_context", "int8_attention_scores",
+    )},
     "PackedLayout": "token_pack",
 }
 

@@ -4,7 +4,8 @@ Layout (format version 1)::
 
     model.safetensors   int8 weights `<linear>.w_q` [N, K], per-channel scales `<linear>.w_scale` [N],
                         activation scales `<linear>.x_scale` [], biases `<linear>.bias` [N] (float32),
-                        and every float part (embeddings, LayerNorms) under its Hugging Face name
+                        INT8 attention scales `<attention.self>.int8_matmuls.{q,k,v}_scale` [] (only
+                        when quantization.attention_matmuls is "int8"), and every float part (embeddings, LayerNorms) under its Hugging Face name
     config.json         the Hugging Face model config (labels included)
     tokenizer files     as written by tokenizer.save_pretrained
     ltp.json            {"format": "ltp-compress-deployable", "format_version": 1,
@@ -193,6 +194,17 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
         mod = Int8Linear(w_q.to(dev), w_scale.to(dev), None if bias is None else bias.to(dev), float(x_scale),
                          backend=concrete, fuse_gelu=fuse)
         swap_linear(model, name, mod, gelu_fused=fuse)
+    attention = q.get("attention_matmuls", "fp32")
+    if attention == "int8":  # scales come from the safetensors buffers below; ltp.json names the layers
+        from ltp_compress.modeling.quantized import attach_int8_attention
+
+        att_scales = q.get("attention_scales")
+        try:
+            attach_int8_attention(model, {name: {"q": 1.0, "k": 1.0, "v": 1.0} for name in att_scales})
+        except (AttributeError, TypeError) as e:
+            raise CheckpointError(f"{path / LTP_FILE}: invalid 'quantization.attention_scales' ({e})") from None
+    elif attention != "fp32":
+        raise CheckpointError(f"{path / LTP_FILE}: 'quantization.attention_matmuls' is {attention!r}; this version knows 'fp32' and 'int8'")
     expected = set(model.state_dict().keys()) - {f"{n}.{b}" for n in int8_layers for b in ("w_q", "w_scale", "x_scale", "bias")}
     got = set(tensors)
     if expected - got or got - expected:

@@ -568,6 +568,10 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} not supported (choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
     q = ltp.get("quantization") or {}
+    if q.get("attention_matmuls", "fp32") != "fp32":
+        raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r}: the ONNX graph builds "
+                          "float32 attention matmuls only; export a checkpoint quantised with attention_matmuls: fp32, or "
+                          "deploy this one on the torch runtime")
     w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
                  fp_layers=set(q.get("fp_layers") or []))
     if config.get("model_type") not in ("bert", "roberta"):

@@ -160,6 +160,20 @@ def _post_attention(layer: nn.Module, ctx: torch.Tensor, x: torch.Tensor) -> tor
     return out.LayerNorm((out.dropout(o) if out.training else o) + h)
 
 
+def _attention_scores(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scaled Q·Kᵀ [b, H, s, dh] x [b, H, t, dh] -> [b, H, s, t]: float32, or on 8-bit grids when
+    the quantiser attached INT8 attention matmuls (`attention.self.int8_matmuls`)."""
+    sa = layer.attention.self
+    int8 = getattr(sa, "int8_matmuls", None)
+    return (torch.matmul(q, k.transpose(-1, -2)) if int8 is None else int8.scores(q, k)) * sa.scaling
+
+
+def _attention_context(layer: nn.Module, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """P·V [b, H, s, t] x [b, H, t, dh] -> [b, H, s, dh] (INT8 like `_attention_scores`)."""
+    int8 = getattr(layer.attention.self, "int8_matmuls", None)
+    return torch.matmul(probs, v) if int8 is None else int8.context(probs, v)
+
+
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     b, s, d = t.shape
     return t.view(b, s, heads, d // heads).transpose(1, 2)  # [b, H, s, dh]
@@ -197,14 +211,14 @@ def forward_masked(
     for l, layer in enumerate(layers):
         kept.append(alive.detach().gt(0.5).sum(1))
         q, k, v = (_split_heads(t, heads) for t in _qkv(layer, x))  # [b, H, s, dh]
-        att = torch.matmul(q, k.transpose(-1, -2)) * layer.attention.self.scaling  # [b, H, s, s]
+        att = _attention_scores(layer, q, k)  # [b, H, s, s]
         if mode == "soft":
             key_bias = torch.log(alive.clamp_min(1e-30))
         else:
             key_bias = torch.zeros_like(alive).masked_fill(alive <= 0, neg)
         att = att + key_bias[:, None, None, :]
         probs = att.softmax(-1)  # [b, H, s, s]
-        ctx = torch.matmul(layer.attention.self.dropout(probs), v)  # [b, H, s, dh]
+        ctx = _attention_context(layer, layer.attention.self.dropout(probs), v)  # [b, H, s, dh]
         ctx = ctx.transpose(1, 2).reshape(b, s, d)
         out = _post_attention(layer, ctx, x)  # [b, s, d]
         if mode == "dense" or (l == len(layers) - 1 and mode != "soft"):
@@ -276,11 +290,11 @@ def forward_packed(
         k = _split_heads(layout.unpack(k), heads)
         v = _split_heads(layout.unpack(v), heads)
         valid = None if layout.full else layout.valid_mask()  # [b, smax]; None: no padding
-        att = torch.matmul(q, k.transpose(-1, -2)) * layer.attention.self.scaling  # [b, H, smax, smax]
+        att = _attention_scores(layer, q, k)  # [b, H, smax, smax]
         if valid is not None:
             att = att.masked_fill(~valid[:, None, None, :], torch.finfo(att.dtype).min)
         probs = att.softmax(-1)
-        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b * smax, d)  # [b*smax, d]
+        ctx = _attention_context(layer, probs, v).transpose(1, 2).reshape(b * smax, d)  # [b*smax, d]
         if prune and l < len(layers) - 1:
             # the keep decision exists as soon as the softmax does: a token pruned here is never a
             # key/value again and the classifier reads only position 0, so its output projection

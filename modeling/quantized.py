@@ -18,12 +18,13 @@ What is quantised
       never widen the ranges).
 
 The two attention matmuls (Q·Kᵀ and A·V)
-    stay FP32. They are activation x activation products whose operands would need dynamic
-    (per-batch) quantisation, their inputs are small after token pruning (n² · d per layer with
-    n the *kept* tokens, versus n · d² for the projections), and the softmax probabilities are
-    sensitive to quantisation. The cost accounting counts them at 32 x 32 bits:
-    :meth:`ltp_compress.modeling.accounting.Precision.int8_linear_fp_attention` (``attn_bits=32``),
-    returned by :func:`int8_precision`.
+    stay FP32 by default (``attention_matmuls: fp32``; counted at 32 x 32 bits). With
+    ``attention_matmuls: int8`` they run on 8-bit grids with exact integer accumulation
+    (:mod:`ltp_compress.kernels.attention_int8`): Q, K, V with static symmetric scales calibrated
+    like the Linear inputs (:func:`calibrate_attention`, the outputs of the query/key/value
+    projections), the softmax probabilities as uint8 with the fixed scale 1/255; counted at
+    8 x 8 bits. Token scores for pruning are read off the float probabilities in both cases.
+    Per-op bits: :func:`int8_precision`.
 
 Two executable forms share the same scales:
     * :func:`convert_to_int8` — replaces each nn.Linear by :class:`ltp_compress.kernels.Int8Linear`
@@ -128,18 +129,11 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, batches, pruning, observer: str = "minmax", percentile: float = 99.99,
-              forward=None) -> dict[str, float]:
-    """Activation scales {linear name: x_scale} from running `batches` (objects with input_ids,
-    attention_mask, token_type_ids) through the model's packed pruned runtime."""
+def _run_calibration(model: nn.Module, batches, pruning, hooks: list, forward=None) -> None:
+    """Run `batches` through the model's packed pruned runtime with `hooks` registered (removed after)."""
     from ltp_compress.modeling.pruned_encoder import forward_packed
 
     model.eval()
-    names = linear_names(model)
-    observers = {n: make_observer(observer, percentile) for n in names}
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(lambda m, args, _n=n: observers[_n].observe(args[0])) for n in names]
     device = next(model.parameters()).device
     try:
         for b in batches:
@@ -149,12 +143,62 @@ def calibrate(model: nn.Module, batches, pruning, observer: str = "minmax", perc
                 forward_packed(model, b.input_ids.to(device), b.attention_mask.to(device),
                                None if b.token_type_ids is None else b.token_type_ids.to(device), pruning)
     finally:
-        for h in handles:
+        for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, pruning, observer: str = "minmax", percentile: float = 99.99,
+              forward=None) -> dict[str, float]:
+    """Activation scales {linear name: x_scale} from running `batches` (objects with input_ids,
+    attention_mask, token_type_ids) through the model's packed pruned runtime."""
+    names = linear_names(model)
+    observers = {n: make_observer(observer, percentile) for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, args, _n=n: observers[_n].observe(args[0])) for n in names]
+    _run_calibration(model, batches, pruning, hooks, forward)
     missing = [n for n in names if observers[n].count == 0]
     if missing:
         raise RuntimeError(f"calibration never reached these Linear layers: {missing}")
     return {n: observers[n].scale() for n in names}
+
+
+def attention_names(model: nn.Module) -> list[str]:
+    """Qualified names of every encoder layer's self-attention module (`...attention.self`), where
+    INT8 attention matmuls attach."""
+    return [n for n, _ in model.named_modules() if n.endswith("attention.self")]
+
+
+#: operand of the INT8 attention matmuls -> the Linear (child of attention.self) whose output it is
+ATTENTION_OPERANDS = {"q": "query", "k": "key", "v": "value"}
+
+
+@torch.no_grad()
+def calibrate_attention(model: nn.Module, batches, pruning, observer: str = "minmax", percentile: float = 99.99,
+                        forward=None) -> dict[str, dict[str, float]]:
+    """Static scales of the INT8 attention matmuls' activation operands, {attention.self name:
+    {"q", "k", "v": scale}}, observed as the outputs of its query / key / value Linears on the
+    tokens that reach them in the packed pruned runtime (padded key slots never enter: the
+    projections run on packed [T, d] rows). The probabilities use the fixed scale 1/255."""
+    observers = {(a, op): make_observer(observer, percentile) for a in attention_names(model) for op in ATTENTION_OPERANDS}
+    hooks = []
+    for (a, op), obs in observers.items():
+        lin = model.get_submodule(f"{a}.{ATTENTION_OPERANDS[op]}")
+        hooks.append(lin.register_forward_hook(lambda m, args, out, _o=obs: _o.observe(out)))
+    _run_calibration(model, batches, pruning, hooks, forward)
+    if not observers or any(o.count == 0 for o in observers.values()):
+        raise RuntimeError("calibration never reached the query/key/value projections of every attention layer")
+    return {a: {op: observers[(a, op)].scale() for op in ATTENTION_OPERANDS} for a in attention_names(model)}
+
+
+def attach_int8_attention(model: nn.Module, attention_scales: dict[str, dict[str, float]]) -> None:
+    """Give every listed self-attention module INT8 Q·Kᵀ and P·V (`int8_matmuls`, read by the
+    pruned runtime) with these static scales."""
+    from ltp_compress.kernels import Int8AttentionMatmuls
+
+    device = next(model.parameters()).device
+    for name, sc in attention_scales.items():
+        model.get_submodule(name).int8_matmuls = Int8AttentionMatmuls(sc["q"], sc["k"], sc["v"]).to(device)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -201,7 +245,8 @@ class QuantInfo:
     act_scales: dict[str, float]
     fused_gelu: list[str] = field(default_factory=list)  # FFN input Linear names with GELU fused
     fp_layers: list[str] = field(default_factory=list)  # Linear layers deliberately left float
-    attention_matmuls: str = "fp32"
+    attention_matmuls: str = "fp32"  # "int8": Q·Kᵀ and P·V on 8-bit grids (kernels/attention_int8.py)
+    attention_scales: dict[str, dict[str, float]] = field(default_factory=dict)  # attention.self name -> q/k/v scale
 
     def to_dict(self) -> dict:
         return {
@@ -210,7 +255,7 @@ class QuantInfo:
             "activations": "int8 per-tensor symmetric static", "observer": self.observer,
             "percentile": self.percentile, "calibration_batches": self.calibration_batches,
             "act_scales": self.act_scales, "fused_gelu": self.fused_gelu, "fp_layers": self.fp_layers,
-            "attention_matmuls": self.attention_matmuls,
+            "attention_matmuls": self.attention_matmuls, "attention_scales": self.attention_scales,
         }
 
 
@@ -272,11 +317,16 @@ def fake_quant_model(model: nn.Module, act_scales: dict[str, float], weight_qmax
     return model
 
 
-def int8_precision():
-    """Per-op bits of the converted model for BOPs: Linear W8A8, attention matmuls FP32."""
+#: bits the accountant charges each operand of the attention matmuls, per `attention_matmuls` setting
+ATTENTION_BITS = {"fp32": 32, "int8": 8}
+
+
+def int8_precision(attention_matmuls: str = "fp32"):
+    """Per-op bits of the converted model for BOPs: Linear W8A8, attention matmuls FP32 (32 x 32)
+    or INT8 (8 x 8; the probabilities are uint8, the other operands int8)."""
     from ltp_compress.modeling.accounting import Precision
 
-    return Precision.int8_linear_fp_attention(attn_bits=32)
+    return Precision.int8_linear_fp_attention(attn_bits=ATTENTION_BITS[attention_matmuls])
 
 
 # ----------------------------------------------------------------------------- quant-aware training

@@ -166,6 +166,10 @@ class QuantizeStage(StageBase, FlopsTargetFields):
     backend: Literal[BACKENDS] = Field("auto", description="INT8 GEMM backend for evaluation ('auto': best available, resolved once)")
     eval_batch_size: int = Field(64, ge=1, description="evaluation batch size")
     fuse_gelu: bool = Field(True, description="fuse the exact GELU into the FFN's first INT8 kernel (when the model uses erf GELU)")
+    attention_matmuls: Literal["fp32", "int8"] = Field("fp32", description="the two attention matmuls (Q·Kᵀ, P·V): float32, or int8 "
+                                                                           "grids with exact integer accumulation (static Q/K/V scales "
+                                                                           "calibrated like the Linear inputs, probabilities uint8 at "
+                                                                           "1/255); BOPs charge them 32x32 or 8x8 bits")
     reuse_qat_scales: bool = Field(False, description="use the activation scales observed by a quant-aware distill stage (act_scales.json beside the source model) instead of calibrating")
     max_accuracy_drop: float | None = Field(None, ge=0, description="accuracy-aware fallback: keep the most sensitive Linear layers in FP until the validation main-metric drop vs the FP model <= this (absolute)")
     max_fallback_layers: int = Field(8, ge=0, description="at most this many Linear layers kept in FP by the fallback")

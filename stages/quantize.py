@@ -10,7 +10,8 @@
    (optional `target_flops`: re-fit the thresholds on the INT8 model, so the deployed model runs
    at the FLOPs asked for);
 5. evaluate with the real INT8 path (packed runtime) and per-op BOPs precision (Linear 8x8,
-   attention matmuls 32x32), report which kernel ran, write the deployable checkpoint.
+   attention matmuls 32x32, or 8x8 with `attention_matmuls: int8`), report which kernel ran,
+   write the deployable checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from ltp_compress.kernels import kernel_counters, reset_kernel_counters
 from ltp_compress.modeling.deploy import save_deployable
 from ltp_compress.stages import distributed as dist
 from ltp_compress.modeling.quantized import (
-    calibrate, convert_to_int8, fake_quant_weight, fake_quant_per_tensor, int8_precision, linear_names, load_act_scales,
+    attach_int8_attention, calibrate, calibrate_attention, convert_to_int8, fake_quant_weight, fake_quant_per_tensor,
+    int8_precision, linear_names, load_act_scales,
 )
 from ltp_compress.modeling.accounting import Precision
 from ltp_compress.tasks.data import length_bucketed_batches
@@ -49,10 +51,10 @@ def _op_class(name: str) -> str | None:
     return None  # pooler / classifier: not in the per-token accounting
 
 
-def precision_for(fp_layers) -> Precision:
-    """Linear W8A8 and attention FP32, with an op class counted at 32 bits if any of its layers
-    was kept in FP by the fallback (conservative)."""
-    bits = dict(int8_precision().bits)
+def precision_for(fp_layers, attention_matmuls: str = "fp32") -> Precision:
+    """Linear W8A8 and attention FP32 or INT8, with an op class counted at 32 bits if any of its
+    layers was kept in FP by the fallback (conservative)."""
+    bits = dict(int8_precision(attention_matmuls).bits)
     for n in fp_layers:
         op = _op_class(n)
         if op:
@@ -107,6 +109,16 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         act_scales, scale_source = load_act_scales(ctx.source_model, linear_names(model))
     else:
         act_scales = calibrate(model, calib, pruning, cfg.observer, cfg.percentile)
+    attention_scales = {}
+    if cfg.attention_matmuls == "int8":  # Q, K, V observed on the float model, like the Linear inputs
+        attention_scales = calibrate_attention(model, calib, pruning, cfg.observer, cfg.percentile)
+
+    def convert(fp_layers):
+        qmodel, info = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
+        if attention_scales:
+            attach_int8_attention(qmodel, attention_scales)
+            info.attention_matmuls, info.attention_scales = "int8", attention_scales
+        return qmodel, info
 
     fp_layers: list[str] = []
     fallback = None
@@ -116,8 +128,8 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         ranked = sorted(sens, key=sens.get, reverse=True)
         trials = []
         while True:
-            qmodel, _ = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
-            q_main = validation_main(qmodel, ctx, pruning, cfg.eval_batch_size, precision_for(fp_layers))
+            qmodel, _ = convert(fp_layers)
+            q_main = validation_main(qmodel, ctx, pruning, cfg.eval_batch_size, precision_for(fp_layers, cfg.attention_matmuls))
             drop = fp_main - q_main
             trials.append({"fp_layers": list(fp_layers), "validation_main": q_main, "drop": drop})
             ctx.log.info("%s: %d layer(s) in FP -> validation main %.4f (drop %.4f)", cfg.id, len(fp_layers), q_main, drop)
@@ -127,11 +139,11 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         fallback = {"fp_main": fp_main, "budget": cfg.max_accuracy_drop, "sensitivity": sens, "trials": trials,
                     "met_budget": trials[-1]["drop"] <= cfg.max_accuracy_drop}
 
-    qmodel, info = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
+    qmodel, info = convert(fp_layers)
     info.observer = cfg.observer if scale_source == "calibration" else "qat-ema"
     info.percentile = cfg.percentile if cfg.observer == "percentile" else None
     info.calibration_batches = len(calib) if scale_source == "calibration" else 0
-    precision = precision_for(fp_layers)
+    precision = precision_for(fp_layers, cfg.attention_matmuls)
     # on the INT8 model (what deploys); with several processes decided on rank 0 and broadcast
     pruning, refit = dist.decide_on_main(refit_to_target, qmodel, ctx, pruning, cfg, cfg.eval_batch_size)
     reset_kernel_counters()
@@ -148,7 +160,7 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         "observer": info.observer,
         "int8_layers": len(linear_names(model)) - len(fp_layers),
         "fp_layers": fp_layers,
-        "attention_matmuls": "fp32",
+        "attention_matmuls": cfg.attention_matmuls,
         "fused_gelu": len(info.fused_gelu),
         "pruning": pruning.to_dict(),
         "refit": refit,

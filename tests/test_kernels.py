@@ -337,3 +337,48 @@ def test_cuda_auto_and_module():
     x = torch.randn(4, 5, 64, device="cuda")
     mod = K.Int8Linear.from_float(lin, float(x.abs().max()) / 127, backend="auto")
     assert mod.backend == "cuda" and mod(x).shape == (4, 5, 48)
+
+
+# ----------------------------------------------------------------------------- INT8 attention matmuls
+
+
+@pytest.mark.parametrize("s,t,dh", [(1, 1, 8), (9, 13, 16), (25, 25, 32), (4, 512, 64)])
+def test_int8_attention_matmuls_accumulate_exactly_and_match_the_int64_reference(s, t, dh):
+    """The fp32 matmul on integer grids equals the int64 reference bit for bit (no rounding of the
+    sums), and the float results are the accumulators times the scales."""
+    from ltp_compress.kernels import attention_matmuls_reference, int8_attention_context, int8_attention_scores
+    from ltp_compress.kernels.attention_int8 import quantize_probs_grid, quantize_symmetric_grid
+
+    g = torch.Generator().manual_seed(s * 1000 + t)
+    q, k, v = (torch.randn(2, 3, n, dh, generator=g) * 3 for n in (s, t, t))
+    p = torch.softmax(torch.randn(2, 3, s, t, generator=g) * 4, dim=-1)
+    qs, ks, vs = (float(x.abs().max()) / 127 for x in (q, k, v))
+    acc_s, acc_c, ref_scores, ref_context = attention_matmuls_reference(q, k, p, v, qs, ks, vs)
+    fast_acc_s = torch.matmul(quantize_symmetric_grid(q, qs), quantize_symmetric_grid(k, ks).transpose(-1, -2))
+    fast_acc_c = torch.matmul(quantize_probs_grid(p), quantize_symmetric_grid(v, vs))
+    assert torch.equal(fast_acc_s.to(torch.int64), acc_s) and torch.equal(fast_acc_c.to(torch.int64), acc_c)
+    assert torch.equal(fast_acc_s, fast_acc_s.round()) and int(acc_s.abs().max()) > 1000  # integers, not a trivial case
+    K.reset_kernel_counters()
+    scores, context = int8_attention_scores(q, k, qs, ks), int8_attention_context(p, v, vs)
+    assert K.kernel_counters() == {"attention_int8_fp32_exact": 2}
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-6, atol=0)
+    torch.testing.assert_close(context, ref_context, rtol=1e-6, atol=1e-9)
+    # and the 8-bit grids really changed the products (the test is not vacuous), within a grid step
+    exact = torch.matmul(q, k.transpose(-1, -2))
+    assert 0 < float((scores - exact).abs().max()) <= dh * (qs * float(k.abs().max()) + ks * float(q.abs().max()))
+
+
+def test_int8_attention_refuses_sums_beyond_exact_float32_and_reduced_precision():
+    from ltp_compress.kernels import int8_attention_context, int8_attention_scores
+
+    with pytest.raises(ValueError, match="2\\^24"):
+        int8_attention_context(torch.rand(1, 1, 2, 600), torch.randn(1, 1, 600, 4), 0.1)
+    with pytest.raises(ValueError, match="2\\^24"):
+        int8_attention_scores(torch.randn(1, 1, 2, 1100), torch.randn(1, 1, 2, 1100), 0.1, 0.1)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        with pytest.raises(RuntimeError, match="highest"):
+            int8_attention_scores(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), 0.1, 0.1)
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -305,3 +305,81 @@ def test_activation_quantiser_divides_exactly_with_tensor_or_float_scale():
     recip = torch.round(x * (1.0 / torch.tensor(s, dtype=torch.float32))).clamp(-127, 127)
     assert torch.equal(a.double(), torch.round((x / torch.tensor(s)).double()).clamp(-127, 127))
     assert not torch.equal(recip.double(), exact)  # the reciprocal form really differs on these inputs (negative control)
+
+
+# ----------------------------------------------------------------------------- INT8 attention matmuls
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_int8_attention_model_runs_both_matmuls_on_int8_grids(tiny_bert, tiny_roberta, model_type):
+    """Q/K/V scales cover every layer (observed on the pruned runtime); the INT8-attention model
+    runs both matmuls per layer on the integer grids, keeps the same tokens on the packed and the
+    masked path, and stays close to the FP32-attention INT8 model without equalling it."""
+    from ltp_compress.modeling.quantized import attach_int8_attention, attention_names, calibrate_attention
+
+    model, tok = _load(tiny_bert if model_type == "bert" else tiny_roberta)
+    pruning = PruningConfig(mode="threshold", thresholds=[1.0, 1.0])
+    batches = _batches(tok)
+    att = calibrate_attention(model, batches, pruning)
+    assert sorted(att) == attention_names(model) and len(att) == 2
+    for name, sc in att.items():  # scale = max |projection output| / 127 on the calibration tokens
+        assert set(sc) == {"q", "k", "v"} and all(v > 0 for v in sc.values())
+    qmodel, _ = convert_to_int8(model, calibrate(model, batches, pruning), "auto")
+    fp_att = forward_packed(qmodel, *_args(_batches(tok, n=1, offset=200)[0]), pruning, return_kept=True)
+    attach_int8_attention(qmodel, att)
+    b = _batches(tok, n=1, offset=200)[0]
+    reset_kernel_counters()
+    out = forward_packed(qmodel, *_args(b), pruning, return_kept=True)
+    assert kernel_counters()["attention_int8_fp32_exact"] == 2 * 2  # Q·Kᵀ and P·V in each of 2 layers
+    m = forward_masked(qmodel, *_args(b), mode="hard", thresholds=torch.tensor(pruning.thresholds))
+    assert torch.equal(m.kept_tokens, out.kept_tokens)
+    torch.testing.assert_close(m.logits, out.logits, rtol=1e-3, atol=1e-3 * float(out.logits.abs().max()))
+    diff = float((out.logits - fp_att.logits).abs().max())
+    assert 0 < diff <= 0.05 * float(fp_att.logits.abs().max()) + 1e-3
+
+
+def _args(b):
+    return b.input_ids, b.attention_mask, b.token_type_ids
+
+
+def test_quantize_stage_with_int8_attention_charges_8_bits_and_round_trips(tmp_path):
+    """attention_matmuls: int8 -> BOPs charge Q·Kᵀ and P·V at 8x8 (fewer BOPs than the FP32-attention
+    stage), the checkpoint stores the scales and loads into the same model
+    (same logits), and the ONNX export refuses it with a clear error."""
+    import json
+
+    from conftest import build_tiny_model
+    from test_distill import _context
+
+    from ltp_compress.modeling.deploy import load_deployable
+    from ltp_compress.modeling.onnx_export import ExportError, export_onnx
+    from ltp_compress.stages import quantize
+
+    teacher = build_tiny_model(tmp_path / "teacher", seed=1)
+    student = build_tiny_model(tmp_path / "student", seed=2)
+    (student / "pruning.json").write_text(json.dumps({"mode": "threshold", "thresholds": [1.0, 1.0], "keep_ratios": None}))
+    results = {}
+    for att in ("fp32", "int8"):
+        stage = f"{{id: q, stage: quantize, calibration_batches: 2, calibration_batch_size: 16, attention_matmuls: {att}}}"
+        (tmp_path / att).mkdir()
+        cfg, ctx = _context(tmp_path / att, student, teacher, stage)
+        results[att] = (quantize.run(cfg, ctx), ctx)
+    (r32, _), (r8, ctx8) = results["fp32"], results["int8"]
+    assert r8.cost["precision"]["attn_scores"] == (8, 8) and r8.cost["precision"]["attn_context"] == (8, 8)
+    assert r32.cost["precision"]["attn_scores"] == (32, 32) and r8.extra["attention_matmuls"] == "int8"
+    # (kept tokens may differ a little: the scores come from probabilities of the quantised Q·Kᵀ)
+    for conv in ("executed", "paper"):
+        assert r8.cost["by_convention"][conv]["relative_bops_vs_fp16_dense"] < r32.cost["by_convention"][conv]["relative_bops_vs_fp16_dense"]
+    assert r8.extra["kernel"]["counters"]["attention_int8_fp32_exact"] > 0
+    assert "attention_int8_fp32_exact" not in r32.extra["kernel"]["counters"]
+    dm = load_deployable(ctx8.out_dir / "model")
+    q = dm.ltp["quantization"]
+    assert q["attention_matmuls"] == "int8" and len(q["attention_scales"]) == 2
+    for name, sc in q["attention_scales"].items():
+        mod = dm.model.get_submodule(name).int8_matmuls
+        assert (float(mod.q_scale), float(mod.k_scale), float(mod.v_scale)) == pytest.approx((sc["q"], sc["k"], sc["v"]), rel=1e-6)
+    reset_kernel_counters()
+    dm.predict(["a fine film", "dull"])
+    assert kernel_counters()["attention_int8_fp32_exact"] == 4
+    with pytest.raises(ExportError, match="attention_matmuls"):
+        export_onnx(ctx8.out_dir / "model", tmp_path / "onnx")
