@@ -256,6 +256,19 @@ def _topk_keep(score: torch.Tensor, present: torch.Tensor, n0: torch.Tensor, rat
     return rank < k[:, None]
 
 
+def topk_tokens_per_layer(lengths, keep_ratios: list[float]):
+    """Tokens entering each layer under top-k pruning, from the lengths alone (what `_topk_keep`
+    keeps: ceil(ratio·n0) tokens, at least 1, never more than are present; the last layer prunes
+    nothing). [N] -> [N, L] float64 numpy, equal to `forward_packed(..., return_kept=True)`."""
+    import numpy as np
+
+    n0 = np.asarray(lengths, dtype=np.float64)
+    entering = [n0]
+    for ratio in keep_ratios[:-1]:
+        entering.append(np.minimum(np.maximum(np.ceil(n0 * ratio), 1.0), entering[-1]))
+    return np.stack(entering, axis=1)
+
+
 # ----------------------------------------------------------------------------- packed path
 
 

@@ -50,6 +50,25 @@ def preflight(recipe: Recipe, recipe_path: Path) -> tuple[Recipe, list[str]]:
     return recipe, problems
 
 
+def data_problems(recipe: Recipe, data: TaskData, base_model: str, skip: set[str] = frozenset()) -> list[str]:
+    """Checks that need the tokenised inputs but no training, run once the data is loaded and
+    before the first stage: a top-k FLOPs target below what its `dense_layers` can reach on its
+    calibration inputs (its token counts depend on the lengths only)."""
+    from transformers import AutoConfig
+
+    from ltp_compress.modeling.accounting import EncoderShape
+    from ltp_compress.stages.prune_baselines import probe_lengths, topk_floor_problem
+
+    problems, shape = [], None
+    for i, st in enumerate(recipe.stages):
+        if st.stage == "topk_prune" and st.target_flops is not None and st.id not in skip:
+            shape = shape or EncoderShape.from_config(AutoConfig.from_pretrained(base_model))
+            problem = topk_floor_problem(st, probe_lengths(data, recipe.seed, st), shape)
+            if problem:
+                problems.append(f"stages[{i}]: {problem}")
+    return problems
+
+
 def _stage_config(st) -> dict:
     return json.loads(st.model_dump_json(by_alias=True))
 
@@ -95,6 +114,16 @@ def environment_info() -> dict:
     }
 
 
+def _same_stage_config(old: dict, new: dict, stage) -> bool:
+    """A finished stage's stored config equals the recipe's, where a key the stored config lacks
+    counts as equal when the recipe leaves it at its default (a setting added by a later version,
+    e.g. quantize's attention_matmuls, does not change work finished before it existed)."""
+    if set(old) - set(new):
+        return False
+    defaults = {f.alias or name: f.get_default(call_default_factory=True) for name, f in type(stage).model_fields.items()}
+    return all(old[k] == v if k in old else (k in defaults and v == defaults[k]) for k, v in new.items())
+
+
 def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     """A run folder may be resumed only by the same recipe (finished stages unchanged). Returns
     the folder to move the old run to (with --overwrite), or None; reads only (every rank runs it)."""
@@ -106,9 +135,9 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     old_head = {k: v for k, v in old.items() if k != "stages"}
     finished = {r.dir.name: r for r in run.finished()}
     changed = [k for k in head if head[k] != old_head.get(k)]
-    for i, st in enumerate(new["stages"]):
+    for i, (st, st_obj) in enumerate(zip(new["stages"], recipe.stages)):
         rec = finished.get(run.stage_dir(i, st["id"]).name)
-        if rec is not None and rec.meta["config"] != st:
+        if rec is not None and not _same_stage_config(rec.meta["config"], st, st_obj):
             changed.append(f"stages[{i}] ({st['id']})")
     expected = {run.stage_dir(i, st["id"]).name for i, st in enumerate(new["stages"])}
     changed += [f"{name} (no longer in the recipe)" for name in sorted(set(finished) - expected)]
@@ -226,6 +255,9 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
                 if not main:
                     dist.barrier()  # rank 0 builds the token cache first; the others then read it
                 data, data_summary = load_task_data(recipe, task, load_tokenizer(base_model), log, progress=progress and main)
+                problems = data_problems(recipe, data, base_model, skip=set(records))
+                if problems:  # before the first stage runs, not hours into the run
+                    raise RecipeError(f"{recipe_path}: cannot run:\n" + "\n".join("  " + p for p in problems))
                 if main:
                     dist.barrier()
                     atomic_write_json(run.data_file, data_summary)

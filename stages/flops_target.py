@@ -23,8 +23,13 @@ def within_target(rel: float, target: float, tolerance: float) -> bool:
 def flops_probe_batches(ctx: StageContext, split: str, n: int, batch_size: int) -> list:
     """A fixed, seeded sample of inputs (labels unused) for FLOPs measurements: split "validation",
     "train", or "dev" (the first dev set's inputs)."""
-    ts = {"train": ctx.data.train, VALIDATION: ctx.data.validation}.get(split) or ctx.data.dev[next(iter(ctx.data.dev))]
-    batches = length_bucketed_batches(ts, batch_size, shuffle=True, seed=ctx.seed, pad_token_id=ctx.data.pad_token_id)
+    return probe_batches(ctx.data, ctx.seed, split, n, batch_size)
+
+
+def probe_batches(data, seed: int, split: str, n: int, batch_size: int) -> list:
+    """`flops_probe_batches` from the task data and the seed (usable before any stage runs)."""
+    ts = {"train": data.train, VALIDATION: data.validation}.get(split) or data.dev[next(iter(data.dev))]
+    batches = length_bucketed_batches(ts, batch_size, shuffle=True, seed=seed, pad_token_id=data.pad_token_id)
     out, count = [], 0
     for b in batches:
         out.append(b)

@@ -12,13 +12,18 @@ top-k by its final keep ratio (its token counts depend on the lengths only). Tha
 
 from __future__ import annotations
 
+import numpy as np
+
 from ltp_compress.errors import UserError
-from ltp_compress.modeling.pruned_encoder import PruningConfig, linear_threshold_init, topk_keep_ratios
+from ltp_compress.modeling.accounting import EncoderShape, relative_flops
+from ltp_compress.modeling.pruned_encoder import PruningConfig, linear_threshold_init, topk_keep_ratios, topk_tokens_per_layer
 from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.configs import ManualPruneStage, TopkPruneStage
 from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
-from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report
+from ltp_compress.stages.flops_target import (
+    calibrate_threshold_offset, flops_probe_batches, probe_batches, target_report,
+)
 from ltp_compress.stages.ltp_hard import train_to_target
 from ltp_compress.stages import distributed as dist
 
@@ -59,21 +64,47 @@ def run_topk(cfg: TopkPruneStage, ctx: StageContext) -> StageResult:
     return result
 
 
+#: smallest final keep ratio the bisection tries (its FLOPs are the floor top-k can reach)
+MIN_KEEP_RATIO = 1e-3
+
+
+def _topk_relative_flops(lengths: np.ndarray, shape: EncoderShape, ratio: float, dense_layers: int, convention: str) -> float:
+    """Relative FLOPs of top-k at final keep ratio `ratio` on inputs of these lengths: its token
+    counts depend on the lengths only (`topk_tokens_per_layer`), so no forward pass is needed."""
+    kept = topk_tokens_per_layer(lengths, topk_keep_ratios(shape.num_layers, ratio, dense_layers))
+    return relative_flops(kept, lengths, shape, convention)
+
+
+def topk_floor_problem(cfg: TopkPruneStage, lengths: np.ndarray, shape: EncoderShape) -> str | None:
+    """The error for a `target_flops` below what top-k with `dense_layers` can reach on these
+    calibration-input lengths (None if reachable). The runner checks it before any stage runs."""
+    floor = _topk_relative_flops(lengths, shape, MIN_KEEP_RATIO, cfg.dense_layers, cfg.flops_convention)
+    if floor > cfg.target_flops:
+        return (f"stage '{cfg.id}': target_flops {cfg.target_flops} is below what top-k with dense_layers {cfg.dense_layers} "
+                f"can reach ({floor:.3f} {cfg.flops_convention} at final_keep_ratio {MIN_KEEP_RATIO} on the "
+                f"{cfg.flops_calibration_inputs} inputs): lower dense_layers or raise target_flops")
+    return None
+
+
+def probe_lengths(data, seed: int, cfg: TopkPruneStage) -> np.ndarray:
+    """Lengths of the calibration inputs `fit_topk_ratio` measures (the same seeded sample). [N]"""
+    return np.concatenate([b.attention_mask.sum(1).numpy() for b in probe_batches(data, seed, cfg.flops_calibration_inputs, 512,
+                                                                                   cfg.eval_batch_size)])
+
+
 def fit_topk_ratio(model, ctx: StageContext, cfg: TopkPruneStage, iters: int = 14) -> tuple[float, dict]:
     """Bisect final_keep_ratio in (0, 1] so relative FLOPs on the calibration inputs ≈ target
     (non-decreasing in the ratio). A target below what `dense_layers` allows is an error naming the keys."""
-    L = model.config.num_hidden_layers
-    probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 512, cfg.eval_batch_size)
+    shape = EncoderShape.from_config(model.config)
+    lengths = probe_lengths(ctx.data, ctx.seed, cfg)
 
     def at(r: float) -> float:
-        return relative_flops_on(model, probe, PruningConfig(mode="topk", keep_ratios=topk_keep_ratios(L, r, cfg.dense_layers)),
-                                 cfg.flops_convention)
+        return _topk_relative_flops(lengths, shape, r, cfg.dense_layers, cfg.flops_convention)
 
-    lo, hi = 1e-3, 1.0
-    floor = at(lo)
-    if floor > cfg.target_flops:
-        raise UserError(f"stage '{cfg.id}': target_flops {cfg.target_flops} is below what top-k with dense_layers {cfg.dense_layers} "
-                        f"can reach ({floor:.3f} {cfg.flops_convention} at final_keep_ratio {lo}): lower dense_layers or raise target_flops")
+    problem = topk_floor_problem(cfg, lengths, shape)
+    if problem:
+        raise UserError(problem)
+    lo, hi = MIN_KEEP_RATIO, 1.0
     for _ in range(iters):
         mid = (lo + hi) / 2
         if at(mid) > cfg.target_flops:
@@ -83,4 +114,4 @@ def fit_topk_ratio(model, ctx: StageContext, cfg: TopkPruneStage, iters: int = 1
     ctx.log.info("%s: final_keep_ratio %.4f -> relative FLOPs (%s) %.3f on %s inputs (target %.3f)", cfg.id, lo, cfg.flops_convention,
                  at(lo), cfg.flops_calibration_inputs, cfg.target_flops)
     return lo, {"final_keep_ratio": lo, "relative_flops": at(lo), "convention": cfg.flops_convention,
-                "inputs": cfg.flops_calibration_inputs, "sample_examples": sum(b.input_ids.shape[0] for b in probe)}
+                "inputs": cfg.flops_calibration_inputs, "sample_examples": int(len(lengths))}

@@ -548,5 +548,29 @@ stages:
     bad = write_recipe(tmp_path / "bad.yaml", "name: bad\n" + body + """\
   - {id: top, stage: topk_prune, init_from: ft, dense_layers: 1, target_flops: 0.05}
 """)
-    with pytest.raises(UserError, match="target_flops 0.05 .* dense_layers 1"):
+    # refused once the data is loaded, before the first stage (the finetune) runs
+    with pytest.raises(UserError, match="stages\\[1\\].*target_flops 0.05 .* dense_layers 1"):
         run_recipe(bad, progress=False)
+    assert not list((tmp_path / "runs" / "bad" / "stages").glob("*/meta.json"))
+
+
+@pytest.mark.parametrize("dense_layers,ratio", [(0, 0.3), (1, 0.05), (2, 0.6)])
+def test_topk_token_counts_follow_from_lengths_alone(tiny_bert, dense_layers, ratio):
+    """The analytic top-k counts (used to fit final_keep_ratio and to check a target before any
+    stage runs) equal the tokens the packed runtime keeps on real mixed-length batches."""
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ltp_compress.modeling.pruned_encoder import topk_tokens_per_layer
+
+    from conftest import DEMO_DATA
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = [l.split("\t")[0] for l in (DEMO_DATA / "train.tsv").read_text().splitlines()[1:40]]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    pruning = PruningConfig(mode="topk", keep_ratios=topk_keep_ratios(2, ratio, dense_layers))
+    out = forward_packed(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], pruning, return_kept=True)
+    counts = topk_tokens_per_layer(enc["attention_mask"].sum(1).numpy(), pruning.keep_ratios)
+    assert np.array_equal(counts, out.kept_tokens.numpy())
+    assert counts[:, 1].sum() < counts[:, 0].sum()  # tokens really removed (2 layers: pruning after layer 0 in every case)

@@ -130,3 +130,29 @@ def test_checkpoint_every_steps_zero_writes_none(tmp_path, tiny_bert, monkeypatc
     monkeypatch.delenv(dist.ENV_FAIL_AT)
     run_recipe(recipe, progress=False, stop_after="ft")
     assert "ft: removing an interrupted attempt" in (tmp_path / "runs" / "nockpt" / "logs" / "run.log").read_text()
+
+
+def test_a_setting_added_later_at_its_default_does_not_change_a_finished_stage(tmp_path):
+    """Resume compares finished stages' stored configs with the recipe; a key the stored config
+    lacks (a setting a later version added) is equal only at its default."""
+    import json
+
+    from ltp_compress.pipeline.recipe import load_recipe
+    from ltp_compress.pipeline.runner import _same_stage_config
+
+    (tmp_path / "r.yaml").write_text("""\
+name: r
+model: m
+task: sst2
+data: {source: glue_dir, path: d}
+stages:
+  - {id: q, stage: quantize}
+  - {id: q8, stage: quantize, attention_matmuls: int8}
+""")
+    q, q8 = load_recipe(tmp_path / "r.yaml").stages
+    new_q, new_q8 = (json.loads(st.model_dump_json(by_alias=True)) for st in (q, q8))
+    old = {k: v for k, v in new_q.items() if k != "attention_matmuls"}  # stored before the setting existed
+    assert _same_stage_config(old, new_q, q)
+    assert not _same_stage_config(old, new_q8, q8)  # the recipe moved it off its default
+    assert not _same_stage_config({**old, "observer": "percentile"}, new_q, q)
+    assert not _same_stage_config({**new_q, "removed_key": 1}, new_q, q)
