@@ -41,6 +41,9 @@ class Recipe(StrictModel):
     output_dir: str = Field("runs", description="folder holding run directories (relative to the current directory)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     stages: list[StageConfig] = Field(min_length=1)
+    skip_stages: list[str] = Field(default_factory=list, description="stage ids this run leaves out (e.g. a method that cannot "
+                                                                      "reach one sweep level: --grid skip_stages=[],[topk]); "
+                                                                      "no remaining stage may start from or learn from one")
 
     @model_validator(mode="after")
     def _ids_unique(self) -> "Recipe":
@@ -217,9 +220,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 msg = f"unknown stage type; valid: {', '.join(STAGE_TYPES)}"
             lines.append(f"  {_format_loc(err['loc'], raw)}: {msg}")
         raise RecipeError(f"{path}: invalid recipe:\n" + "\n".join(lines)) from None
+    if recipe.skip_stages:
+        ids = [st.id for st in recipe.stages]
+        unknown = [sid for sid in recipe.skip_stages if sid not in ids]
+        if unknown or len(set(recipe.skip_stages)) == len(ids):
+            raise RecipeError(f"{path}: skip_stages: {f'unknown stage ids {unknown}' if unknown else 'leaves no stage to run'} "
+                              f"(stages: {', '.join(ids)})")
+        recipe = recipe.model_copy(update={"stages": [st for st in recipe.stages if st.id not in recipe.skip_stages]})
     problems = check_stage_graph(recipe)
     if problems:
-        raise RecipeError(f"{path}: invalid recipe:\n" + "\n".join("  " + p for p in problems))
+        hint = f" (skip_stages left out {', '.join(recipe.skip_stages)})" if recipe.skip_stages else ""
+        raise RecipeError(f"{path}: invalid recipe{hint}:\n" + "\n".join("  " + p for p in problems))
     return recipe
 
 

@@ -134,7 +134,8 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     head = {k: v for k, v in new.items() if k != "stages"}
     old_head = {k: v for k, v in old.items() if k != "stages"}
     finished = {r.dir.name: r for r in run.finished()}
-    changed = [k for k in head if head[k] != old_head.get(k)]
+    head_defaults = {name: f.get_default(call_default_factory=True) for name, f in type(recipe).model_fields.items()}
+    changed = [k for k in head if (head[k] != old_head[k] if k in old_head else head[k] != head_defaults.get(k))]
     for i, (st, st_obj) in enumerate(zip(new["stages"], recipe.stages)):
         rec = finished.get(run.stage_dir(i, st["id"]).name)
         if rec is not None and not _same_stage_config(rec.meta["config"], st, st_obj):

@@ -422,3 +422,28 @@ def test_glue_template_validates_for_every_task(task):
     r = load_recipe(REPO / "recipes" / "glue_template.yaml", [f"task={task}", "data.source=hub", "data.path=null"])
     assert r.task == task and [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize"]
     assert all(getattr(s, "flops_convention", "paper") == "paper" for s in r.stages)
+
+
+def test_skip_stages_leaves_stages_out_and_checks_what_remains(tmp_path):
+    """A sweep point can leave out a method (`--grid skip_stages=[],[topk]`): the run has the other
+    stages; an unknown id or a remaining stage that needs a skipped one is a recipe error."""
+    from ltp_compress.pipeline.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("""\
+name: r
+model: m
+task: sst2
+data: {source: glue_dir, path: d}
+stages:
+  - {id: ft, stage: finetune}
+  - {id: man, stage: manual_prune}
+  - {id: topk, stage: topk_prune}
+  - {id: q, stage: quantize, init_from: man}
+""")
+    assert [s.id for s in load_recipe(path, ["skip_stages=[topk]"]).stages] == ["ft", "man", "q"]
+    assert [s.id for s in load_recipe(path).stages] == ["ft", "man", "topk", "q"]
+    with pytest.raises(RecipeError, match="unknown stage ids \\['nope'\\]"):
+        load_recipe(path, ["skip_stages=[nope]"])
+    with pytest.raises(RecipeError, match="(?s)skip_stages left out man.*init_from: 'man'"):
+        load_recipe(path, ["skip_stages=[man]"])
