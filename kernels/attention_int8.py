@@ -4,7 +4,9 @@ Math (static scales from calibration, like the INT8 Linears):
     q_q = clamp(round(q / q_scale), -127, 127)        # int8, one scale per layer
     k_q = clamp(round(k / k_scale), -127, 127)        # int8
     v_q = clamp(round(v / v_scale), -127, 127)        # int8
-    p_q = round(p · 255)                              # uint8: softmax probabilities lie in [0, 1]
+    p_q = round(p / (1/255))                          # uint8: softmax probabilities lie in [0, 1]
+(every division is an IEEE float32 division by the float32 scale, as ONNX QuantizeLinear computes
+it, so the exported graph quantises identically; round half to even)
     scores[i, j]  = (Σ_c q_q[i, c] · k_q[j, c]) · q_scale · k_scale
     context[i, c] = (Σ_j p_q[i, j] · v_q[j, c]) · v_scale / 255
 
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from .linear_int8 import QMAX, _count
 
-#: softmax probabilities are quantised to uint8 with this fixed scale (p ∈ [0, 1])
+#: softmax probabilities are quantised to uint8 with the fixed scale 1 / PROB_QMAX (p ∈ [0, 1])
 PROB_QMAX = 255
 #: float32 represents every integer of magnitude below this exactly
 EXACT_FP32 = 1 << 24
@@ -57,8 +59,8 @@ def quantize_symmetric_grid(x: Tensor, scale: float) -> Tensor:
 
 
 def quantize_probs_grid(p: Tensor) -> Tensor:
-    """round_half_even(p · 255) as float32 integers in [0, 255] (p: softmax probabilities)."""
-    return torch.round(p.float() * PROB_QMAX).clamp_(0, PROB_QMAX)
+    """round_half_even(p / float32(1/255)) as float32 integers in [0, 255] (p: softmax probabilities)."""
+    return torch.round(p.float() / (1.0 / PROB_QMAX)).clamp_(0, PROB_QMAX)
 
 
 def int8_attention_scores(q: Tensor, k: Tensor, q_scale: float, k_scale: float) -> Tensor:

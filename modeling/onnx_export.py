@@ -58,8 +58,12 @@ then exact erf GELU where the checkpoint fused it (opset >= 20: Gelu; else the D
 pattern ORT's GeluFusion turns into one kernel). This is the ``kernels/linear_int8.py`` math (u8
 with zero point 128 is the symmetric int8 value + 128, as in the cpu_vnni kernel); the integer
 GEMM runs in MLAS (u8 x s8, int32 accumulation) in both forms. Layers listed in ``fp_layers`` use
-float MatMul with their float weights. Embeddings, LayerNorm (LayerNormalization), softmax, the
-attention matmuls and GELU stay float32.
+float MatMul with their float weights. Embeddings, LayerNorm (LayerNormalization), softmax and
+GELU stay float32; so do the attention matmuls, unless the checkpoint was quantised with
+``attention_matmuls: int8`` (kernels/attention_int8.py): then Q, K, V go to their int8 grids by one
+per-axis QuantizeLinear (checkpoint scales, after a Max so -128 never occurs), the probabilities
+to uint8 by QuantizeLinear at 1/255, and Q·Kᵀ and P·V are MatMulInteger (exact int32) followed by
+one float scale each: the same integers as the torch runtime.
 
 Why packed [T, d] rows for the linears rather than per-sequence compaction [b, S, d]: every GEMM
 then costs exactly the accountant's charge (T = sum of the kept tokens, no padding rows), at the
@@ -229,6 +233,7 @@ class _Weights:
     fused_gelu: set[str]
     fp_layers: set[str]
     gemms: list[dict] = field(default_factory=list)  # one entry per int8 GEMM node, for ltp_onnx.json
+    attention_gemms: list[str] = field(default_factory=list)  # the INT8 attention MatMulInteger nodes
 
 
 class _Builder:
@@ -260,6 +265,59 @@ class _Builder:
     def threshold(self, l: int) -> str:
         """Layer l's pruning threshold as the initializer `prune.threshold.<l>`."""
         return self.g.shared(f"prune.threshold.{l}", lambda: np.asarray(self.pruning["thresholds"][l], dtype=np.float32))
+
+    def attention_scales(self, p: str) -> tuple[float, float, float] | None:
+        """Layer p's INT8 attention scales (q, k, v) from the checkpoint, None for float attention."""
+        key = f"{p}.attention.self.int8_matmuls"
+        if f"{key}.q_scale" not in self.w.tensors:
+            return None
+        return tuple(float(self.tensor(f"{key}.{n}_scale")) for n in "qkv")
+
+    def quantize_qkv(self, qkv: str, p: str, scales: tuple[float, float, float], axis: int, rank: int) -> str:
+        """Float Q, K, V stacked along `axis` of a rank-`rank` tensor -> int8 on each one's grid,
+        clamp(round(x / s), -127, 127) (kernels/attention_int8.py): one per-axis QuantizeLinear,
+        after a Max so its int8 saturation (-128) never acts."""
+        g, key = self.g, f"{p}.attention.self.int8_matmuls"
+        shape = [3] + [1] * (rank - 1 - axis)
+        mins = g.shared(f"{key}.qkv_min.r{rank}", lambda: np.asarray([-127.0 * v for v in scales], np.float32).reshape(shape))
+        xs = g.shared(f"{key}.qkv_scale", lambda: np.asarray(scales, np.float32))  # [3]
+        zp = g.shared(f"{key}.qkv_zero_point", lambda: np.zeros(3, np.int8))  # [3]
+        return g.op("QuantizeLinear", [g.op("Max", [qkv, mins]), xs, zp], axis=axis, name=f"{key}.quantize_qkv")
+
+    def attention_scores(self, q: str, kt: str, p: str, scales) -> str:
+        """[.., S, dh] x [.., dh, S] -> scaled Q·Kᵀ [.., S, S]: float MatMul, or for INT8 attention an
+        int8 x int8 MatMulInteger (exact int32) times q_scale·k_scale."""
+        g = self.g
+        dh = self.d // self.heads
+        if scales is None:
+            acc = g.op("MatMul", [q, kt])
+        else:
+            key = f"{p}.attention.self.int8_matmuls"
+            node = f"{key}.scores_matmul_integer"
+            acc = g.op("Mul", [g.op("Cast", [g.op("MatMulInteger", [q, kt], name=node)], to=1),
+                               g.shared(f"{key}.qk_scale", lambda: np.asarray(scales[0] * scales[1], np.float32))])
+            self._record_attention(node)
+        return g.op("Mul", [acc, g.const(dh ** -0.5, np.float32)])
+
+    def attention_context(self, probs: str, v: str, p: str, scales) -> str:
+        """P·V [.., S, S] x [.., S, dh]: float MatMul, or for INT8 attention the probabilities as
+        uint8 round(p / (1/255)) x int8 V (MatMulInteger, exact int32) times v_scale / 255."""
+        g = self.g
+        if scales is None:
+            return g.op("MatMul", [probs, v])
+        from ltp_compress.kernels.attention_int8 import PROB_QMAX
+
+        key = f"{p}.attention.self.int8_matmuls"
+        p8 = g.op("QuantizeLinear", [probs, g.shared("attention.prob_scale", lambda: np.asarray(1.0 / PROB_QMAX, np.float32)),
+                                     g.const(0, np.uint8)])  # [.., S, S] uint8
+        node = f"{key}.context_matmul_integer"
+        acc = g.op("MatMulInteger", [p8, v], name=node)  # [.., S, dh] int32
+        self._record_attention(node)
+        return g.op("Mul", [g.op("Cast", [acc], to=1), g.shared(f"{key}.pv_scale", lambda: np.asarray(scales[2] / PROB_QMAX, np.float32))])
+
+    def _record_attention(self, node: str) -> None:
+        if node not in self.w.attention_gemms:  # both `If` branches name it the same
+            self.w.attention_gemms.append(node)
 
     def layer_norm(self, x: str, name: str) -> str:
         return self.g.op("LayerNormalization", [x, self.param(f"{name}.weight"), self.param(f"{name}.bias")],
@@ -401,13 +459,16 @@ class _Builder:
         # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
         grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
         grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3, H, dh], np.int64)], axis=0))  # [b, S, 3, H, dh]
+        scales = self.attention_scales(p)
+        if scales is not None:  # INT8 attention: Q, K, V to their int8 grids before the head shuffles
+            grid = self.quantize_qkv(grid, p, scales, axis=2, rank=5)  # [b, S, 3, H, dh] int8
         q = g.op("Transpose", [g.op("Gather", [grid, g.const(0, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
         kt = g.op("Transpose", [g.op("Gather", [grid, g.const(1, np.int64)], axis=2)], perm=[0, 2, 3, 1])  # [b, H, dh, S]
         v = g.op("Transpose", [g.op("Gather", [grid, g.const(2, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
-        att = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(dh ** -0.5, np.float32)])  # [b, H, S, S]
+        att = self.attention_scores(q, kt, p, scales)  # [b, H, S, S]
         att = g.op("Where", [g.unsqueeze(lay.valid, [1, 2]), att, g.const(self.neg, np.float32)])  # padded keys out
         probs = g.op("Softmax", [att], axis=-1)  # [b, H, S, S]
-        ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [b, S, H, dh]
+        ctx = g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3])  # [b, S, H, dh]
         ctx = g.reshape(ctx, [-1, d])  # [b*S, d]
         mode = self.pruning.get("mode", "none")
         if mode != "none" and l < self.num_layers - 1:
@@ -452,11 +513,14 @@ class _Builder:
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
         heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
+        scales = self.attention_scales(p)
+        if scales is not None:
+            heads = self.quantize_qkv(heads, p, scales, axis=0, rank=4)  # [3, H, T, dh] int8
         q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
         kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
-        att = g.op("Mul", [g.op("MatMul", [q, kt]), g.const(dh ** -0.5, np.float32)])  # [1, H, T, T]
+        att = self.attention_scores(q, kt, p, scales)  # [1, H, T, T]
         probs = g.op("Softmax", [att], axis=-1)
-        ctx = g.reshape(g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
+        ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
         if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
             score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
@@ -568,10 +632,8 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} not supported (choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
     q = ltp.get("quantization") or {}
-    if q.get("attention_matmuls", "fp32") != "fp32":
-        raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r}: the ONNX graph builds "
-                          "float32 attention matmuls only; export a checkpoint quantised with attention_matmuls: fp32, or "
-                          "deploy this one on the torch runtime")
+    if q.get("attention_matmuls", "fp32") not in ("fp32", "int8"):
+        raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r} (known: fp32, int8)")
     w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
                  fp_layers=set(q.get("fp_layers") or []))
     if config.get("model_type") not in ("bert", "roberta"):
@@ -600,7 +662,7 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     model = helper.make_model(graph, opset_imports=opsets, producer_name="ltp-compress")
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime 1.2x and OpenVINO
     onnx.checker.check_model(model, full_check=int8_op == "MatMulInteger")  # contrib ops have no ONNX schema
-    return model, w.gemms
+    return model, {"linear": w.gemms, "attention": w.attention_gemms}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -679,6 +741,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
     hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))  # id2label with the library's defaults filled in
     try:
         model, gemms = build_onnx_model(tensors, config, ltp, opset=opset, fuse_qkv=fuse_qkv, int8_op=int8_op)
+        attention_gemms, gemms = gemms["attention"], gemms["linear"]
     except ExportError as e:  # messages start with the file name inside the checkpoint
         raise ExportError(f"{checkpoint_dir}/{e}") from None
 
@@ -710,7 +773,10 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
         "quantization": {"int8_gemms": gemms, "int8_layers": q.get("int8_layers"), "fused_gelu": q.get("fused_gelu") or [],
                          "fp_layers": q.get("fp_layers") or [], "weight_qmax": q.get("weight_qmax"),
                          "int8_op": int8_op,
-                         "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales"},
+                         "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
+                         "attention_matmuls": q.get("attention_matmuls", "fp32"), "int8_attention_gemms": attention_gemms,
+                         "attention_scheme": ("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "
+                                              "MatMulInteger (exact int32) for Q·Kᵀ and P·V") if attention_gemms else "float32 MatMul"},
         "session_options": RECOMMENDED_SESSION_OPTIONS,
         "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights_sha256": src_manifest["files"][WEIGHTS_FILE]["sha256"]},
     }

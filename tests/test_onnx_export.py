@@ -431,3 +431,48 @@ def test_import_stays_cheap():
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_int8_attention_exports_as_integer_matmuls_and_matches_torch(tiny_bert, tiny_roberta, tmp_path, kind):
+    """A checkpoint quantised with attention_matmuls: int8 exports Q·Kᵀ and P·V as MatMulInteger
+    (int8 x int8, uint8 x int8) with the checkpoint's q/k/v scales; ORT's profile runs no float
+    MatMul at all; kept tokens equal and logits agree with the torch runtime at bs 7 and 1."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ltp_compress.modeling.quantized import attach_int8_attention, calibrate, calibrate_attention, convert_to_int8
+
+    src = tiny_bert if kind == "bert" else tiny_roberta
+    model = AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(src)
+
+    class B:
+        pass
+
+    batches = []
+    for i in range(0, 32, 16):
+        enc = tok(_dev_texts(32)[i:i + 16], padding=True, return_tensors="pt")
+        b = B()
+        b.input_ids, b.attention_mask, b.token_type_ids = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
+        batches.append(b)
+    qmodel, info = convert_to_int8(model, calibrate(model, batches, PruningConfig()), "auto")
+    att = calibrate_attention(model, batches, PruningConfig())
+    attach_int8_attention(qmodel, att)
+    info.attention_matmuls, info.attention_scales = "int8", att
+    probe = save_deployable(qmodel, tok, PruningConfig(mode="threshold", thresholds=[1.0, 1.0]), info, tmp_path / "probe")
+    enc = tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
+    th, margin = _threshold_away_from_ties(_scores(probe, _feed(enc), 0), enc["attention_mask"].numpy())
+    assert margin > 1e-5
+    ckpt = save_deployable(qmodel, tok, PruningConfig(mode="threshold", thresholds=[th, 1.0]), info, tmp_path / "ckpt")
+    export = export_onnx(ckpt, tmp_path / "onnx", parity_texts=_dev_texts())
+    q = json.loads((export / ONNX_CONFIG_FILE).read_text())["quantization"]
+    assert q["attention_matmuls"] == "int8" and len(q["int8_attention_gemms"]) == 2 * 2
+    texts = _mixed_batch()
+    kept7 = _compare(ckpt, export, texts, batch_size=7)
+    np.testing.assert_array_equal(kept7, _compare(ckpt, export, texts, batch_size=1))
+    assert (kept7[:, 1] < kept7[:, 0]).any()
+    ops = Counter(e["args"]["op_name"] for e in _profile(export, _feed(enc)))
+    assert ops["MatMulInteger"] == 2 * 2 and ops["MatMulIntegerToFloat"] == 10
+    assert not {"MatMul", "FusedMatMul", "Gemm"} & set(ops)  # nothing multiplies in float
+    parity = json.loads((export / MANIFEST_FILE).read_text())["parity"]
+    assert parity["argmax_agreement"] == 1.0 and parity["kept_tokens_agreement"] == 1.0
