@@ -1,7 +1,10 @@
 """A/B of two versions of our ONNX graph builder on one checkpoint (not a test).
 
 Builds the graph of a deployable INT8 checkpoint with `modeling/onnx_export.py` as it is now (B)
-and as it was at git revision `--baseline-rev` (A), runs both with ONNX Runtime (the runtime's
+and as it was at git revision `--baseline-rev` (A) -- or, with `--baseline-float-attention`, A is
+the same builder on the same checkpoint with its INT8 attention matmuls taken out (float32 Q·Kᵀ
+and P·V, same weights and thresholds; kept tokens may then differ a little: the scores come from
+the quantised Q·Kᵀ in B) -- runs both with ONNX Runtime (the runtime's
 session options, `--threads`) on the same pre-tokenised, length-bucketed dev batches, interleaved
 A, B, A, B... for `--rounds` rounds, and reports examples/s (median over rounds of the median of
 `--repeats` passes), the B/A ratio per batch size, and whether both graphs give the same logits
@@ -9,6 +12,8 @@ and kept tokens. Writes <out-dir>/<name>.json and .md.
 
     python benchmarks/ort_graph_ab.py runs/demo/stages/04-int8/model --data data/sst2_demo --task sst2 \
         --baseline-rev 058619a --threads 2 --rounds 5
+    python benchmarks/ort_graph_ab.py runs/mrpc_minilm/stages/06-int8_attn/model --data ../shared/data/glue/MRPC \
+        --task mrpc --baseline-float-attention --name ort_int8_attention_ab
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--task", required=True)
-    p.add_argument("--baseline-rev", required=True, help="git revision of the graph builder to compare against")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--baseline-rev", help="git revision of the graph builder to compare against")
+    base.add_argument("--baseline-float-attention", action="store_true",
+                      help="A: this checkpoint with float32 attention matmuls (it must have INT8 ones)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
@@ -85,8 +93,15 @@ def main(argv=None) -> int:
                     for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=pad)] for bs in bss}
     work = Path(tempfile.mkdtemp())
     sessions = {}
-    for label, rev in (("A", args.baseline_rev), ("B", None)):
-        model, _ = builder_at(rev)(tensors, config, ltp)
+    variants = {"A": (args.baseline_rev, tensors, ltp), "B": (None, tensors, ltp)}
+    if args.baseline_float_attention:
+        if (ltp.get("quantization") or {}).get("attention_matmuls") != "int8":
+            raise SystemExit(f"{args.checkpoint}: --baseline-float-attention needs a checkpoint quantised with attention_matmuls: int8")
+        float_ltp = json.loads(json.dumps(ltp))
+        float_ltp["quantization"]["attention_matmuls"] = "fp32"
+        variants["A"] = (None, {k: v for k, v in tensors.items() if ".int8_matmuls." not in k}, float_ltp)
+    for label, (rev, tens, ltp_v) in variants.items():
+        model, _ = builder_at(rev)(tens, config, ltp_v)
         import onnx
 
         onnx.save_model(model, str(work / f"{label}.onnx"))
@@ -97,7 +112,9 @@ def main(argv=None) -> int:
     for bs in bss:
         outs = {k: [s.run(list(OUTPUT_NAMES), f) for f in batches[bs]] for k, s in sessions.items()}
         same[str(bs)] = {"max_abs_logit_diff": float(max(np.abs(a[0] - b[0]).max() for a, b in zip(outs["A"], outs["B"]))),
-                         "kept_tokens_equal": bool(all(np.array_equal(a[1], b[1]) for a, b in zip(outs["A"], outs["B"])))}
+                         "kept_tokens_equal": bool(all(np.array_equal(a[1], b[1]) for a, b in zip(outs["A"], outs["B"]))),
+                         "mean_kept_tokens_per_layer": {k: np.concatenate([o[1] for o in v]).mean(0).round(3).tolist()
+                                                        for k, v in outs.items()}}
     times = {k: {bs: [] for bs in bss} for k in sessions}
     n = {bs: sum(f["input_ids"].shape[0] for f in batches[bs]) for bs in bss}
     for _ in range(args.rounds):
@@ -112,7 +129,8 @@ def main(argv=None) -> int:
                 times[k][bs].append(n[bs] / statistics.median(per))
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "checkpoint": str(args.checkpoint),
            "weights_sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "task": args.task, "examples": len(ts.labels),
-           "baseline_rev": args.baseline_rev, "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+           "baseline_rev": args.baseline_rev, "baseline": "float attention" if args.baseline_float_attention else args.baseline_rev,
+           "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                                     capture_output=True, text=True).stdout.strip(),
            "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats, "onnxruntime": ort.__version__,
            "same_outputs": same,
@@ -123,7 +141,9 @@ def main(argv=None) -> int:
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = [f"# ONNX graph A/B: `{args.baseline_rev}` (A) vs `{res['head']}` + working tree (B)", "",
+    title = ("float32 attention (A) vs INT8 attention (B), both built by `" + res["head"] + "` + working tree"
+             if args.baseline_float_attention else f"`{args.baseline_rev}` (A) vs `{res['head']}` + working tree (B)")
+    L = [f"# ONNX graph A/B: {title}", "",
          f"command: `{res['command']}`", "",
          f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`), {args.task} dev ({res['examples']} examples), "
          f"onnxruntime {ort.__version__}, {args.threads} threads, {args.rounds} interleaved rounds x {args.repeats} passes", "",
@@ -132,6 +152,8 @@ def main(argv=None) -> int:
         k = str(bs)
         L.append(f"| {bs} | {res['examples_per_s']['A'][k]:.1f} | {res['examples_per_s']['B'][k]:.1f} | {res['ratio_B_over_A'][k]:.3f}x | "
                  f"{same[k]['kept_tokens_equal']} | {same[k]['max_abs_logit_diff']:.2e} |")
+    L += ["", "mean tokens entering each layer (bs " + str(bss[-1]) + "): " +
+          "; ".join(f"{k}: {v}" for k, v in same[str(bss[-1])]["mean_kept_tokens_per_layer"].items())]
     atomic_write_text(args.out_dir / f"{args.name}.md", "\n".join(L) + "\n")
     print("\n".join(L))
     return 0
