@@ -1,0 +1,202 @@
+"""One task's accuracy-vs-FLOPs results in one place (not a test): the matched-FLOPs comparison of
+LTP, manual thresholds and top-k from `ltp-compress sweep` (levels, and mean ± sd over seeds at one
+level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
+against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png.
+
+    python benchmarks/accuracy_summary.py --task mrpc --levels benchmarks/results/mrpc_sweep/sweep.json \\
+        --seeds benchmarks/results/mrpc_sweep/seeds_040/sweep.json --chain benchmarks/results/mrpc_minilm/report.json \\
+        --out benchmarks/results/accuracy_mrpc
+
+"LTP" is the ltp_hard stage (binary masks, what deploys); manual_prune and topk_prune are the
+baselines. Every number is dev (the test set) with the validation value that made the choices
+beside it; FLOPs and BOPs are measured on dev in the paper's convention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METHODS = {"ltp_hard": "LTP", "manual_prune": "manual", "topk_prune": "top-k"}
+MATCH = 0.01  # methods compare at matched FLOPs: within ±0.01 of the level
+GOAL_DROP, GOAL_FLOPS, GOAL_BOPS, GOAL_INT8_DROP = 1.0, 0.40, 12.0, 2.0  # accuracy issue's goals (points, rel. FLOPs, x)
+
+
+def _level(overrides: list[str]) -> float | None:
+    for o in overrides:
+        if o.startswith("stages.hard.target_flops="):
+            return float(o.split("=", 1)[1])
+    return None
+
+
+def sweep_table(sweep: dict, default_level: float | None = None) -> dict[float, dict[str, dict]]:
+    """{level: {method: summary row}} from a sweep.json (the level is the hard stage's target)."""
+    out: dict[float, dict[str, dict]] = {}
+    for r in sweep["summary"]:
+        if r["stage"] in METHODS:
+            level = _level(r["overrides"]) or default_level
+            out.setdefault(level, {})[METHODS[r["stage"]]] = r
+    return out
+
+
+def chain_rows(report: dict) -> list[dict]:
+    rows = []
+    for s in report["stages"]:
+        m, c = s.get("metrics") or {}, s.get("cost")
+        if not c or "validation" not in m:
+            continue
+        paper = c["by_convention"]["paper"]
+        prec = c.get("precision") or {}
+        rows.append({"id": s["id"], "stage": s["stage"], "dev": 100 * m["dev"]["main"], "validation": 100 * m["validation"]["main"],
+                     "relative_flops_paper": paper["relative_flops"],
+                     "bops_reduction_vs_fp16": 1.0 / paper["relative_bops_vs_fp16_dense"],
+                     "attention_bits": (prec.get("attn_scores") or [32])[0], "linear_bits": (prec.get("ffn") or [32])[0]})
+    return rows
+
+
+def _fmt(r: dict | None, key: str, scale: float = 100, d: int = 2) -> str:
+    if r is None:
+        return "-"
+    v = r[key]
+    return f"{scale * v['mean']:.{d}f} ± {scale * v['sd']:.{d}f}" if v["sd"] else f"{scale * v['mean']:.{d}f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True)
+    p.add_argument("--levels", type=Path, required=True, help="sweep.json over FLOPs levels (one seed)")
+    p.add_argument("--seeds", type=Path, default=None, help="sweep.json over seeds at one level")
+    p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
+    p.add_argument("--out", type=Path, required=True, help="output path without extension")
+    args = p.parse_args(argv)
+
+    levels_sweep = json.loads(args.levels.read_text())
+    levels = sweep_table(levels_sweep)
+    seeds_sweep = json.loads(args.seeds.read_text()) if args.seeds else None
+    seeded = sweep_table(seeds_sweep, default_level=GOAL_FLOPS) if seeds_sweep else {}
+    chain = chain_rows(json.loads(args.chain.read_text()))
+    teacher = next(r for r in chain if r["stage"] == "finetune")
+    failures = levels_sweep.get("failures", [])
+
+    # matched-FLOPs comparison, one row per level (and the seeds row)
+    comparison = []
+    for label, table, seeds in [(f"{lv:.2f}", {lv: levels[lv]}, levels_sweep["seeds"]) for lv in sorted(levels)] + \
+                                [(f"{lv:.2f} (seeds {','.join(map(str, seeds_sweep['seeds']))})", {lv: seeded[lv]}, seeds_sweep["seeds"])
+                                 for lv in sorted(seeded)]:
+        (lv, methods), = table.items()
+        row = {"level": lv, "label": label, "seeds": seeds, "methods": {}}
+        for name in METHODS.values():
+            r = methods.get(name)
+            if r is None:
+                row["methods"][name] = None
+                continue
+            flops = r["relative_flops_paper"]["mean"]
+            row["methods"][name] = {"dev": r["dev_main"], "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"],
+                                    "matched": abs(flops - lv) <= MATCH}
+        ltp = row["methods"]["LTP"]
+        others = [m for n, m in row["methods"].items() if n != "LTP" and m is not None]
+        if ltp is not None and others:
+            row["ltp_minus_best_baseline_dev"] = 100 * (ltp["dev"]["mean"] - max(m["dev"]["mean"] for m in others))
+            row["ltp_minus_best_baseline_validation"] = 100 * (ltp["validation"]["mean"] - max(m["validation"]["mean"] for m in others))
+        comparison.append(row)
+
+    # goals
+    hard = [r for r in chain if r["stage"] in ("ltp_hard", "distill") and r["relative_flops_paper"] <= GOAL_FLOPS + MATCH]
+    best_pruned = max(hard, key=lambda r: r["validation"]) if hard else None  # chosen on validation
+    int8 = [r for r in chain if r["stage"] == "quantize"]
+    within = [r for r in int8 if teacher["dev"] - r["dev"] <= GOAL_INT8_DROP]
+    goals = {
+        "ltp_within_1_point_at_0.40": None if best_pruned is None else {
+            "model": best_pruned["id"], "dev_drop": teacher["dev"] - best_pruned["dev"],
+            "relative_flops_paper": best_pruned["relative_flops_paper"], "met": teacher["dev"] - best_pruned["dev"] <= GOAL_DROP},
+        "ltp_ahead_of_baselines_at_every_level": {
+            "levels": {r["label"]: r.get("ltp_minus_best_baseline_dev") for r in comparison},
+            "met": all((r.get("ltp_minus_best_baseline_dev") or 0) >= 0 for r in comparison)},
+        "int8_12x_bops_within_2_points": {
+            "best": None if not within else max(within, key=lambda r: r["bops_reduction_vs_fp16"])["id"],
+            "bops_reduction_vs_fp16": None if not within else max(r["bops_reduction_vs_fp16"] for r in within),
+            "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
+    }
+    result = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
+              "inputs": {"levels": str(args.levels), "seeds": str(args.seeds) if args.seeds else None, "chain": str(args.chain)},
+              "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
+
+    # markdown
+    L = [f"# {args.task.upper()}: accuracy vs FLOPs, LTP vs manual vs top-k, and the INT8 models", "",
+         f"command: `{result['command']}`", "",
+         "Dev is the test set (nothing was chosen on it); validation (carved from train) made every choice and is given in "
+         "brackets. FLOPs / BOPs on dev, paper convention. LTP = the `ltp_hard` model.", "",
+         f"Teacher: dev {teacher['dev']:.2f} (validation {teacher['validation']:.2f}).", "",
+         "## Matched FLOPs (each method lands the level on validation inputs, same post-pruning budget)", "",
+         "| level | LTP dev (val) | manual dev (val) | top-k dev (val) | rel. FLOPs LTP / manual / top-k | LTP − best baseline, dev (val) |",
+         "|---|---|---|---|---|---|"]
+    for r in comparison:
+        cells = []
+        for name in METHODS.values():
+            m = r["methods"][name]
+            cells.append("cannot reach" if m is None else f"{_fmt(m, 'dev')} ({_fmt(m, 'validation')})")
+        fl = " / ".join("-" if r["methods"][n] is None else _fmt(r["methods"][n], "relative_flops_paper", 1, 3)
+                        + ("" if r["methods"][n]["matched"] else " (unmatched)") for n in METHODS.values())
+        diff = "-" if "ltp_minus_best_baseline_dev" not in r else \
+            f"{r['ltp_minus_best_baseline_dev']:+.2f} ({r['ltp_minus_best_baseline_validation']:+.2f})"
+        L.append(f"| {r['label']} | " + " | ".join(cells) + f" | {fl} | {diff} |")
+    for f in failures:
+        L += ["", f"Point {f['point']} ({' '.join(f['overrides'])}) stopped: {f['error']}"]
+    L += ["", "## The chain (one seed): LTP, KD, INT8", "",
+          "| model | dev (val) | dev − teacher dev | rel. FLOPs | linear / attention bits | BOPs vs FP16 dense |", "|---|---|---|---|---|---|"]
+    for r in chain:
+        red = r["bops_reduction_vs_fp16"]
+        bops = f"{red:.1f}x fewer" if red >= 1 else f"{1 / red:.1f}x more"
+        L.append(f"| {r['id']} ({r['stage']}) | {r['dev']:.2f} ({r['validation']:.2f}) | {r['dev'] - teacher['dev']:+.2f} | "
+                 f"{r['relative_flops_paper']:.3f} | {r['linear_bits']} / {r['attention_bits']} | {bops} |")
+    g = goals
+    L += ["", "## Goals", ""]
+    a = g["ltp_within_1_point_at_0.40"]
+    if a:
+        L.append(f"- LTP ≤ {GOAL_DROP} point below the teacher at ≤ {GOAL_FLOPS} FLOPs: **{'met' if a['met'] else 'missed'}** "
+                 f"({a['model']}, chosen on validation: {a['dev_drop']:+.2f} points at {a['relative_flops_paper']:.3f})")
+    b = g["ltp_ahead_of_baselines_at_every_level"]
+    L.append("- LTP ≥ manual and top-k at every level (dev): **" + ("met" if b["met"] else "missed") + "** (" +
+             ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in b["levels"].items()) + ")")
+    c = g["int8_12x_bops_within_2_points"]
+    best = "none" if c["best"] is None else f"{c['best']} {c['bops_reduction_vs_fp16']:.1f}x"
+    L.append(f"- LTP + KD + INT8 ≥ {GOAL_BOPS:.0f}x fewer BOPs than FP16 dense at ≤ {GOAL_INT8_DROP} points drop: "
+             f"**{'met' if c['met'] else 'missed'}** (best within the drop: {best})")
+    L += ["", f"![accuracy vs FLOPs]({args.out.name}.png)", ""]
+
+    # plot
+    from ltp_compress.fileio import atomic_write_json, atomic_write_text
+    from ltp_compress.pipeline.plots import STYLE, _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for stage, name in METHODS.items():
+        pts = sorted((r["methods"][name]["relative_flops_paper"]["mean"], 100 * r["methods"][name]["dev"]["mean"],
+                      100 * r["methods"][name]["dev"]["sd"]) for r in comparison if r["methods"][name] is not None)
+        if pts:
+            label, fmt = STYLE.get(stage, (name, "x-"))
+            ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], fmt=fmt, label=label, capsize=2)
+    for r in chain:
+        if r["stage"] == "quantize":
+            ax.plot(r["relative_flops_paper"], r["dev"], "k*", ms=9)
+            ax.annotate(f"{r['id']}: {r['bops_reduction_vs_fp16']:.1f}x BOPs", (r["relative_flops_paper"], r["dev"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    ax.axhline(teacher["dev"], color="gray", lw=1, ls=":", label="teacher")
+    ax.axhline(teacher["dev"] - GOAL_DROP, color="red", lw=0.8, ls=":", label="teacher - 1 point")
+    ax.set_xlabel("relative FLOPs on dev (paper convention)")
+    ax.set_ylabel(f"{args.task} dev main metric (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, args.out.with_suffix(".png"))
+    plt.close(fig)
+    atomic_write_json(args.out.with_suffix(".json"), result)
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(L))
+    print("\n".join(L))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
