@@ -63,13 +63,14 @@ def quantize_probs_grid(p: Tensor) -> Tensor:
     return torch.round(p.float() / (1.0 / PROB_QMAX)).clamp_(0, PROB_QMAX)
 
 
-def int8_attention_scores(q: Tensor, k: Tensor, q_scale: float, k_scale: float) -> Tensor:
-    """[b, H, s, dh] x [b, H, t, dh] -> [b, H, s, t] float32 = (q_q · k_qᵀ) · q_scale · k_scale."""
+def int8_attention_scores(q: Tensor, k: Tensor, q_scale: float, k_scale: float, out_scale: float = 1.0) -> Tensor:
+    """[b, H, s, dh] x [b, H, t, dh] -> [b, H, s, t] float32 = (q_q · k_qᵀ) · (q_scale · k_scale · out_scale)
+    (`out_scale`: e.g. the attention's 1/√dh, applied in the same one multiplication)."""
     _check_exact(q.shape[-1], QMAX, QMAX, "Q·Kᵀ")
     _check_device(q)
     _count("attention_int8_fp32_exact")
     acc = torch.matmul(quantize_symmetric_grid(q, q_scale), quantize_symmetric_grid(k, k_scale).transpose(-1, -2))
-    return acc * (q_scale * k_scale)
+    return acc * (q_scale * k_scale * out_scale)
 
 
 def int8_attention_context(p: Tensor, v: Tensor, v_scale: float) -> Tensor:
@@ -125,9 +126,9 @@ class Int8AttentionMatmuls(nn.Module):
         self._floats = None
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def scores(self, q: Tensor, k: Tensor) -> Tensor:  # [b, H, s, dh] x [b, H, t, dh] -> [b, H, s, t]
+    def scores(self, q: Tensor, k: Tensor, out_scale: float = 1.0) -> Tensor:  # [b, H, s, dh] x [b, H, t, dh] -> [b, H, s, t]
         qs, ks, _ = self._scales()
-        return int8_attention_scores(q, k, qs, ks)
+        return int8_attention_scores(q, k, qs, ks, out_scale)
 
     def context(self, p: Tensor, v: Tensor) -> Tensor:  # [b, H, s, t] x [b, H, t, dh] -> [b, H, s, dh]
         return int8_attention_context(p, v, self._scales()[2])

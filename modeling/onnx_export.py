@@ -285,19 +285,19 @@ class _Builder:
         return g.op("QuantizeLinear", [g.op("Max", [qkv, mins]), xs, zp], axis=axis, name=f"{key}.quantize_qkv")
 
     def attention_scores(self, q: str, kt: str, p: str, scales) -> str:
-        """[.., S, dh] x [.., dh, S] -> scaled Q·Kᵀ [.., S, S]: float MatMul, or for INT8 attention an
-        int8 x int8 MatMulInteger (exact int32) times q_scale·k_scale."""
+        """[.., S, dh] x [.., dh, S] -> scaled Q·Kᵀ [.., S, S]: float MatMul times 1/√dh, or for INT8
+        attention an int8 x int8 MatMulInteger (exact int32) times q_scale·k_scale/√dh (one factor, as
+        the torch runtime multiplies). (Folding 1/√dh into the query projection instead was measured:
+        no faster, and it moves scores by an ulp: benchmarks/results/design_observations.md.)"""
         g = self.g
         dh = self.d // self.heads
         if scales is None:
-            acc = g.op("MatMul", [q, kt])
-        else:
-            key = f"{p}.attention.self.int8_matmuls"
-            node = f"{key}.scores_matmul_integer"
-            acc = g.op("Mul", [g.op("Cast", [g.op("MatMulInteger", [q, kt], name=node)], to=1),
-                               g.shared(f"{key}.qk_scale", lambda: np.asarray(scales[0] * scales[1], np.float32))])
-            self._record_attention(node)
-        return g.op("Mul", [acc, g.const(dh ** -0.5, np.float32)])
+            return g.op("Mul", [g.op("MatMul", [q, kt]), g.const(dh ** -0.5, np.float32)])
+        key = f"{p}.attention.self.int8_matmuls"
+        node = f"{key}.scores_matmul_integer"
+        self._record_attention(node)
+        return g.op("Mul", [g.op("Cast", [g.op("MatMulInteger", [q, kt], name=node)], to=1),
+                            g.shared(f"{key}.qk_scale", lambda: np.asarray(scales[0] * scales[1] * dh ** -0.5, np.float32))])
 
     def attention_context(self, probs: str, v: str, p: str, scales) -> str:
         """P·V [.., S, S] x [.., S, dh]: float MatMul, or for INT8 attention the probabilities as
@@ -466,14 +466,17 @@ class _Builder:
         kt = g.op("Transpose", [g.op("Gather", [grid, g.const(1, np.int64)], axis=2)], perm=[0, 2, 3, 1])  # [b, H, dh, S]
         v = g.op("Transpose", [g.op("Gather", [grid, g.const(2, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
         att = self.attention_scores(q, kt, p, scales)  # [b, H, S, S]
-        att = g.op("Where", [g.unsqueeze(lay.valid, [1, 2]), att, g.const(self.neg, np.float32)])  # padded keys out
+        key_bias = g.op("Where", [lay.valid, g.const(0.0, np.float32), g.const(self.neg, np.float32)])  # [b, S]
+        att = g.op("Add", [att, g.unsqueeze(key_bias, [1, 2])])  # [b, H, S, S] padded keys out (a broadcast Add: cheaper than Where)
         probs = g.op("Softmax", [att], axis=-1)  # [b, H, S, S]
         ctx = g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3])  # [b, S, H, dh]
         ctx = g.reshape(ctx, [-1, d])  # [b*S, d]
         mode = self.pruning.get("mode", "none")
         if mode != "none" and l < self.num_layers - 1:
             validf = g.op("Cast", [lay.valid], to=1)  # [b, S]
-            score = g.reduce_sum(g.op("Mul", [probs, g.unsqueeze(validf, [1, 3])]), [1, 2])  # [b, S]: padded queries score nothing
+            # Σ_j over present query rows as a [1, S] x [S, S] product per (example, head): one read of probs
+            colsum = g.op("MatMul", [g.unsqueeze(validf, [1, 2]), probs], name=f"prune.{l}.column_sum")  # [b, H, 1, S]: padded queries score nothing
+            score = g.reduce_sum(colsum, [1, 2])  # [b, S]
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")  # 1/H sum_h sum_j A_h(j, i)
             pos0 = g.unsqueeze(g.op("Equal", [lay.pos, g.const(0, np.int64)]), [0])  # [1, S]
             if mode == "threshold":

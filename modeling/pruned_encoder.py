@@ -165,7 +165,9 @@ def _attention_scores(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tor
     the quantiser attached INT8 attention matmuls (`attention.self.int8_matmuls`)."""
     sa = layer.attention.self
     int8 = getattr(sa, "int8_matmuls", None)
-    return (torch.matmul(q, k.transpose(-1, -2)) if int8 is None else int8.scores(q, k)) * sa.scaling
+    if int8 is None:
+        return torch.matmul(q, k.transpose(-1, -2)) * sa.scaling
+    return int8.scores(q, k, sa.scaling)  # one multiplication by q_scale·k_scale·scaling, as the ONNX graph
 
 
 def _attention_context(layer: nn.Module, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
