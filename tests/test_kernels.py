@@ -382,3 +382,29 @@ def test_int8_attention_refuses_sums_beyond_exact_float32_and_reduced_precision(
             int8_attention_scores(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), 0.1, 0.1)
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int8_attention_matmuls_are_exact_and_refuse_tf32():
+    """On CUDA the float32 matmul of the integer grids must equal the exact reference too (no TF32)."""
+    from ltp_compress.kernels import attention_matmuls_reference, int8_attention_context, int8_attention_scores
+    from ltp_compress.kernels.attention_int8 import quantize_probs_grid, quantize_symmetric_grid
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 12, 128, 64, generator=g).cuda() * 3 for _ in range(3))
+    p = torch.softmax(torch.randn(4, 12, 128, 128, generator=g).cuda() * 4, dim=-1)
+    qs, ks, vs = (float(x.abs().max()) / 127 for x in (q, k, v))
+    acc_s, acc_c, ref_s, ref_c = attention_matmuls_reference(q, k, p, v, qs, ks, vs)
+    fast_s = torch.matmul(quantize_symmetric_grid(q, qs), quantize_symmetric_grid(k, ks).transpose(-1, -2))
+    fast_c = torch.matmul(quantize_probs_grid(p), quantize_symmetric_grid(v, vs))
+    assert torch.equal(fast_s.long(), acc_s) and torch.equal(fast_c.long(), acc_c)
+    torch.testing.assert_close(int8_attention_scores(q, k, qs, ks), ref_s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(int8_attention_context(p, v, vs), ref_c, rtol=1e-6, atol=1e-9)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="TF32|highest|reduced"):
+            int8_attention_scores(q, k, qs, ks)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
