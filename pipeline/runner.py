@@ -44,10 +44,37 @@ def preflight(recipe: Recipe, recipe_path: Path) -> tuple[Recipe, list[str]]:
     recipe = recipe.model_copy(update={"data": data})
     problems += [f"data: {p}" for p in check_data_files(data, task)]
     try:
-        resolve_model_source(recipe.model, recipe_path.parent)
+        source = resolve_model_source(recipe.model, recipe_path.parent)
     except ModelSourceError as e:
         problems.append(f"model: {e}")
+    else:
+        problems += _validation_overlap_problems(recipe, source)
     return recipe, problems
+
+
+def _validation_overlap_problems(recipe: Recipe, model_source: str) -> list[str]:
+    """A recipe starting from a stage model of another run (`<run>/stages/NN-id/model`) on the same
+    data must carve the same validation split: otherwise its validation rows include rows that model
+    trained on, and every choice made on them is biased (a seed sweep from a fixed teacher does this
+    unless data.split_seed pins the teacher run's seed)."""
+    run_dir = Path(model_source).parent.parent.parent
+    old = RunDir(run_dir)
+    if Path(model_source).name != "model" or Path(model_source).parent.parent.name != "stages" or not old.is_run():
+        return []
+    other = old.recipe()
+    od = other.get("data") or {}
+    if other.get("task") != recipe.task or Path(str(od.get("path"))).resolve() != Path(str(recipe.data.path)).resolve():
+        return []
+    their_seed = od.get("split_seed") if od.get("split_seed") is not None else other.get("seed")
+    ours = recipe.data.row_seed(recipe.seed)
+    same = (their_seed == ours and od.get("validation_fraction", 0.1) == recipe.data.validation_fraction
+            and od.get("max_validation_examples", 1000) == recipe.data.max_validation_examples)
+    if same:
+        return []
+    return [f"data: the model {model_source} was trained by run {run_dir} on the same data with validation carved by seed "
+            f"{their_seed} (fraction {od.get('validation_fraction', 0.1)}, at most {od.get('max_validation_examples', 1000)} rows); "
+            f"this run would carve it by seed {ours}, so its validation split would hold rows that model trained on: "
+            f"set data.split_seed: {their_seed} (and the same validation_fraction / max_validation_examples)"]
 
 
 def data_problems(recipe: Recipe, data: TaskData, base_model: str, skip: set[str] = frozenset()) -> list[str]:
@@ -135,7 +162,11 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     old_head = {k: v for k, v in old.items() if k != "stages"}
     finished = {r.dir.name: r for r in run.finished()}
     head_defaults = {name: f.get_default(call_default_factory=True) for name, f in type(recipe).model_fields.items()}
-    changed = [k for k in head if (head[k] != old_head[k] if k in old_head else head[k] != head_defaults.get(k))]
+    data_defaults = {name: f.get_default(call_default_factory=True) for name, f in type(recipe.data).model_fields.items()}
+    changed = [k for k in head if k != "data" and (head[k] != old_head[k] if k in old_head else head[k] != head_defaults.get(k))]
+    old_data, new_data = old_head.get("data") or {}, head["data"]  # a data setting added later, at its default: unchanged
+    if set(old_data) - set(new_data) or any(old_data[k] != v if k in old_data else v != data_defaults.get(k) for k, v in new_data.items()):
+        changed.insert(0, "data")
     for i, (st, st_obj) in enumerate(zip(new["stages"], recipe.stages)):
         rec = finished.get(run.stage_dir(i, st["id"]).name)
         if rec is not None and not _same_stage_config(rec.meta["config"], st, st_obj):
@@ -162,18 +193,20 @@ def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger, *, prog
     from ltp_compress.tasks.splits import load_train_and_validation
     from ltp_compress.tasks.token_cache import load_splits_cached
 
+    seed = recipe.data.row_seed(recipe.seed)
+
     def loader():  # called only when the cache has no entry for these files, tokenizer and settings
-        train_split, val_split, carve = load_train_and_validation(recipe.data, task, seed=recipe.seed)
+        train_split, val_split, carve = load_train_and_validation(recipe.data, task, seed=seed)
         raw = {"train": train_split, VALIDATION: val_split}
         for key in task.dev_keys:
-            raw[key] = load_split(recipe.data, task, key, seed=recipe.seed)
+            raw[key] = load_split(recipe.data, task, key, seed=seed)
         return raw, {"validation_carving": carve}
 
     max_len = recipe.data.max_seq_length
     cache_dir = None
     if recipe.data.cache:
         cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else Path(recipe.output_dir) / ".token_cache"
-    tokenized, info = load_splits_cached(recipe.data, task, tokenizer, seed=recipe.seed, cache_dir=cache_dir, loader=loader,
+    tokenized, info = load_splits_cached(recipe.data, task, tokenizer, seed=seed, cache_dir=cache_dir, loader=loader,
                                          label=task.name, progress=progress, log=log)
     carve = info.extra["validation_carving"]
     summary = {"validation_carving": carve, "max_seq_length": max_len, "splits": {},

@@ -92,10 +92,17 @@ class DataConfig(BaseModel):
                                        "validation split (leak-free, see tasks/splits.py); it makes every choice, dev is only evaluated")
     max_validation_examples: int | None = Field(1000, ge=1, description="cap on the validation split (on SST-2 every validation "
                                                 "sentence also removes its ~9 phrases from train)")
+    split_seed: int | None = Field(None, description="seed of the validation carving and of the row subsets (default: the "
+                                   "recipe's seed). Pin it to the seed of the run that trained the recipe's model, so that a "
+                                   "seed sweep starting from that model never validates on rows it trained on")
     on_bad_row: Literal["error", "skip"] = "error"
     cache: bool = Field(True, description="cache the tokenised splits (memory-mapped arrays, reused by reruns and sweeps; "
                                           "keyed by the data files' content, the tokenizer and these settings)")
     cache_dir: str | None = Field(None, description="token cache folder (default: <output_dir>/.token_cache)")
+
+    def row_seed(self, recipe_seed: int) -> int:
+        """The seed that carves validation and draws row subsets: split_seed, else the recipe's."""
+        return recipe_seed if self.split_seed is None else self.split_seed
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -156,3 +156,47 @@ stages:
     assert not _same_stage_config(old, new_q8, q8)  # the recipe moved it off its default
     assert not _same_stage_config({**old, "observer": "percentile"}, new_q, q)
     assert not _same_stage_config({**new_q, "removed_key": 1}, new_q, q)
+
+
+def test_a_recipe_starting_from_another_runs_model_must_carve_that_runs_validation(tmp_path, tiny_bert):
+    """Starting from `<run>/stages/NN-id/model` on the same data with another split seed would validate
+    on rows that model trained on: preflight names data.split_seed; pinning it passes. A data setting
+    added later (split_seed), at its default, leaves a finished run resumable."""
+    import json
+    import shutil
+
+    from conftest import DEMO_DATA
+
+    from ltp_compress.pipeline.recipe import load_recipe
+    from ltp_compress.pipeline.run_dir import RunDir
+    from ltp_compress.pipeline.runner import _check_resume, preflight
+
+    teacher_run = tmp_path / "runs" / "chain"
+    shutil.copytree(tiny_bert, teacher_run / "stages" / "00-teacher" / "model")
+    old_data = {"source": "glue_dir", "path": str(DEMO_DATA), "validation_fraction": 0.1, "max_validation_examples": 1000}
+    (teacher_run / "recipe.json").write_text(json.dumps({"name": "chain", "task": "sst2", "seed": 42, "data": old_data}))
+    recipe_path = tmp_path / "sweep.yaml"
+    recipe_path.write_text(f"""\
+name: sweep
+model: {teacher_run / 'stages' / '00-teacher' / 'model'}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}}}
+seed: 42
+stages:
+  - {{id: base, stage: evaluate}}
+""")
+    assert preflight(load_recipe(recipe_path), recipe_path)[1] == []  # same seed: same split
+    problems = preflight(load_recipe(recipe_path, ["seed=1"]), recipe_path)[1]
+    assert len(problems) == 1 and "set data.split_seed: 42" in problems[0]
+    assert preflight(load_recipe(recipe_path, ["seed=1", "data.split_seed=42"]), recipe_path)[1] == []
+    # resume: the finished run's stored data lacks split_seed (an older version); at its default it is unchanged
+    recipe, _ = preflight(load_recipe(recipe_path), recipe_path)
+    run = RunDir(tmp_path / "runs" / "sweep")
+    (run.path / "stages").mkdir(parents=True)
+    stored = json.loads(recipe.model_dump_json(by_alias=True))
+    del stored["data"]["split_seed"]
+    (run.path / "recipe.json").write_text(json.dumps(stored))
+    assert _check_resume(run, recipe, overwrite=False) is None
+    recipe42, _ = preflight(load_recipe(recipe_path, ["data.split_seed=7"]), recipe_path)
+    with pytest.raises(Exception, match="changed: data"):
+        _check_resume(run, recipe42, overwrite=False)
