@@ -1,6 +1,6 @@
 """One task's accuracy-vs-FLOPs results in one place (not a test): the matched-FLOPs comparison of
 LTP, manual thresholds and top-k from `ltp-compress sweep` (levels, and mean ± sd over seeds at one
-level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
+level: the seeds sweep's runs pooled with the levels sweep's run at that level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
 against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png.
 
     python benchmarks/accuracy_summary.py --task mrpc --levels benchmarks/results/mrpc_sweep/sweep.json \\
@@ -75,7 +75,16 @@ def main(argv=None) -> int:
     levels_sweep = json.loads(args.levels.read_text())
     levels = sweep_table(levels_sweep)
     seeds_sweep = json.loads(args.seeds.read_text()) if args.seeds else None
-    seeded = sweep_table(seeds_sweep, default_level=GOAL_FLOPS) if seeds_sweep else {}
+    seeded = {}
+    if seeds_sweep:  # pooled with the levels sweep's run at the same level (its seed), then mean ± sd
+        from ltp_compress.pipeline.sweep import aggregate_over_seeds
+
+        level = next((lv for lv in map(_level, (r["overrides"] for r in seeds_sweep["rows"])) if lv is not None), GOAL_FLOPS)
+        pooled = [{**r, "point": 0} for r in seeds_sweep["rows"]]
+        pooled += [{**r, "point": 0} for r in levels_sweep["rows"] if _level(r["overrides"]) == level
+                   and r["seed"] not in seeds_sweep["seeds"]]
+        seeds_sweep = {**seeds_sweep, "seeds": sorted({r["seed"] for r in pooled})}
+        seeded = sweep_table({"summary": aggregate_over_seeds(pooled)}, default_level=level)
     chain = chain_rows(json.loads(args.chain.read_text()))
     teacher = next(r for r in chain if r["stage"] == "finetune")
     failures = levels_sweep.get("failures", [])
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
             f"{r['ltp_minus_best_baseline_dev']:+.2f} ({r['ltp_minus_best_baseline_validation']:+.2f})"
         L.append(f"| {r['label']} | " + " | ".join(cells) + f" | {fl} | {diff} |")
     for f in failures:
-        L += ["", f"Point {f['point']} ({' '.join(f['overrides'])}) stopped: {f['error']}"]
+        L += ["", f"Point {f['point']} ({' '.join(f['overrides'])}) stopped: {' '.join(f['error'].split())}"]
     L += ["", "## The chain (one seed): LTP, KD, INT8", "",
           "| model | dev (val) | dev − teacher dev | rel. FLOPs | linear / attention bits | BOPs vs FP16 dense |", "|---|---|---|---|---|---|"]
     for r in chain:

@@ -155,7 +155,7 @@ def render_sweep(result: dict) -> str:
     if result.get("failures"):
         lines += ["", "Runs that stopped on a user error (the stages they finished are in the tables above):", "",
                   "| point | seed | settings | error |", "|---|---|---|---|"]
-        lines += [f"| {f['point']} | {f['seed']} | `{' '.join(f['overrides'])}` | {f['error'].replace('|', '/')} |" for f in result["failures"]]
+        lines += [f"| {f['point']} | {f['seed']} | `{' '.join(f['overrides'])}` | {' '.join(f['error'].replace('|', '/').split())} |" for f in result["failures"]]
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
 
