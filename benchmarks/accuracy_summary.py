@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     a = g["ltp_within_1_point_at_0.40"]
     if a:
         L.append(f"- LTP ≤ {GOAL_DROP} point below the teacher at ≤ {GOAL_FLOPS} FLOPs: **{'met' if a['met'] else 'missed'}** "
-                 f"({a['model']}, chosen on validation: {a['dev_drop']:+.2f} points at {a['relative_flops_paper']:.3f})")
+                 f"({a['model']}, chosen on validation: dev − teacher {-a['dev_drop']:+.2f} points at {a['relative_flops_paper']:.3f})")
     b = g["ltp_ahead_of_baselines_at_every_level"]
     L.append("- LTP ≥ manual and top-k at every level (dev): **" + ("met" if b["met"] else "missed") + "** (" +
              ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in b["levels"].items()) + ")")
@@ -187,11 +187,11 @@ def main(argv=None) -> int:
         if pts:
             label, fmt = STYLE.get(stage, (name, "x-"))
             ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[q[2] for q in pts], fmt=fmt, label=label, capsize=2)
+    markers = iter("*PXDv^<>hp")
     for r in chain:
         if r["stage"] == "quantize":
-            ax.plot(r["relative_flops_paper"], r["dev"], "k*", ms=9)
-            ax.annotate(f"{r['id']}: {r['bops_reduction_vs_fp16']:.1f}x BOPs", (r["relative_flops_paper"], r["dev"]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
+            ax.plot(r["relative_flops_paper"], r["dev"], next(markers, "*"), color="black", ms=8, ls="none",
+                    label=f"chain {r['id']}: {r['bops_reduction_vs_fp16']:.1f}x fewer BOPs")
     ax.axhline(teacher["dev"], color="gray", lw=1, ls=":", label="teacher")
     ax.axhline(teacher["dev"] - GOAL_DROP, color="red", lw=0.8, ls=":", label="teacher - 1 point")
     ax.set_xlabel("relative FLOPs on dev (paper convention)")
