@@ -141,14 +141,25 @@ def environment_info() -> dict:
     }
 
 
-def _same_stage_config(old: dict, new: dict, stage) -> bool:
-    """A finished stage's stored config equals the recipe's, where a key the stored config lacks
-    counts as equal when the recipe leaves it at its default (a setting added by a later version,
-    e.g. quantize's attention_matmuls, does not change work finished before it existed)."""
-    if set(old) - set(new):
-        return False
-    defaults = {f.alias or name: f.get_default(call_default_factory=True) for name, f in type(stage).model_fields.items()}
-    return all(old[k] == v if k in old else (k in defaults and v == defaults[k]) for k, v in new.items())
+def _changed_keys(old: dict, new: dict, model) -> list[str]:
+    """Keys of `new` (the JSON dump of the pydantic `model`) that differ from the stored `old`. A key
+    `old` lacks is unchanged while `new` leaves it at its default (a setting added by a later version,
+    e.g. quantize's attention_matmuls or data.split_seed, does not change work finished before it
+    existed); a key only `old` has is changed; a nested model (the recipe's data) is compared the same way."""
+    fields = {f.alias or name: (name, f) for name, f in type(model).model_fields.items()}
+    changed = sorted(set(old) - set(new))
+    for k, v in new.items():
+        name, f = fields.get(k, (None, None))
+        sub = getattr(model, name) if name else None
+        if k in old and hasattr(sub, "model_fields") and isinstance(old[k], dict) and isinstance(v, dict):
+            same = not _changed_keys(old[k], v, sub)
+        elif k in old:
+            same = old[k] == v
+        else:
+            same = f is not None and v == f.get_default(call_default_factory=True)
+        if not same:
+            changed.append(k)
+    return changed
 
 
 def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
@@ -161,15 +172,10 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     head = {k: v for k, v in new.items() if k != "stages"}
     old_head = {k: v for k, v in old.items() if k != "stages"}
     finished = {r.dir.name: r for r in run.finished()}
-    head_defaults = {name: f.get_default(call_default_factory=True) for name, f in type(recipe).model_fields.items()}
-    data_defaults = {name: f.get_default(call_default_factory=True) for name, f in type(recipe.data).model_fields.items()}
-    changed = [k for k in head if k != "data" and (head[k] != old_head[k] if k in old_head else head[k] != head_defaults.get(k))]
-    old_data, new_data = old_head.get("data") or {}, head["data"]  # a data setting added later, at its default: unchanged
-    if set(old_data) - set(new_data) or any(old_data[k] != v if k in old_data else v != data_defaults.get(k) for k, v in new_data.items()):
-        changed.insert(0, "data")
+    changed = _changed_keys(old_head, head, recipe)
     for i, (st, st_obj) in enumerate(zip(new["stages"], recipe.stages)):
         rec = finished.get(run.stage_dir(i, st["id"]).name)
-        if rec is not None and not _same_stage_config(rec.meta["config"], st, st_obj):
+        if rec is not None and _changed_keys(rec.meta["config"], st, st_obj):
             changed.append(f"stages[{i}] ({st['id']})")
     expected = {run.stage_dir(i, st["id"]).name for i, st in enumerate(new["stages"])}
     changed += [f"{name} (no longer in the recipe)" for name in sorted(set(finished) - expected)]

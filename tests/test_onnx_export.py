@@ -52,6 +52,19 @@ def _mixed_batch(k: int = 7) -> list[str]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _calibration_batches(tok) -> list:
+    """Two batches of 16 dev sentences with the attributes calibrate reads."""
+    from types import SimpleNamespace
+
+    texts = _dev_texts(32)
+    batches = []
+    for i in range(0, 32, 16):
+        enc = tok(texts[i:i + 16], padding=True, return_tensors="pt")
+        batches.append(SimpleNamespace(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                       token_type_ids=enc.get("token_type_ids")))
+    return batches
+
+
 class _Quantised:
     """One calibrated INT8 model per architecture; checkpoints differ only in their pruning rule."""
 
@@ -62,18 +75,7 @@ class _Quantised:
 
         model = AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager").eval()
         self.tok = AutoTokenizer.from_pretrained(src)
-        texts = _dev_texts(32)
-
-        class B:  # the attributes calibrate reads
-            pass
-
-        batches = []
-        for i in range(0, 32, 16):
-            enc = self.tok(texts[i:i + 16], padding=True, return_tensors="pt")
-            b = B()
-            b.input_ids, b.attention_mask, b.token_type_ids = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
-            batches.append(b)
-        self.qmodel, self.info = convert_to_int8(model, calibrate(model, batches, PruningConfig()), "auto")
+        self.qmodel, self.info = convert_to_int8(model, calibrate(model, _calibration_batches(self.tok), PruningConfig()), "auto")
 
     def checkpoint(self, pruning: PruningConfig, dst: Path) -> Path:
         return save_deployable(self.qmodel, self.tok, pruning, self.info, dst)
@@ -446,16 +448,7 @@ def test_int8_attention_exports_as_integer_matmuls_and_matches_torch(tiny_bert, 
     src = tiny_bert if kind == "bert" else tiny_roberta
     model = AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(src)
-
-    class B:
-        pass
-
-    batches = []
-    for i in range(0, 32, 16):
-        enc = tok(_dev_texts(32)[i:i + 16], padding=True, return_tensors="pt")
-        b = B()
-        b.input_ids, b.attention_mask, b.token_type_ids = enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids")
-        batches.append(b)
+    batches = _calibration_batches(tok)
     qmodel, info = convert_to_int8(model, calibrate(model, batches, PruningConfig()), "auto")
     att = calibrate_attention(model, batches, PruningConfig())
     attach_int8_attention(qmodel, att)

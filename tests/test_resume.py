@@ -138,7 +138,7 @@ def test_a_setting_added_later_at_its_default_does_not_change_a_finished_stage(t
     import json
 
     from ltp_compress.pipeline.recipe import load_recipe
-    from ltp_compress.pipeline.runner import _same_stage_config
+    from ltp_compress.pipeline.runner import _changed_keys
 
     (tmp_path / "r.yaml").write_text("""\
 name: r
@@ -152,10 +152,10 @@ stages:
     q, q8 = load_recipe(tmp_path / "r.yaml").stages
     new_q, new_q8 = (json.loads(st.model_dump_json(by_alias=True)) for st in (q, q8))
     old = {k: v for k, v in new_q.items() if k != "attention_matmuls"}  # stored before the setting existed
-    assert _same_stage_config(old, new_q, q)
-    assert not _same_stage_config(old, new_q8, q8)  # the recipe moved it off its default
-    assert not _same_stage_config({**old, "observer": "percentile"}, new_q, q)
-    assert not _same_stage_config({**new_q, "removed_key": 1}, new_q, q)
+    assert not _changed_keys(old, new_q, q)
+    assert _changed_keys(old, new_q8, q8)  # the recipe moved it off its default
+    assert _changed_keys({**old, "observer": "percentile"}, new_q, q)
+    assert _changed_keys({**new_q, "removed_key": 1}, new_q, q)
 
 
 def test_a_recipe_starting_from_another_runs_model_must_carve_that_runs_validation(tmp_path, tiny_bert):
