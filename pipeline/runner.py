@@ -151,7 +151,7 @@ def _changed_keys(old: dict, new: dict, model) -> list[str]:
     for k, v in new.items():
         name, f = fields.get(k, (None, None))
         sub = getattr(model, name) if name else None
-        if k in old and hasattr(sub, "model_fields") and isinstance(old[k], dict) and isinstance(v, dict):
+        if k in old and hasattr(type(sub), "model_fields") and isinstance(old[k], dict) and isinstance(v, dict):
             same = not _changed_keys(old[k], v, sub)
         elif k in old:
             same = old[k] == v
