@@ -24,7 +24,10 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
   tokens never enter a GEMM.
 * Per layer: Q/K/V (one GEMM when the three share their activation scale, which calibration on
   one input always gives) -> gathered into the per-layer attention grid [b*S, 3d] -> float
-  attention [b, H, S, S] with padded keys masked -> softmax -> context [b*S, d].
+  attention [b, H, S, S] with padded keys masked -> softmax -> context [b*S, d]. At opset >= 23
+  (the default) this is one standard ONNX ``Attention`` node per layer, which also returns the
+  softmax probabilities (``qk_matmul_output_mode`` 3) for the scores; ``attention_op="MatMul"``
+  (or an older opset) spells it out as head reshapes, MatMul, Mul, Add, Softmax, MatMul.
   Pruning (not in the last layer): score [b, S] = 1/H * sum_h sum_{j real} A_h(j, i) (padded
   query rows masked out), keep = score > threshold_l (initializer ``prune.threshold.<l>``) or,
   mode topk, the ceil(ratio_l * n0) best (TopK, lower index first on ties, like the torch
@@ -107,8 +110,35 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # a lower bound of exact GELU (min x·Φ(x) = -0.16997 at x = -0.7518) and of ReLU
 GELU_MIN_BOUND = 0.17
 OUTPUT_NAMES = ("logits", "kept_tokens")
-DEFAULT_OPSET = 17
-SUPPORTED_OPSETS = range(17, 22)
+DEFAULT_OPSET = 23
+SUPPORTED_OPSETS = range(17, 24)
+# how float attention is expressed: the standard ONNX `Attention` op (opset >= 23; one ORT kernel per
+# layer that also returns the softmax probabilities the token scores need, qk_matmul_output_mode 3)
+# or the MatMul / Mul / Add / Softmax / MatMul subgraph with its head reshapes (any opset). Outputs
+# are bit-identical in ORT 1.31; the fused op is faster (benchmarks/results/ort_attention_op_ab_*.md).
+# INT8 attention checkpoints always use MatMulInteger.
+ATTENTION_OPS = ("Attention", "MatMul")
+ATTENTION_OP_MIN_OPSET = 23
+
+
+def resolve_attention_op(attention_op: str | None, opset: int, *, int8_attention: bool) -> str:
+    """The attention op an export uses: the one asked for, or by default `Attention` where the opset
+    has it (>= 23) and `MatMul` below; a checkpoint with INT8 attention matmuls always gets
+    `MatMulInteger` (the fused op is float only), so asking it for `Attention` is an error."""
+    if attention_op is not None and attention_op not in ATTENTION_OPS:
+        raise ExportError(f"attention_op {attention_op!r} not supported (choose from {ATTENTION_OPS})")
+    if attention_op == "Attention" and opset < ATTENTION_OP_MIN_OPSET:
+        raise ExportError(f"attention_op 'Attention' needs opset >= {ATTENTION_OP_MIN_OPSET} (got opset {opset}); "
+                          f"use attention_op 'MatMul' for older opsets")
+    if int8_attention:
+        if attention_op == "Attention":
+            raise ExportError(f"{LTP_FILE}: the checkpoint has INT8 attention matmuls (quantization.attention_matmuls int8); "
+                              f"attention_op 'Attention' is float only (leave attention_op unset: MatMulInteger)")
+        return "MatMulInteger"
+    if attention_op is None:
+        return "Attention" if opset >= ATTENTION_OP_MIN_OPSET else "MatMul"
+    return attention_op
+
 # ORT's documented CPU latency settings; the runtime applies them, the export records them
 RECOMMENDED_SESSION_OPTIONS = {"intra_op_num_threads": "threads", "inter_op_num_threads": 1,
                                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL"}
@@ -239,8 +269,9 @@ class _Weights:
 class _Builder:
     """Emits the pruned INT8 encoder graph for one checkpoint (see the module docstring)."""
 
-    def __init__(self, g: _Graph, cfg: dict, w: _Weights, pruning: dict, fuse_qkv: bool, int8_op: str):
+    def __init__(self, g: _Graph, cfg: dict, w: _Weights, pruning: dict, fuse_qkv: bool, int8_op: str, attention_op: str):
         self.g, self.cfg, self.w, self.pruning, self.fuse_qkv, self.int8_op = g, cfg, w, pruning, fuse_qkv, int8_op
+        self.attention_op = attention_op
         self.model_type = cfg["model_type"]
         self.prefix = {"bert": "bert", "roberta": "roberta"}[self.model_type]
         self.d = int(cfg["hidden_size"])
@@ -314,6 +345,23 @@ class _Builder:
         acc = g.op("MatMulInteger", [p8, v], name=node)  # [.., S, dh] int32
         self._record_attention(node)
         return g.op("Mul", [g.op("Cast", [acc], to=1), g.shared(f"{key}.pv_scale", lambda: np.asarray(scales[2] / PROB_QMAX, np.float32))])
+
+    def fused_attention(self, q: str, k: str, v: str, mask: str | None, p: str, probs_needed: bool) -> tuple[str, str | None]:
+        """q, k, v [b, S, d] (heads side by side), mask None or additive float [b, 1, S, S] -> context
+        [b, S, d] and, if asked, the softmax probabilities [b, H, S, S] (qk_matmul_output_mode 3: after
+        the mask). One standard ONNX `Attention` node (opset 23): softmax(Q·Kᵀ · 1/√dh + mask)·V per
+        head, the same math as `attention_scores` + mask + Softmax + `attention_context`."""
+        g, H, dh = self.g, self.heads, self.d // self.heads
+        inputs = [q, k, v] + ([mask] if mask is not None else [])
+        attrs = dict(q_num_heads=H, kv_num_heads=H, scale=float(np.float32(dh ** -0.5)))
+        if not probs_needed:
+            return g.op("Attention", inputs, name=f"{p}.attention.self.attention", **attrs), None
+        g._n += 1
+        base = g.scope + f"{p}.attention.self.attention"
+        ctx, probs = f"{base}:0", f"{base}:probs"
+        g.nodes.append(g.helper.make_node("Attention", inputs, [ctx, "", "", probs], name=f"n{g._n}.{base}",
+                                          qk_matmul_output_mode=3, **attrs))
+        return ctx, probs
 
     def _record_attention(self, node: str) -> None:
         if node not in self.w.attention_gemms:  # both `If` branches name it the same
@@ -458,21 +506,30 @@ class _Builder:
         # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
         # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
         grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
-        grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3, H, dh], np.int64)], axis=0))  # [b, S, 3, H, dh]
-        scales = self.attention_scales(p)
-        if scales is not None:  # INT8 attention: Q, K, V to their int8 grids before the head shuffles
-            grid = self.quantize_qkv(grid, p, scales, axis=2, rank=5)  # [b, S, 3, H, dh] int8
-        q = g.op("Transpose", [g.op("Gather", [grid, g.const(0, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
-        kt = g.op("Transpose", [g.op("Gather", [grid, g.const(1, np.int64)], axis=2)], perm=[0, 2, 3, 1])  # [b, H, dh, S]
-        v = g.op("Transpose", [g.op("Gather", [grid, g.const(2, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
-        att = self.attention_scores(q, kt, p, scales)  # [b, H, S, S]
-        key_bias = g.op("Where", [lay.valid, g.const(0.0, np.float32), g.const(self.neg, np.float32)])  # [b, S]
-        att = g.op("Add", [att, g.unsqueeze(key_bias, [1, 2])])  # [b, H, S, S] padded keys out (a broadcast Add: cheaper than Where)
-        probs = g.op("Softmax", [att], axis=-1)  # [b, H, S, S]
-        ctx = g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3])  # [b, S, H, dh]
-        ctx = g.reshape(ctx, [-1, d])  # [b*S, d]
         mode = self.pruning.get("mode", "none")
-        if mode != "none" and l < self.num_layers - 1:
+        scores_needed = mode != "none" and l < self.num_layers - 1
+        key_bias = g.op("Where", [lay.valid, g.const(0.0, np.float32), g.const(self.neg, np.float32)])  # [b, S]
+        key_bias = g.unsqueeze(key_bias, [1, 2])  # [b, 1, 1, S] padded keys out
+        scales = self.attention_scales(p)
+        if scales is None and self.attention_op == "Attention":
+            grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3 * d], np.int64)], axis=0))  # [b, S, 3d]
+            q, k, v = g.op("Split", [grid, g.const([d, d, d], np.int64)], n_out=3, axis=-1)  # [b, S, d] each
+            # the op wants the mask's query axis spelled out: [b, 1, S, S] (one Expand of the key bias)
+            mask = g.op("Expand", [key_bias, g.op("Concat", [b, g.const([1], np.int64), lay.smax, lay.smax], axis=0)])
+            ctx, probs = self.fused_attention(q, k, v, mask, p, scores_needed)  # [b, S, d], [b, H, S, S] | None
+        else:
+            grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3, H, dh], np.int64)], axis=0))  # [b, S, 3, H, dh]
+            if scales is not None:  # INT8 attention: Q, K, V to their int8 grids before the head shuffles
+                grid = self.quantize_qkv(grid, p, scales, axis=2, rank=5)  # [b, S, 3, H, dh] int8
+            q = g.op("Transpose", [g.op("Gather", [grid, g.const(0, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
+            kt = g.op("Transpose", [g.op("Gather", [grid, g.const(1, np.int64)], axis=2)], perm=[0, 2, 3, 1])  # [b, H, dh, S]
+            v = g.op("Transpose", [g.op("Gather", [grid, g.const(2, np.int64)], axis=2)], perm=[0, 2, 1, 3])  # [b, H, S, dh]
+            att = self.attention_scores(q, kt, p, scales)  # [b, H, S, S]
+            att = g.op("Add", [att, key_bias])  # [b, H, S, S] (a broadcast Add: cheaper than Where)
+            probs = g.op("Softmax", [att], axis=-1)  # [b, H, S, S]
+            ctx = g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3])  # [b, S, H, dh]
+        ctx = g.reshape(ctx, [-1, d])  # [b*S, d]
+        if scores_needed:
             validf = g.op("Cast", [lay.valid], to=1)  # [b, S]
             # Σ_j over present query rows as a [1, S] x [S, S] product per (example, head): one read of probs
             colsum = g.op("MatMul", [g.unsqueeze(validf, [1, 2]), probs], name=f"prune.{l}.column_sum")  # [b, H, 1, S]: padded queries score nothing
@@ -515,16 +572,22 @@ class _Builder:
         dh = d // H
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
-        heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
+        scores_needed = self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1
         scales = self.attention_scales(p)
-        if scales is not None:
-            heads = self.quantize_qkv(heads, p, scales, axis=0, rank=4)  # [3, H, T, dh] int8
-        q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
-        kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
-        att = self.attention_scores(q, kt, p, scales)  # [1, H, T, T]
-        probs = g.op("Softmax", [att], axis=-1)
-        ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
-        if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
+        if scales is None and self.attention_op == "Attention":
+            q, k, v = g.op("Split", [g.reshape(qkv, [1, -1, 3 * d]), g.const([d, d, d], np.int64)], n_out=3, axis=-1)  # [1, T, d] each
+            ctx, probs = self.fused_attention(q, k, v, None, p, scores_needed)  # [1, T, d], [1, H, T, T] | None
+            ctx = g.reshape(ctx, [-1, d])  # [T, d]
+        else:
+            heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
+            if scales is not None:
+                heads = self.quantize_qkv(heads, p, scales, axis=0, rank=4)  # [3, H, T, dh] int8
+            q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
+            kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
+            att = self.attention_scores(q, kt, p, scales)  # [1, H, T, T]
+            probs = g.op("Softmax", [att], axis=-1)
+            ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
+        if scores_needed:
             score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
             keep = g.op("Greater", [score, self.threshold(l)])  # [T]
@@ -626,9 +689,11 @@ def num_labels(tensors: dict[str, np.ndarray], config: dict) -> int:
 
 
 def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *, opset: int = DEFAULT_OPSET,
-                     fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP, batch_of_one_branch: bool = True):
+                     fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP, batch_of_one_branch: bool = True,
+                     attention_op: str | None = None):
     """The onnx.ModelProto for a checkpoint's tensors, HF config and ltp.json; also returns the
-    per-GEMM records for ltp_onnx.json."""
+    per-GEMM records for ltp_onnx.json and the attention op used (`attention_op`: see ATTENTION_OPS;
+    None: the default of `resolve_attention_op`)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -652,8 +717,9 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
         raise ExportError(f"{LTP_FILE}: unknown pruning mode {mode!r}")
     if int8_op not in INT8_OPS:
         raise ExportError(f"int8_op {int8_op!r} not supported (choose from {INT8_OPS})")
+    attention_op = resolve_attention_op(attention_op, opset, int8_attention=q.get("attention_matmuls", "fp32") == "int8")
     g = _Graph(opset)
-    _Builder(g, config, w, pruning, fuse_qkv, int8_op).build(batch_of_one_branch)
+    _Builder(g, config, w, pruning, fuse_qkv, int8_op, attention_op).build(batch_of_one_branch)
     dyn = ["batch", "sequence"]
     graph = helper.make_graph(
         g.nodes, "ltp_pruned_int8_encoder",
@@ -663,9 +729,10 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
         initializer=g.initializers)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if int8_op == "MatMulIntegerToFloat" else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name="ltp-compress")
-    model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime 1.2x and OpenVINO
+    # the oldest IR version that carries the opset (10 up to opset 22, 11 for 23): readable by onnxruntime >= 1.2x
+    model.ir_version = min(model.ir_version, 10 if opset < 23 else 11)
     onnx.checker.check_model(model, full_check=int8_op == "MatMulInteger")  # contrib ops have no ONNX schema
-    return model, {"linear": w.gemms, "attention": w.attention_gemms}
+    return model, {"linear": w.gemms, "attention": w.attention_gemms, "attention_op": attention_op}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -717,19 +784,21 @@ def _parity(checkpoint_dir: Path, onnx_path: Path, texts: Sequence[str], texts_b
 
 def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int = DEFAULT_OPSET,
                 parity_texts: Sequence[str] | None = None, parity_texts_b: Sequence[str] | None = None,
-                parity_batch_size: int = 8, fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP) -> Path:
+                parity_batch_size: int = 8, fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP,
+                attention_op: str | None = None) -> Path:
     """Export a deployable checkpoint to a self-contained ONNX Runtime folder (atomically: built in
     a temporary sibling folder, renamed at the end). The parity check runs `parity_texts` (or
     BUILTIN_PARITY_TEXTS) through the torch runtime and the graph, in mixed-length batches of
     `parity_batch_size` (sentence pairs: `parity_texts_b`), and records the result in manifest.json
     under "parity". `int8_op`: see INT8_OPS; `fuse_qkv`: one GEMM for Q, K, V when they share their
-    activation scale."""
+    activation scale; `attention_op`: see ATTENTION_OPS and `resolve_attention_op`."""
     from safetensors.numpy import load_file
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if opset not in SUPPORTED_OPSETS or int8_op not in INT8_OPS:
         raise ExportError(f"opset {opset} / int8_op {int8_op!r} not supported (opset {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1}, int8_op one of {INT8_OPS})")
+    resolve_attention_op(attention_op, opset, int8_attention=False)  # a bad name / opset fails before any work
     src_manifest = verify_checkpoint(checkpoint_dir)
     if out_dir.resolve() == checkpoint_dir.resolve() or checkpoint_dir.resolve() in out_dir.resolve().parents:
         raise ExportError(f"{out_dir}: the export folder must not be (inside) the checkpoint {checkpoint_dir}")
@@ -743,8 +812,9 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
 
     hf_config = AutoConfig.from_pretrained(str(checkpoint_dir))  # id2label with the library's defaults filled in
     try:
-        model, gemms = build_onnx_model(tensors, config, ltp, opset=opset, fuse_qkv=fuse_qkv, int8_op=int8_op)
-        attention_gemms, gemms = gemms["attention"], gemms["linear"]
+        model, gemms = build_onnx_model(tensors, config, ltp, opset=opset, fuse_qkv=fuse_qkv, int8_op=int8_op,
+                                        attention_op=attention_op)
+        attention_gemms, attention_op, gemms = gemms["attention"], gemms["attention_op"], gemms["linear"]
     except ExportError as e:  # messages start with the file name inside the checkpoint
         raise ExportError(f"{checkpoint_dir}/{e}") from None
 
@@ -779,7 +849,10 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
                          "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
                          "attention_matmuls": q.get("attention_matmuls", "fp32"), "int8_attention_gemms": attention_gemms,
                          "attention_scheme": ("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "
-                                              "MatMulInteger (exact int32) for Q·Kᵀ and P·V") if attention_gemms else "float32 MatMul"},
+                                              "MatMulInteger (exact int32) for Q·Kᵀ and P·V") if attention_gemms else
+                                             "float32, one ONNX Attention op per layer (probabilities as its 4th output)"
+                                             if attention_op == "Attention" else "float32 MatMul"},
+        "attention_op": attention_op,
         "session_options": RECOMMENDED_SESSION_OPTIONS,
         "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights_sha256": src_manifest["files"][WEIGHTS_FILE]["sha256"]},
     }

@@ -1,4 +1,4 @@
-"""`ltp-compress export CKPT OUT [--format onnx] [--opset N] [--int8-op OP] [--parity-tsv FILE]
+"""`ltp-compress export CKPT OUT [--format onnx] [--opset N] [--int8-op OP] [--attention-op OP] [--parity-tsv FILE]
 [--parity-examples N]`: write a deployable checkpoint as a self-contained ONNX Runtime folder
 (see ltp_compress.modeling.onnx_export, which owns the defaults and the supported values) and
 print the export-time parity check.
@@ -27,6 +27,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--int8-op", default=None, metavar="OP",
                    help="MatMulIntegerToFloat (ORT contrib op, one kernel per INT8 linear; default) or "
                         "MatMulInteger (standard ONNX, portable)")
+    p.add_argument("--attention-op", default=None, metavar="OP",
+                   help="Attention (one standard ONNX op per layer, opset >= 23; the default there) or MatMul "
+                        "(the spelled-out subgraph; the default below opset 23)")
     p.add_argument("--parity-tsv", type=Path, help="texts for the export-time parity check (default: built-in sentences)")
     p.add_argument("--parity-examples", type=int, default=64, help="how many rows of --parity-tsv to check (default 64)")
     return p
@@ -46,7 +49,7 @@ def export_cli(args) -> int:
             raise ExportError(f"{args.parity_tsv}: no texts")
         texts_a = [a for a, _ in rows]
         texts_b = [b for _, b in rows] if all(b is not None for _, b in rows) else None
-    options = {k: v for k, v in (("opset", args.opset), ("int8_op", args.int8_op)) if v is not None}
+    options = {k: v for k, v in (("opset", args.opset), ("int8_op", args.int8_op), ("attention_op", args.attention_op)) if v is not None}
     out = export_onnx(args.checkpoint, args.out, parity_texts=texts_a, parity_texts_b=texts_b, **options)
     parity = json.loads((out / MANIFEST_FILE).read_text())["parity"]
     print(f"exported: {out}")

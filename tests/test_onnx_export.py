@@ -244,11 +244,13 @@ def test_profile_shows_integer_gemms_and_accountant_charges_them(pruned_exports,
     gemm_ops = {op: n for op, n in ops.items() if op in INTEGER_GEMM_OPS}
     assert gemm_ops == {int8_op: len(info["quantization"]["int8_gemms"])} == {int8_op: 10}
     float_mm = {op: n for op, n in ops.items() if op in ("MatMul", "FusedMatMul", "Gemm")}
-    # Q·Kᵀ and A·V per layer and the scores' column sums at the pruning layer; no quantised linear fell back to float
-    assert sum(float_mm.values()) == 2 * 2 + 1
+    # the default export (opset 23): one float Attention kernel per layer and the scores' column sums at the
+    # pruning layer as the only float MatMul; no quantised linear fell back to float
+    assert info["attention_op"] == "Attention" and ops["Attention"] == 2
+    assert sum(float_mm.values()) == 1
     for e in nodes:
         if e["args"]["op_name"] in float_mm:
-            assert len(e["args"]["output_type_shape"][0]["float"]) == 4  # [b, H, S, *]: attention / scoring only
+            assert len(e["args"]["output_type_shape"][0]["float"]) == 4  # [b, H, 1, S]: scoring only
     # rows per encoder GEMM = tokens entering (QKV) / leaving (out proj, FFN) each layer; MACs = accountant's
     cfg = json.loads((ckpt / "config.json").read_text())
     shape = EncoderShape(num_layers=2, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"])
@@ -472,3 +474,36 @@ def test_int8_attention_exports_as_integer_matmuls_and_matches_torch(tiny_bert, 
     assert len(float_mm) == 1 and "prune.0.column_sum" in float_mm[0]  # only the scores' column sums
     parity = json.loads((export / MANIFEST_FILE).read_text())["parity"]
     assert parity["argmax_agreement"] == 1.0 and parity["kept_tokens_agreement"] == 1.0
+    with pytest.raises(ExportError, match="float only"):  # the fused float Attention op cannot take int8 attention
+        export_onnx(ckpt, tmp_path / "fused", attention_op="Attention")
+
+
+def test_fused_attention_op_equals_the_matmul_subgraph(pruned_exports, tmp_path):
+    """The default export (one ONNX `Attention` node per layer, its softmax probabilities feeding the
+    scores) and attention_op="MatMul" (the spelled-out subgraph) give the same logits and kept tokens
+    in ORT at bs 7 (mixed lengths) and bs 1; an older opset defaults to MatMul; impossible asks fail."""
+    import onnx
+
+    ckpt, fused, _ = pruned_exports["bert"]
+    plain = export_onnx(ckpt, tmp_path / "matmul", attention_op="MatMul")
+    assert json.loads((plain / ONNX_CONFIG_FILE).read_text())["attention_op"] == "MatMul"
+    for branch in ("then_branch", "else_branch"):
+        ops_f, ops_p = _branch_ops(onnx.load(str(fused / ONNX_FILE)), branch), _branch_ops(onnx.load(str(plain / ONNX_FILE)), branch)
+        assert ops_f["Attention"] == 2 and "Softmax" not in ops_f
+        assert "Attention" not in ops_p and ops_p["Softmax"] == 2
+        assert sum(ops_f.values()) < sum(ops_p.values())
+    texts = _mixed_batch()
+    for bs in (7, 1):
+        a, b = load_onnx(fused, threads=1), load_onnx(plain, threads=1)
+        for s in range(0, len(texts), bs):
+            enc = a.encode(texts[s:s + bs])
+            la, lb = a.logits(enc), b.logits(enc)
+            np.testing.assert_allclose(la, lb, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(a.last_kept_tokens, b.last_kept_tokens)
+    old = export_onnx(ckpt, tmp_path / "opset17", opset=17)
+    assert json.loads((old / ONNX_CONFIG_FILE).read_text())["attention_op"] == "MatMul"
+    with pytest.raises(ExportError, match="needs opset >= 23"):
+        export_onnx(ckpt, tmp_path / "bad", opset=17, attention_op="Attention")
+    with pytest.raises(ExportError, match="attention_op 'Flash'"):
+        export_onnx(ckpt, tmp_path / "bad", attention_op="Flash")
+    assert not (tmp_path / "bad").exists()
