@@ -591,8 +591,9 @@ class _Builder:
             score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
             keep = g.op("Greater", [score, self.threshold(l)])  # [T]
-            rest = g.op("Slice", [keep, g.const([1], np.int64), g.const([np.iinfo(np.int64).max], np.int64)])  # [T-1]
-            keep = g.op("Concat", [g.const([True], np.bool_), rest], axis=0)  # [T] position 0 always kept
+            # position 0 always kept: one ScatterElements of True at index 0 (a Slice [1:] + Concat here made ORT
+            # 1.31's planner reuse the T-1 slice's buffer for the next layer's [T] compare with the fused Attention)
+            keep = g.op("ScatterElements", [keep, g.const([0], np.int64), g.const([True], np.bool_)], axis=0)  # [T]
             rows = g.squeeze(g.op("NonZero", [keep]), [0])  # [T']
             ctx = g.op("Gather", [ctx, rows], axis=0, name=f"prune.{l}.gather_ctx")  # [T', d]
             x = g.op("Gather", [x, rows], axis=0, name=f"prune.{l}.gather_x")  # [T', d]

@@ -22,7 +22,7 @@ def _vocab_words(limit: int = 600) -> list[str]:
     return [w for w, _ in counts.most_common(limit)]
 
 
-def build_tiny_model(folder: Path, model_type: str = "bert", num_labels: int = 2, seed: int = 0) -> Path:
+def build_tiny_model(folder: Path, model_type: str = "bert", num_labels: int = 2, seed: int = 0, num_layers: int = 2) -> Path:
     """Save a tiny random *ForSequenceClassification model + tokenizer to `folder`."""
     import torch
     from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast,
@@ -34,7 +34,7 @@ def build_tiny_model(folder: Path, model_type: str = "bert", num_labels: int = 2
     vocab = specials + list(".,!?'-") + letters + [w for w in _vocab_words() if w not in letters]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)  # transformers 5: vocab=, not vocab_file=
-    common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=160, num_labels=num_labels)
     torch.manual_seed(seed)
     if model_type == "bert":

@@ -507,3 +507,23 @@ def test_fused_attention_op_equals_the_matmul_subgraph(pruned_exports, tmp_path)
     with pytest.raises(ExportError, match="attention_op 'Flash'"):
         export_onnx(ckpt, tmp_path / "bad", attention_op="Flash")
     assert not (tmp_path / "bad").exists()
+
+
+def test_deeper_pruned_graph_at_batch_size_one_matches_torch(tmp_path):
+    """4 layers, layer 0 keeping every token and layers 1-2 pruning: a batch of one (the `If`'s
+    single-sequence branch, fused Attention) over many lengths equals the torch runtime. (Its first
+    form, position 0 kept by Slice [1:] + Concat, made ORT's planner hand layer 1's [T] compare the
+    T-1 slice's buffer: a runtime error at every length.)"""
+    from conftest import build_tiny_model
+
+    q = _Quantised(build_tiny_model(tmp_path / "tiny4", "bert", num_layers=4))
+    probe = q.checkpoint(PruningConfig(mode="threshold", thresholds=[-1.0, 1.0, 1.0, 1.0]), tmp_path / "probe")
+    texts = _dev_texts()[:24]
+    enc = q.tok(texts, padding=True, return_tensors="pt", return_token_type_ids=True)
+    th, margin = _threshold_away_from_ties(_scores(probe, _feed(enc), 1), enc["attention_mask"].numpy())
+    ckpt = q.checkpoint(PruningConfig(mode="threshold", thresholds=[-1.0, th, th, 1.0]), tmp_path / "ckpt")
+    export = export_onnx(ckpt, tmp_path / "onnx", parity_texts=texts)
+    assert json.loads((export / ONNX_CONFIG_FILE).read_text())["attention_op"] == "Attention"
+    kept = _compare(ckpt, export, texts, batch_size=1)
+    lengths = enc["attention_mask"].numpy().sum(1)
+    assert (kept[:, 1] == lengths).all() and (kept[:, 2] < kept[:, 1]).any() and len(set(lengths)) > 5
