@@ -27,7 +27,8 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
   attention [b, H, S, S] with padded keys masked -> softmax -> context [b*S, d]. At opset >= 23
   (the default) this is one standard ONNX ``Attention`` node per layer, which also returns the
   softmax probabilities (``qk_matmul_output_mode`` 3) for the scores; ``attention_op="MatMul"``
-  (or an older opset) spells it out as head reshapes, MatMul, Mul, Add, Softmax, MatMul.
+  (or an older opset) spells it out as head reshapes, MatMul, Mul, Add, Softmax, MatMul, as the
+  batch-of-one branch always does.
   Pruning (not in the last layer): score [b, S] = 1/H * sum_h sum_{j real} A_h(j, i) (padded
   query rows masked out), keep = score > threshold_l (initializer ``prune.threshold.<l>``) or,
   mode topk, the ceil(ratio_l * n0) best (TopK, lower index first on ties, like the torch
@@ -112,11 +113,12 @@ GELU_MIN_BOUND = 0.17
 OUTPUT_NAMES = ("logits", "kept_tokens")
 DEFAULT_OPSET = 23
 SUPPORTED_OPSETS = range(17, 24)
-# how float attention is expressed: the standard ONNX `Attention` op (opset >= 23; one ORT kernel per
-# layer that also returns the softmax probabilities the token scores need, qk_matmul_output_mode 3)
-# or the MatMul / Mul / Add / Softmax / MatMul subgraph with its head reshapes (any opset). Outputs
-# are bit-identical in ORT 1.31; the fused op is faster (benchmarks/results/ort_attention_op_ab_*.md).
-# INT8 attention checkpoints always use MatMulInteger.
+# how float attention is expressed in the graph batches of two or more take: the standard ONNX
+# `Attention` op (opset >= 23; one ORT kernel per layer that also returns the softmax probabilities the
+# token scores need, qk_matmul_output_mode 3) or the MatMul / Mul / Add / Softmax / MatMul subgraph with
+# its head reshapes (any opset). Outputs are bit-identical in ORT 1.31; the fused op is faster there
+# (benchmarks/results/ort_attention_op_ab_*.md). The batch-of-one branch always spells it out (the
+# fused op measured slower for one sequence). INT8 attention checkpoints always use MatMulInteger.
 ATTENTION_OPS = ("Attention", "MatMul")
 ATTENTION_OP_MIN_OPSET = 23
 
@@ -572,27 +574,24 @@ class _Builder:
         dh = d // H
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
-        scores_needed = self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1
+        # the spelled-out subgraph even where the batch graph uses the fused Attention op: for one sequence the
+        # fused op measured slower in ORT 1.31 (0.92x end to end, benchmarks/results/ort_attention_op_ab_sst2.md)
+        heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
         scales = self.attention_scales(p)
-        if scales is None and self.attention_op == "Attention":
-            q, k, v = g.op("Split", [g.reshape(qkv, [1, -1, 3 * d]), g.const([d, d, d], np.int64)], n_out=3, axis=-1)  # [1, T, d] each
-            ctx, probs = self.fused_attention(q, k, v, None, p, scores_needed)  # [1, T, d], [1, H, T, T] | None
-            ctx = g.reshape(ctx, [-1, d])  # [T, d]
-        else:
-            heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
-            if scales is not None:
-                heads = self.quantize_qkv(heads, p, scales, axis=0, rank=4)  # [3, H, T, dh] int8
-            q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
-            kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
-            att = self.attention_scores(q, kt, p, scales)  # [1, H, T, T]
-            probs = g.op("Softmax", [att], axis=-1)
-            ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
-        if scores_needed:
+        if scales is not None:
+            heads = self.quantize_qkv(heads, p, scales, axis=0, rank=4)  # [3, H, T, dh] int8
+        q, k, v = g.op("Split", [heads, g.const([1, 1, 1], np.int64)], n_out=3, axis=0)  # [1, H, T, dh] each
+        kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [1, H, dh, T] (ORT folds it into the MatMul)
+        att = self.attention_scores(q, kt, p, scales)  # [1, H, T, T]
+        probs = g.op("Softmax", [att], axis=-1)
+        ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
+        if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
             score = g.reduce_sum(probs, [0, 1, 2])  # [T] = sum_h sum_j A_h(j, i)
             score = g.op("Div", [score, g.const(float(H), np.float32)], name=f"prune.{l}.score")
             keep = g.op("Greater", [score, self.threshold(l)])  # [T]
-            # position 0 always kept: one ScatterElements of True at index 0 (a Slice [1:] + Concat here made ORT
-            # 1.31's planner reuse the T-1 slice's buffer for the next layer's [T] compare with the fused Attention)
+            # position 0 always kept: one ScatterElements of True at index 0 (one node; with the fused Attention
+            # op in this branch, the former Slice [1:] + Concat made ORT 1.31's planner hand the next layer's [T]
+            # compare the T-1 slice's buffer, a runtime error)
             keep = g.op("ScatterElements", [keep, g.const([0], np.int64), g.const([True], np.bool_)], axis=0)  # [T]
             rows = g.squeeze(g.op("NonZero", [keep]), [0])  # [T']
             ctx = g.op("Gather", [ctx, rows], axis=0, name=f"prune.{l}.gather_ctx")  # [T', d]
