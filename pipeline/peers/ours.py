@@ -141,12 +141,12 @@ def _parity(export_dir: Path):
 
 
 def _export(ckpt: Path, out: Path, notes: list) -> Path:
+    """Always a fresh export (seconds; replaces `out` atomically): an export left in the work folder
+    by an older graph builder would otherwise be timed as if it were this code's."""
     from ltp_compress.modeling.onnx_export import export_onnx
 
-    if out.is_dir():
-        notes.append(f"{out.name} reused from the benchmark work folder")
-        return out
     export_onnx(ckpt, out)
+    notes.append(f"{out.name} exported by this run")
     return out
 
 
