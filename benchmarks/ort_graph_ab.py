@@ -50,6 +50,28 @@ def builder_at(rev: str | None):
     return mod.build_onnx_model
 
 
+def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[int]) -> tuple[dict[int, list[dict]], int]:
+    """The task's dev set tokenised by the checkpoint's tokenizer as ONNX feeds ({input name: int64
+    [b, s]}), in length-bucketed batches per batch size (as the end-to-end benchmark batches every
+    system); also the number of examples."""
+    import torch
+
+    from ltp_compress.modeling.checkpoint_format import LTP_FILE
+    from ltp_compress.modeling.model_io import load_tokenizer
+    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
+    from ltp_compress.tasks.glue import get_task
+
+    ltp = json.loads((checkpoint / LTP_FILE).read_text())
+    tok = load_tokenizer(checkpoint)
+    dev = load_split(DataConfig(source="glue_dir", path=str(data)), get_task(task_name), "dev")
+    ts = tokenize_split(dev, tok, int(ltp.get("max_seq_length", 128)))
+    feeds = {bs: [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
+                   "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
+                  for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)]
+             for bs in batch_sizes}
+    return feeds, len(ts.labels)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
@@ -72,25 +94,16 @@ def main(argv=None) -> int:
     from safetensors.numpy import load_file
 
     from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
-    from ltp_compress.modeling.model_io import load_tokenizer
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES
     from ltp_compress.modeling.onnx_runtime import session_options
-    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
-    from ltp_compress.tasks.glue import get_task
 
     torch.set_num_threads(args.threads)
     manifest = verify_checkpoint(args.checkpoint)
     tensors = load_file(str(args.checkpoint / WEIGHTS_FILE))
     config = json.loads((args.checkpoint / "config.json").read_text())
     ltp = json.loads((args.checkpoint / LTP_FILE).read_text())
-    task = get_task(args.task)
-    dev = load_split(DataConfig(source="glue_dir", path=str(args.data)), task, "dev")
-    ts = tokenize_split(dev, load_tokenizer(args.checkpoint), int(ltp.get("max_seq_length", 128)))
-    pad = load_tokenizer(args.checkpoint).pad_token_id
     bss = [int(b) for b in args.batch_sizes.split(",")]
-    batches = {bs: [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
-                     "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
-                    for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=pad)] for bs in bss}
+    batches, n_examples = dev_feeds(args.checkpoint, args.data, args.task, bss)
     work = Path(tempfile.mkdtemp())
     sessions = {}
     variants = {"A": (args.baseline_rev, tensors, ltp), "B": (None, tensors, ltp)}
@@ -128,7 +141,7 @@ def main(argv=None) -> int:
                     per.append(time.perf_counter() - t0)
                 times[k][bs].append(n[bs] / statistics.median(per))
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "checkpoint": str(args.checkpoint),
-           "weights_sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "task": args.task, "examples": len(ts.labels),
+           "weights_sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "task": args.task, "examples": n_examples,
            "baseline_rev": args.baseline_rev, "baseline": "float attention" if args.baseline_float_attention else args.baseline_rev,
            "head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                                     capture_output=True, text=True).stdout.strip(),

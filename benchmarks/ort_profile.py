@@ -45,24 +45,6 @@ def op_class(op: str, node_name: str) -> str:
     return "other (shapes, gathers, casts, head)"
 
 
-def dev_batches(checkpoint: Path, data: Path, task_name: str, bs: int) -> list[dict]:
-    """The task's dev set tokenised by the checkpoint's tokenizer, in length-bucketed batches (as
-    benchmarks/ort_graph_ab.py and the end-to-end benchmark feed every system)."""
-    import torch
-
-    from ltp_compress.modeling.model_io import load_tokenizer
-    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
-    from ltp_compress.tasks.glue import get_task
-
-    ltp = json.loads((checkpoint / "ltp.json").read_text())
-    tok = load_tokenizer(checkpoint)
-    dev = load_split(DataConfig(source="glue_dir", path=str(data)), get_task(task_name), "dev")
-    ts = tokenize_split(dev, tok, int(ltp.get("max_seq_length", 128)))
-    return [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
-             "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
-            for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
@@ -79,6 +61,7 @@ def main(argv=None) -> int:
     from ltp_compress.manifest import sha256_file
     from ltp_compress.modeling.onnx_export import ONNX_CONFIG_FILE, ONNX_FILE, export_onnx
     from ltp_compress.modeling.onnx_runtime import session_options
+    from ort_graph_ab import dev_feeds  # the same dev batches as the graph A/B (this folder is on sys.path)
 
     work = Path(tempfile.mkdtemp())
     export = export_onnx(args.checkpoint, work / "onnx")
@@ -87,8 +70,8 @@ def main(argv=None) -> int:
               "checkpoint": str(args.checkpoint), "weights_sha256": sha256_file(args.checkpoint / "model.safetensors"),
               "task": args.task, "threads": args.threads, "onnxruntime": ort.__version__,
               "attention_op": info.get("attention_op"), "batch_sizes": {}}
-    for bs in [int(x) for x in args.batch_sizes.split(",")]:
-        batches = dev_batches(args.checkpoint, args.data, args.task, bs)
+    feeds, _ = dev_feeds(args.checkpoint, args.data, args.task, [int(x) for x in args.batch_sizes.split(",")])
+    for bs, batches in feeds.items():
         so = session_options(args.threads)
         so.enable_profiling = True
         so.profile_file_prefix = str(work / f"profile_bs{bs}")

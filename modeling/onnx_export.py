@@ -218,11 +218,14 @@ class _Graph:
         return self._consts[key]
 
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None,
-           domain: str = "", **attrs) -> Any:
+           domain: str = "", unused: Sequence[int] = (), **attrs) -> Any:
+        """One node; returns its output name(s). Outputs at the indices in `unused` are left empty
+        (the op does not compute them) and come back as None."""
         self._n += 1
         base = self.scope + (name or f"{op_type}_{self._n}")
-        outs = [f"{base}:{i}" if n_out > 1 else base for i in range(n_out)]
+        outs = ["" if i in unused else f"{base}:{i}" if n_out > 1 else base for i in range(n_out)]
         self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=f"n{self._n}.{base}", domain=domain, **attrs))
+        outs = [o or None for o in outs]
         return outs if n_out > 1 else outs[0]
 
     # small conveniences (all shapes are noted at the call sites)
@@ -358,11 +361,9 @@ class _Builder:
         attrs = dict(q_num_heads=H, kv_num_heads=H, scale=float(np.float32(dh ** -0.5)))
         if not probs_needed:
             return g.op("Attention", inputs, name=f"{p}.attention.self.attention", **attrs), None
-        g._n += 1
-        base = g.scope + f"{p}.attention.self.attention"
-        ctx, probs = f"{base}:0", f"{base}:probs"
-        g.nodes.append(g.helper.make_node("Attention", inputs, [ctx, "", "", probs], name=f"n{g._n}.{base}",
-                                          qk_matmul_output_mode=3, **attrs))
+        # outputs: context, present key / value (not computed), probabilities
+        ctx, _, _, probs = g.op("Attention", inputs, n_out=4, unused=(1, 2), name=f"{p}.attention.self.attention",
+                                qk_matmul_output_mode=3, **attrs)
         return ctx, probs
 
     def _record_attention(self, node: str) -> None:
@@ -575,7 +576,7 @@ class _Builder:
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
         # the spelled-out subgraph even where the batch graph uses the fused Attention op: for one sequence the
-        # fused op measured slower in ORT 1.31 (0.92x end to end, benchmarks/results/ort_attention_op_ab_sst2.md)
+        # fused op measured slower in ORT 1.31 (0.915x at bs 1, benchmarks/results/design_observations.md)
         heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
         scales = self.attention_scales(p)
         if scales is not None:
