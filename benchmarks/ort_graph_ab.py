@@ -50,10 +50,12 @@ def builder_at(rev: str | None):
     return mod.build_onnx_model
 
 
-def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[int]) -> tuple[dict[int, list[dict]], int]:
+def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[int],
+              with_labels: bool = False) -> tuple[dict[int, list[dict]], int] | tuple[dict[int, list[dict]], int, dict[int, list]]:
     """The task's dev set tokenised by the checkpoint's tokenizer as ONNX feeds ({input name: int64
     [b, s]}), in length-bucketed batches per batch size (as the end-to-end benchmark batches every
-    system); also the number of examples."""
+    system); also the number of examples, and with `with_labels` the labels of each batch
+    ({batch size: [int64 [b]]})."""
     import torch
 
     from ltp_compress.modeling.checkpoint_format import LTP_FILE
@@ -65,10 +67,13 @@ def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[in
     tok = load_tokenizer(checkpoint)
     dev = load_split(DataConfig(source="glue_dir", path=str(data)), get_task(task_name), "dev")
     ts = tokenize_split(dev, tok, int(ltp.get("max_seq_length", 128)))
+    batches = {bs: list(length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)) for bs in batch_sizes}
     feeds = {bs: [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
                    "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
-                  for b in length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)]
-             for bs in batch_sizes}
+                  for b in bl]
+             for bs, bl in batches.items()}
+    if with_labels:
+        return feeds, len(ts.labels), {bs: [b.labels.numpy() for b in bl] for bs, bl in batches.items()}
     return feeds, len(ts.labels)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, runtime: str = "auto", threads: int | None = None, backend: str = "auto"):
+def load(path, runtime: str = "auto", threads: int | None = None, backend: str = "auto", streams: int = 1):
     """Load a deployed (pruned, INT8) model folder for `predict` / `logits`.
 
     runtime:
@@ -19,8 +19,11 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
         ``"onnxruntime"``: an ONNX export (model.onnx, written by ``ltp-compress export``; see
         ltp_compress.modeling.onnx_export), run by ONNX Runtime's CPU provider.
         ``"auto"`` (default): onnxruntime if the folder holds model.onnx, else torch.
-    threads: intra-op threads (onnxruntime: per session; torch: ``torch.set_num_threads``, which
-        is process-wide). None leaves the runtime's default.
+    threads: threads in all (onnxruntime: the session's intra-op threads; torch:
+        ``torch.set_num_threads``, which is process-wide). None leaves the runtime's default.
+    streams: onnxruntime only: how many batches ``predict`` / ``logits_many`` run at once, each
+        with threads // streams intra-op threads (the throughput setting; 1, the default, runs one
+        batch at a time on all threads: the latency setting).
     backend: INT8 GEMM backend of the torch runtime ('auto' picks the best for this CPU).
 
     The returned object reports what ran: ``.runtime`` ("torch" / "onnxruntime") and ``.backend``.
@@ -28,4 +31,4 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
     """
     from ltp_compress.modeling.onnx_runtime import load_model
 
-    return load_model(path, runtime=runtime, threads=threads, backend=backend)
+    return load_model(path, runtime=runtime, threads=threads, backend=backend, streams=streams)

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A deployable checkpoint or export folder that is missing, incomplete, corrupted or of an unknown format."""
+
+
+class SettingError(UserError, ValueError):
+    """A runtime setting that cannot be used as given (the message names the setting)."""

@@ -120,6 +120,17 @@ class DeployedModel:
         self.last_kept_tokens = out.kept_tokens.cpu()
         return out.logits.float().cpu()
 
+    def logits_many(self, batches) -> list[torch.Tensor]:
+        """Logits of each batch, in order, one batch at a time (the ONNX runtime's counterpart can
+        run several at once); last_kept_tokens: every batch's rows, concatenated in order."""
+        outs, kept = [], []
+        for b in batches:
+            outs.append(self.logits(b))
+            kept.append(self.last_kept_tokens)
+        if kept:
+            self.last_kept_tokens = torch.cat(kept)
+        return outs
+
     def predict(self, texts_a, texts_b=None, batch_size: int = 32) -> list[dict]:
         """[{"label": name, "score": probability of that label}] per input (regression:
         {"label": "score", "score": value}); see modeling.prediction.predict_texts."""

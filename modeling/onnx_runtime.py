@@ -8,6 +8,11 @@ latency settings (intra-op threads = `threads`, one inter-op thread, sequential 
 graph optimisations) and tokenises with the `tokenizers` library from the folder's
 tokenizer.json (right padding, truncation to max_seq_length, the checkpoint's pad token), which
 gives the same ids as the checkpoint's Hugging Face fast tokenizer.
+
+`streams` > 1 is the throughput setting: the session gets threads // streams intra-op threads and
+`logits_many` / `predict` run up to `streams` batches at once from a thread pool, each request on
+its own threads (ONNX Runtime's `InferenceSession.Run` is thread-safe). It is the counterpart of
+OpenVINO's THROUGHPUT hint; one request at a time (`streams` 1) stays the latency setting.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ltp_compress.errors import SettingError
 from ltp_compress.modeling.prediction import predict_texts
 from ltp_compress.modeling.onnx_export import (INPUT_NAMES, ONNX_CONFIG_FILE, ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE,
                                                ExportError, verify_export)
@@ -39,8 +45,10 @@ def session_options(threads: int | None):
 class OnnxDeployedModel:
     """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`."""
 
-    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str]):
+    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str], streams: int = 1):
         self.session = session
+        self.streams = int(streams)
+        self._pool = None  # ThreadPoolExecutor(streams), made on the first logits_many with streams > 1
         self.tokenizer = tokenizer
         self.info = info
         self.path = path
@@ -52,7 +60,8 @@ class OnnxDeployedModel:
         import onnxruntime as ort
 
         self.runtime = "onnxruntime"
-        self.backend = f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info['quantization'].get('int8_op', 'MatMulInteger')})"
+        self.backend = (f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info['quantization'].get('int8_op', 'MatMulInteger')})"
+                        + (f", {self.streams} concurrent streams" if self.streams > 1 else ""))
         self.notes: list[str] = []
 
     def encode(self, texts_a: Sequence[str], texts_b: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -63,8 +72,8 @@ class OnnxDeployedModel:
                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
                 "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}
 
-    def logits(self, batch) -> np.ndarray:
-        """Logits [b, num_labels] (float32 numpy) for a batch: a dict or object with input_ids,
+    def _run(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [b, C], kept tokens [b, L]) for a batch: a dict or object with input_ids,
         attention_mask (and token_type_ids) arrays or torch tensors [b, s]."""
         get = (lambda k: batch.get(k)) if isinstance(batch, dict) else (lambda k: getattr(batch, k, None))
         ids = _as_int64(get("input_ids"))
@@ -72,8 +81,28 @@ class OnnxDeployedModel:
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else _as_int64(mask),
                 "token_type_ids": np.zeros_like(ids) if tt is None else _as_int64(tt)}
         logits, kept = self.session.run(list(OUTPUT_NAMES), feed)
-        self.last_kept_tokens = kept
+        return logits, kept
+
+    def logits(self, batch) -> np.ndarray:
+        """Logits [b, num_labels] (float32 numpy) for a batch: a dict or object with input_ids,
+        attention_mask (and token_type_ids) arrays or torch tensors [b, s]."""
+        logits, self.last_kept_tokens = self._run(batch)
         return logits
+
+    def logits_many(self, batches: Sequence) -> list[np.ndarray]:
+        """Logits of each batch, in order; with streams > 1 up to `streams` batches run at once.
+        last_kept_tokens: every batch's rows, concatenated in order."""
+        if self.streams > 1 and len(batches) > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="ltp-onnx-stream")
+            outs = list(self._pool.map(self._run, batches))
+        else:
+            outs = [self._run(b) for b in batches]
+        if outs:
+            self.last_kept_tokens = np.concatenate([k for _, k in outs])
+        return [lg for lg, _ in outs]
 
     def predict(self, texts_a, texts_b=None, batch_size: int = 32) -> list[dict]:
         """[{"label": name, "score": probability of that label}] per input (regression:
@@ -87,14 +116,22 @@ def _as_int64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.int64)
 
 
-def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> OnnxDeployedModel:
+def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
+              streams: int = 1) -> OnnxDeployedModel:
     """Verify, then load an ONNX export folder (see modeling/onnx_export.py).
 
-    `threads`: ONNX Runtime intra-op threads (None: ORT's default, one per physical core);
-    `providers`: execution providers (default CPUExecutionProvider)."""
+    `threads`: ONNX Runtime threads in all (None: ORT's default, one per physical core);
+    `providers`: execution providers (default CPUExecutionProvider); `streams`: batches run at
+    once by `logits_many` / `predict`, each with threads // streams intra-op threads (at least 1)."""
+    import os
+
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
+    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+        raise SettingError(f"streams: expected an integer >= 1, got {streams!r}")
+    if streams > 1:
+        threads = max(1, (threads or os.cpu_count() or 1) // streams)
     path = Path(path)
     verify_export(path)  # FIRST: nothing is parsed before the bytes are known to be intact
     try:
@@ -115,7 +152,7 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
         raise ExportError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {e}") from None
     tok.enable_truncation(int(info.get("max_seq_length", 128)))
     tok.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
-    return OnnxDeployedModel(session, tok, info, path, threads, providers)
+    return OnnxDeployedModel(session, tok, info, path, threads, providers, streams)
 
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -136,12 +173,14 @@ def resolve_runtime(path: str | Path, runtime: str = "auto") -> str:
     return runtime
 
 
-def load_model(path: str | Path, runtime: str = "auto", threads: int | None = None, backend: str = "auto"):
+def load_model(path: str | Path, runtime: str = "auto", threads: int | None = None, backend: str = "auto", streams: int = 1):
     """A deployed model from `path` on the chosen runtime (see `ltp_compress.load`). The result
-    has `predict`, `logits`, `last_kept_tokens`, `runtime` and `backend`."""
+    has `predict`, `logits`, `logits_many`, `last_kept_tokens`, `runtime` and `backend`."""
     runtime = resolve_runtime(path, runtime)
     if runtime == "onnxruntime":
-        return load_onnx(path, threads=threads)
+        return load_onnx(path, threads=threads, streams=streams)
+    if streams != 1:
+        raise SettingError(f"streams={streams!r}: concurrent streams are an onnxruntime setting (runtime {runtime!r} runs one batch at a time)")
     from ltp_compress.modeling.deploy import load_deployable
 
     if threads is not None:

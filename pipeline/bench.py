@@ -727,6 +727,11 @@ def render_markdown(res: dict) -> str:
     L += ["",
          f"load average before / after: {res['loadavg_before']} / {res['loadavg_after']} "
          "(other processes on the machine distort timings)", ""]
+    overlapped = [s for s in res["systems"] if any("pass" in x for x in (res["results"][s].get("runs") or []))]
+    if overlapped:
+        L += ["batch sizes > 1 run as several requests at once (the runtime's throughput setting: OpenVINO's THROUGHPUT hint "
+              "with an AsyncInferQueue; ONNX Runtime's thread-safe Run from `threads` threads on a one-thread session; "
+              "each system's info.settings in the JSON): " + ", ".join(overlapped) + "; every other system one batch at a time", ""]
     head = ["system", "main metric", "accuracy"] + [f"bs{b} ex/s" for b in bss] + ["bs1 p50 ms", "bs1 p95 ms", "peak RSS MB"]
     head += ["INT8 vs FP32 (points)", "fast ops"]
     head += [f"bs{b} vs {res.get('baseline', 'baseline')}" for b in bss] + [f"bs{b} vs best INT8 peer" for b in bss] + ["setup s", "warmup s"]

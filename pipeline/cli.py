@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
     pr.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                     help="auto: onnxruntime for an ONNX export folder (model.onnx), torch for a safetensors checkpoint")
-    pr.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's)")
+    pr.add_argument("--threads", type=int, default=None, help="threads in all (default: the runtime's)")
+    pr.add_argument("--streams", type=int, default=1,
+                    help="onnxruntime: batches run at once, threads // streams each (throughput; 1 = latency)")
     pr.add_argument("--backend", default="auto", help="INT8 GEMM backend of the torch runtime")
     from ltp_compress.pipeline.export_cli import add_export_parser
 

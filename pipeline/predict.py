@@ -1,4 +1,4 @@
-"""`ltp-compress predict CHECKPOINT [TEXT ...] [--tsv FILE] [--runtime R] [--threads N] [--backend B] [--batch-size N]`.
+"""`ltp-compress predict CHECKPOINT [TEXT ...] [--tsv FILE] [--runtime R] [--threads N] [--streams K] [--backend B] [--batch-size N]`.
 
 CHECKPOINT is a deployable checkpoint (torch runtime) or an ONNX export folder (onnxruntime).
 
@@ -82,7 +82,7 @@ def predict_cli(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    model = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, backend=args.backend)
+    model = load_model(args.checkpoint, runtime=args.runtime, threads=args.threads, backend=args.backend, streams=args.streams)
     pairs = collect_inputs(args)
     if model.runtime == "torch":
         from ltp_compress.kernels import kernel_counters, reset_kernel_counters

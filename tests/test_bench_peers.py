@@ -89,6 +89,9 @@ def test_ort_peers_configuration(peers):
     for s in ORT + OURS_ORT:
         so = r[s]["info"]["session_options"]
         assert so["intra_op_num_threads"] == 1 and so["inter_op_num_threads"] == 1 and so["graph_optimization_level"] == "ORT_ENABLE_ALL"
+        # larger batches: concurrent requests on a one-thread session, as every ORT system runs them
+        assert "called from `threads` threads at once" in r[s]["info"]["settings"]["batch_size_gt_1"], s
+        assert any(x.get("pass", "").startswith("run_pass") for x in r[s]["runs"] if x["batch_size"] == 8), s
     opt = r["ort_fp32"]["info"]["settings"]
     assert opt["optimizer"]["model_type"] == "bert" and opt["optimizer"]["num_heads"] > 0
     assert opt["fused_operator_statistics"].get("Attention", 0) == 2  # both layers fused

@@ -171,6 +171,9 @@ def test_predict_cli_inputs(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["predict", str(dst)]) == 0
     out, _ = capsys.readouterr()
     assert len(out.strip().splitlines()) == 2
+    # --streams is an onnxruntime setting: the torch runtime refuses it with a clear error
+    assert main(["predict", str(dst), "a fine film", "--streams", "2"]) == 2
+    assert "streams" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- end to end

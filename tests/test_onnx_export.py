@@ -370,6 +370,22 @@ def test_load_runtimes_and_predict(pruned_exports):
     pair = om.predict(["a good movie"], ["really"])
     assert pair[0]["label"] == tm.predict(["a good movie"], ["really"])[0]["label"]
     assert om.predict([]) == []
+    # the throughput setting: 2 batches at once, one intra-op thread each, same results in the same order
+    sm = ltp_compress.load(export, threads=2, streams=2)
+    assert sm.session.get_session_options().intra_op_num_threads == 1 and "2 concurrent streams" in sm.backend
+    assert sm.predict(texts, batch_size=3) == om.predict(texts, batch_size=3)
+    batches = [om.encode(texts[i:i + 3]) for i in range(0, len(texts), 3)]
+    one_by_one = [(om.logits(b), om.last_kept_tokens) for b in batches]
+    many = sm.logits_many(batches)
+    assert all(np.array_equal(x, y) for x, (y, _) in zip(many, one_by_one))
+    assert np.array_equal(sm.last_kept_tokens, np.concatenate([k for _, k in one_by_one]))
+    torch_many = tm.logits_many([tm.encode(texts[i:i + 3]) for i in range(0, len(texts), 3)])
+    assert np.concatenate([t.numpy() for t in torch_many]).argmax(-1).tolist() == np.concatenate(many).argmax(-1).tolist()
+    assert tm.last_kept_tokens.shape[0] == len(texts)
+    with pytest.raises(ValueError, match="streams"):
+        ltp_compress.load(ckpt, streams=2)  # torch runs one batch at a time: said, not ignored
+    with pytest.raises(ValueError, match="streams"):
+        ltp_compress.load(export, streams=0)
 
 
 def _readme_ort_snippet() -> str:

@@ -88,7 +88,7 @@ def _onnx_system(export_dir: Path, inp, info: dict) -> System:
 
     from ltp_compress.modeling.onnx_export import ONNX_FILE
     from ltp_compress.modeling.onnx_runtime import load_onnx
-    from ltp_compress.pipeline.peers.onnxruntime_peers import op_profile, settings_record
+    from ltp_compress.pipeline.peers.onnxruntime_peers import THROUGHPUT_PASS, op_profile, settings_record
 
     dm = load_onnx(export_dir, threads=inp.threads)
     names = tuple(i.name for i in dm.session.get_inputs())
@@ -96,6 +96,10 @@ def _onnx_system(export_dir: Path, inp, info: dict) -> System:
     def fn(ids, mask, tt):
         return torch.from_numpy(dm.logits(numpy_feed((ids, mask, tt), names)))
 
+    run_pass = None
+    if any(b > 1 for b in inp.batches):  # the throughput setting, as every ORT system runs bs > 1
+        dm_streams = load_onnx(export_dir, threads=inp.threads, streams=inp.threads)
+        run_pass = lambda batches: [torch.from_numpy(x) for x in dm_streams.logits_many([numpy_feed(b, names) for b in batches])]  # noqa: E731
     info = {**info, "backend": dm.backend, "session_options": settings_record(inp.threads),
             "export": checkpoint_identity(export_dir), "onnx_sha256": sha256_file(export_dir / ONNX_FILE),
             "export_parity": _parity(export_dir)}
@@ -113,7 +117,9 @@ def _onnx_system(export_dir: Path, inp, info: dict) -> System:
         dm.logits(numpy_feed((batch.input_ids, batch.attention_mask, batch.token_type_ids), names))
         return dm.last_kept_tokens
 
-    return System(fn, info, op_profile=profile, kept_tokens=kept)
+    info.setdefault("settings", {})["batch_size_gt_1"] = (f"load_onnx(streams={inp.threads}): " + THROUGHPUT_PASS) if run_pass \
+        else "one request at a time"
+    return System(fn, info, run_pass=run_pass, op_profile=profile, kept_tokens=kept)
 
 
 # op-class profile of our exported graph on ONNX Runtime (op types as ORT's profile names them after its own
