@@ -17,8 +17,8 @@ intra-op threads = the benchmark's threads, 1 inter-op thread, sequential execut
 optimisations). Batch size 1 runs one request at a time on that session (latency). Larger batch
 sizes run as ONNX Runtime serves throughput, the counterpart of OpenVINO's THROUGHPUT hint with its
 AsyncInferQueue: a second session of the same graph with one intra-op thread, its `Run` called
-from `threads` Python threads at once (`InferenceSession.Run` is thread-safe; `concurrent_pass`). The runtime's own profile (``SessionOptions.enable_profiling``) of one batch gives
-the executed op types, their counts and time, so a graph whose fusions or integer kernels did not
+from `threads` Python threads at once (`InferenceSession.Run` is thread-safe; `concurrent_pass`).
+The runtime's own profile (``SessionOptions.enable_profiling``) of one batch gives the executed op types, their counts and time, so a graph whose fusions or integer kernels did not
 happen shows it. Artifacts (ONNX files) are written to the benchmark's work folder and reused by
 the next system that needs them (setup times say so)."""
 
