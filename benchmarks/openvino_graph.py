@@ -94,7 +94,8 @@ def ort_concurrent_runner(path: Path, threads: int):
     """run_pass for one ONNX Runtime session with one intra-op thread, called from `threads` threads at once
     (the end-to-end benchmark's throughput pass for every ONNX Runtime system)."""
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES
-    from ltp_compress.pipeline.peers.onnxruntime_peers import THROUGHPUT_PASS, concurrent_pass, open_session
+    from ltp_compress.modeling.onnx_runtime import concurrent_pass
+    from ltp_compress.pipeline.peers.onnxruntime_peers import THROUGHPUT_PASS, open_session
 
     sess = open_session(path, 1)
     return concurrent_pass(lambda f: tuple(sess.run(list(OUTPUT_NAMES), f)), threads), {"pass": THROUGHPUT_PASS, "threads": threads}
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
         model, _ = build_onnx_model(tensors, config, ltp, **kw)
         paths[form] = work / f"{form}.onnx"
         onnx.save_model(model, str(paths[form]))
+    latency_sessions = {form: ort.InferenceSession(str(paths[form]), session_options(args.threads), providers=["CPUExecutionProvider"])
+                        for rt, form in SYSTEMS if rt.startswith("onnxruntime")}  # one request at a time, all threads
     runners, settings = {}, {}
     for rt, form in SYSTEMS:
         key = f"{rt}:{form}"
@@ -143,8 +146,7 @@ def main(argv=None) -> int:
             if rt == "onnxruntime_concurrent" and bs > 1:
                 runners[(key, bs)], settings[key][str(bs)] = ort_concurrent_runner(paths[form], args.threads)
             elif rt.startswith("onnxruntime"):
-                sess = ort.InferenceSession(str(paths[form]), session_options(args.threads), providers=["CPUExecutionProvider"])
-                runners[(key, bs)] = (lambda s: lambda fs: [tuple(s.run(list(OUTPUT_NAMES), f)) for f in fs])(sess)
+                runners[(key, bs)] = (lambda s: lambda fs: [tuple(s.run(list(OUTPUT_NAMES), f)) for f in fs])(latency_sessions[form])
                 settings[key][str(bs)] = {"session_options": "modeling.onnx_runtime.session_options", "threads": args.threads}
             else:
                 runners[(key, bs)], settings[key][str(bs)] = openvino_runner(paths[form], args.threads, bs)

@@ -42,13 +42,25 @@ def session_options(threads: int | None):
     return so
 
 
+def concurrent_pass(run_one, workers: int):
+    """run_pass(batches) -> [run_one(batch) ...] in order, up to `workers` running at once (one thread
+    pool; its threads start on first use). ONNX Runtime's `InferenceSession.Run` is thread-safe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="onnx-stream")
+
+    def run_pass(batches):
+        return list(pool.map(run_one, batches))
+    return run_pass
+
+
 class OnnxDeployedModel:
     """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`."""
 
     def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str], streams: int = 1):
         self.session = session
         self.streams = int(streams)
-        self._pool = None  # ThreadPoolExecutor(streams), made on the first logits_many with streams > 1
+        self._run_pass = concurrent_pass(self._run, self.streams) if self.streams > 1 else None
         self.tokenizer = tokenizer
         self.info = info
         self.path = path
@@ -92,14 +104,7 @@ class OnnxDeployedModel:
     def logits_many(self, batches: Sequence) -> list[np.ndarray]:
         """Logits of each batch, in order; with streams > 1 up to `streams` batches run at once.
         last_kept_tokens: every batch's rows, concatenated in order."""
-        if self.streams > 1 and len(batches) > 1:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="ltp-onnx-stream")
-            outs = list(self._pool.map(self._run, batches))
-        else:
-            outs = [self._run(b) for b in batches]
+        outs = self._run_pass(batches) if self._run_pass is not None else [self._run(b) for b in batches]
         if outs:
             self.last_kept_tokens = np.concatenate([k for _, k in outs])
         return [lg for lg, _ in outs]

@@ -17,7 +17,7 @@ intra-op threads = the benchmark's threads, 1 inter-op thread, sequential execut
 optimisations). Batch size 1 runs one request at a time on that session (latency). Larger batch
 sizes run as ONNX Runtime serves throughput, the counterpart of OpenVINO's THROUGHPUT hint with its
 AsyncInferQueue: a second session of the same graph with one intra-op thread, its `Run` called
-from `threads` Python threads at once (`InferenceSession.Run` is thread-safe; `concurrent_pass`).
+from `threads` Python threads at once (`InferenceSession.Run` is thread-safe; `modeling.onnx_runtime.concurrent_pass`).
 The runtime's own profile (``SessionOptions.enable_profiling``) of one batch gives the executed op types, their counts and time, so a graph whose fusions or integer kernels did not
 happen shows it. Artifacts (ONNX files) are written to the benchmark's work folder and reused by
 the next system that needs them (setup times say so)."""
@@ -116,21 +116,12 @@ def op_profile(path: Path, threads: int, feed: dict, work_dir: Path, runs: int =
             "integer_ops": sorted(k for k in counts if k in INTEGER_OPS)}
 
 
-def concurrent_pass(run_one, threads: int):
-    """run_pass(batches) -> [run_one(batch) ...] in order, up to `threads` running at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="ort-stream")
-
-    def run_pass(batches):
-        return list(pool.map(run_one, batches))
-    return run_pass
-
-
 def ort_system(path: Path, inp, info: dict) -> System:
     """A System running `path` with the documented session options (batch size 1) and a
     one-thread session called concurrently (larger batch sizes); its op_profile is ORT's."""
     import torch
+
+    from ltp_compress.modeling.onnx_runtime import concurrent_pass
 
     sess = open_session(path, inp.threads)
     names = tuple(i.name for i in sess.get_inputs())
