@@ -1,0 +1,98 @@
+"""benchmarks/accuracy_summary.py: the LTP variant is chosen on validation (never dev), sweeps of
+different teachers are refused, and a level the chosen variant did not run is not counted as a win."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_summary.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("accuracy_summary", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(stage: str, sid: str, level: float | None, val: float, dev: float, seed: int = 42, flops: float | None = None) -> dict:
+    flops = flops if flops is not None else (1.0 if level is None else level)
+    return {"point": 0, "overrides": [] if level is None else [f"stages.hard.target_flops={level:.2f}"], "seed": seed, "id": sid,
+            "stage": stage, "validation_main": val, "dev_main": dev, "relative_flops_executed": flops, "relative_flops_paper": flops,
+            "relative_bops_vs_fp16_executed": 4 * flops, "relative_bops_vs_fp16_paper": 4 * flops,
+            "is_reference": level is None, "run_dir": "r"}
+
+
+def _sweep(path: Path, rows: list[dict]) -> Path:
+    from ltp_compress.pipeline.sweep import aggregate_over_seeds
+
+    levels = sorted({tuple(r["overrides"]) for r in rows if r["overrides"]})
+    for r in rows:  # one point per level, as `ltp-compress sweep` numbers them (the reference at point 0)
+        r["point"] = levels.index(tuple(r["overrides"])) if r["overrides"] else 0
+    path.write_text(json.dumps({"seeds": sorted({r["seed"] for r in rows}), "rows": rows, "summary": aggregate_over_seeds(rows),
+                                "failures": []}))
+    return path
+
+
+def _chain(path: Path) -> Path:
+    def stage(sid, kind, val, dev, flops, bits):
+        conv = {"relative_flops": flops, "relative_bops_vs_fp16_dense": flops * bits * bits / 256}
+        return {"id": sid, "stage": kind, "metrics": {"validation": {"main": val}, "dev": {"main": dev}},
+                "cost": {"by_convention": {"paper": conv, "executed": conv}, "precision": {"ffn": [bits], "attn_scores": [bits]}}}
+    path.write_text(json.dumps({"stages": [stage("teacher", "finetune", 0.9, 0.9, 1.0, 32),
+                                           stage("int8", "quantize", 0.89, 0.89, 0.32, 8)]}))
+    return path
+
+
+def test_ltp_variant_is_chosen_on_validation_not_dev(tmp_path):
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    base = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88), _row("topk_prune", "topk", 0.40, 0.86, 0.86),
+            _row("ltp_hard", "hard", 0.80, 0.89, 0.89), _row("topk_prune", "topk", 0.80, 0.89, 0.88)]
+    # the variant: higher validation, lower dev, at 0.40 only (0.80 not run)
+    alt = [dict(ref), _row("ltp_hard", "hard", 0.40, 0.87, 0.84), _row("topk_prune", "topk_more", 0.40, 0.80, 0.80)]
+    out = tmp_path / "acc"
+    assert mod.main(["--task", "sst2", "--levels", str(_sweep(tmp_path / "a.json", base)), "--ltp-alt", str(_sweep(tmp_path / "b.json", alt)),
+                     "--ltp-label", "short", "--ltp-alt-label", "long", "--chain", str(_chain(tmp_path / "c.json")),
+                     "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["ltp_choice"]["chosen"] == "long" and res["ltp_choice"]["levels"] == [0.4]
+    by_level = {r["level"]: r for r in res["comparison"]}
+    assert by_level[0.4]["methods"]["LTP"]["dev"]["mean"] == pytest.approx(0.84)  # the chosen variant's, although dev is worse
+    assert by_level[0.4]["ltp_other"]["dev"]["mean"] == pytest.approx(0.88)
+    assert by_level[0.8]["methods"]["LTP"] is None  # the chosen variant has no run there: no borrowed number
+    assert [c["id"] for c in res["controls"]] == ["topk_more"]
+    assert res["goals"]["ltp_ahead_of_baselines_at_every_level"]["met"] is False
+    assert "not run" in out.with_suffix(".md").read_text()
+
+
+def test_sweeps_of_different_teachers_are_refused(tmp_path):
+    mod = _module()
+    a = _sweep(tmp_path / "a.json", [_row("evaluate", "base", None, 0.90, 0.89), _row("ltp_hard", "hard", 0.40, 0.85, 0.88)])
+    b = _sweep(tmp_path / "b.json", [_row("evaluate", "base", None, 0.91, 0.89), _row("ltp_hard", "hard", 0.40, 0.86, 0.88)])
+    with pytest.raises(SystemExit, match="cannot share a table"):
+        mod.main(["--task", "sst2", "--levels", str(a), "--ltp-alt", str(b), "--chain", str(_chain(tmp_path / "c.json")),
+                  "--out", str(tmp_path / "acc")])
+
+
+def test_the_seeds_row_stands_for_its_level_in_the_goal(tmp_path):
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    levels = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.85), _row("topk_prune", "topk", 0.40, 0.85, 0.86)]  # seed 42: behind
+    seeds = [{**ref, "seed": s} for s in (0, 1)]
+    seeds += [_row("ltp_hard", "hard", None, 0.85, 0.88, seed=s, flops=0.40) for s in (0, 1)]
+    seeds += [_row("topk_prune", "topk", None, 0.85, 0.86, seed=s, flops=0.40) for s in (0, 1)]
+    for r in seeds:
+        r["is_reference"] = r["stage"] == "evaluate"
+    out = tmp_path / "acc"
+    assert mod.main(["--task", "sst2", "--levels", str(_sweep(tmp_path / "a.json", levels)), "--seeds", str(_sweep(tmp_path / "s.json", seeds)),
+                     "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]) == 0
+    goal = json.loads(out.with_suffix(".json").read_text())["goals"]["ltp_ahead_of_baselines_at_every_level"]
+    assert goal["not_judged_alone"] == ["0.40"]
+    assert list(goal["levels"]) == ["0.40 (seeds 0,1,42)"]
+    assert goal["levels"]["0.40 (seeds 0,1,42)"] == pytest.approx(100 * ((0.88 + 0.88 + 0.85) / 3 - 0.86))
+    assert goal["met"] is True
