@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="e.g. stages.soft.lambda=0.01,0.05,0.2 (none: the recipe as it is, e.g. over --seeds)")
     sw.add_argument("--seeds", default=None, help="comma-separated seeds; every point runs once per seed, tables give mean ± sd")
     sw.add_argument("--out", type=Path, default=None, help="folder for sweep.json/.md/.png (default: <output_dir>/<name>-sweep)")
+    sw.add_argument("--name", default=None, help="prefix of the points' run names (default: the recipe's name): one recipe, "
+                                                 "several studies without their runs colliding")
     sw.add_argument("--no-progress", action="store_true")
     return p
 
@@ -121,7 +123,7 @@ def _dispatch(args) -> int:
         from ltp_compress.pipeline.sweep import run_sweep
 
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
-        out = run_sweep(args.recipe, args.grid, seeds=seeds, out_dir=args.out, progress=not args.no_progress)
+        out = run_sweep(args.recipe, args.grid, seeds=seeds, out_dir=args.out, name=args.name, progress=not args.no_progress)
         print(f"sweep: {out}")
         return 0
     raise AssertionError(args.command)

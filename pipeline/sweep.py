@@ -46,15 +46,16 @@ def parse_grid(items: list[str]) -> list[list[str]]:
 
 
 def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | None = None, out_dir: Path | None = None,
-              progress: bool = True) -> Path:
+              name: str | None = None, progress: bool = True) -> Path:
     """Run every grid point (for every seed in `seeds`, default: the recipe's seed), collect one row
-    per point, stage and seed, aggregate mean ± sd over seeds, write sweep.json / .md / .png."""
+    per point, stage and seed, aggregate mean ± sd over seeds, write sweep.json / .md / .png.
+    Runs are named <name>-p<k>[-s<seed>]; `name` defaults to the recipe's."""
     from ltp_compress.pipeline.plots import plot_sweep
     from ltp_compress.pipeline.runner import run_recipe
 
     recipe_path = Path(recipe_path)
     points = parse_grid(grid)
-    base = load_recipe(recipe_path)
+    base = load_recipe(recipe_path, [f"name={name}"] if name else ())
     seeds = list(seeds) if seeds else [base.seed]
     for overrides in points:  # validate every point before running any
         load_recipe(recipe_path, overrides)
