@@ -78,3 +78,28 @@ stages:
     assert [f["point"] for f in res["failures"]] == [1] and "below what top-k" in res["failures"][0]["error"]
     assert sorted((r["point"], r["id"]) for r in res["rows"]) == [(0, "base"), (0, "topk"), (2, "base"), (2, "topk")]
     assert "stopped on a user error" in (out / "sweep.md").read_text()
+
+
+def test_sweep_name_prefixes_the_runs_so_two_studies_of_one_recipe_do_not_collide(tmp_path, tiny_bert):
+    from ltp_compress.pipeline.cli import main
+
+    recipe = write_recipe(tmp_path / "s.yaml", f"""\
+name: sw
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 16, max_dev_examples: 16, max_validation_examples: 16, max_seq_length: 48}}
+seed: 0
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: man, stage: manual_prune, final_threshold: 1.0}}
+""")
+    assert main(["sweep", str(recipe), "--grid", "stages.man.final_threshold=2.0", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["sweep", str(recipe), "--name", "study_b", "--grid", "stages.man.final_threshold=3.0", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    runs = {p.name for p in (tmp_path / "runs").iterdir()}
+    assert {"sw-p0", "study_b-p0"} <= runs
+    a = json.loads((tmp_path / "a" / "sweep.json").read_text())["rows"]
+    b = json.loads((tmp_path / "b" / "sweep.json").read_text())["rows"]
+    assert a[0]["run_dir"].endswith("sw-p0") and b[0]["run_dir"].endswith("study_b-p0")
+    assert a[0]["relative_flops_paper"] != b[0]["relative_flops_paper"]  # each its own run, not the other's resumed
