@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
             "bops_reduction_vs_fp16": None if not within else max(r["bops_reduction_vs_fp16"] for r in within),
             "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
     }
-    result = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
+    result = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
               "inputs": {"levels": str(args.levels), "seeds": str(args.seeds) if args.seeds else None, "chain": str(args.chain),
                          "ltp_alt": str(args.ltp_alt) if args.ltp_alt else None,
                          "ltp_alt_seeds": str(args.ltp_alt_seeds) if args.ltp_alt_seeds else None},
