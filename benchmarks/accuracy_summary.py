@@ -74,11 +74,12 @@ def same_reference(a: dict, b: dict, what: str) -> None:
                          "sweeps of different teachers or splits cannot share a table")
 
 
-def choose_ltp(base: dict[float, dict], alt: dict[float, dict]) -> tuple[str, dict]:
-    """The fixed rule: the LTP variant with the higher mean validation accuracy over the levels both ran."""
-    common = sorted(lv for lv in base if lv in alt and "LTP" in base[lv] and "LTP" in alt[lv])
-    vb = sum(base[lv]["LTP"]["validation_main"]["mean"] for lv in common) / max(len(common), 1)
-    va = sum(alt[lv]["LTP"]["validation_main"]["mean"] for lv in common) / max(len(common), 1)
+def choose_ltp(base: dict[float, dict | None], alt: dict[float, dict | None]) -> tuple[str, dict]:
+    """The fixed rule: the LTP variant ({level: LTP summary row}) with the higher mean validation accuracy
+    over the levels both ran."""
+    common = sorted(lv for lv in base if base[lv] is not None and alt.get(lv) is not None)
+    vb = sum(base[lv]["validation_main"]["mean"] for lv in common) / max(len(common), 1)
+    va = sum(alt[lv]["validation_main"]["mean"] for lv in common) / max(len(common), 1)
     return ("alt" if va > vb else "base"), {"levels": common, "validation_mean_base": vb, "validation_mean_alt": va}
 
 
@@ -125,25 +126,25 @@ def main(argv=None) -> int:
     # an LTP variant (--ltp-alt): chosen on validation, the other shown beside it; controls listed apart
     choice, other, other_seeded, controls = None, {}, {}, []
     if args.ltp_alt:
+        def ltp_of(table: dict[float, dict]) -> dict[float, dict | None]:
+            return {lv: m.get("LTP") for lv, m in table.items()}
+
         alt_sweep = json.loads(args.ltp_alt.read_text())
         same_reference(levels_sweep, alt_sweep, str(args.ltp_alt))
-        alt = {lv: {"LTP": m["LTP"]} for lv, m in sweep_table(alt_sweep).items() if "LTP" in m}
         alt_seeded = {}
         if args.ltp_alt_seeds:
             alt_seeds_sweep = json.loads(args.ltp_alt_seeds.read_text())
             same_reference(levels_sweep, alt_seeds_sweep, str(args.ltp_alt_seeds))
-            alt_seeded = {lv: {"LTP": m["LTP"]} for lv, m in pooled_seeds_table(alt_seeds_sweep, alt_sweep)[0].items() if "LTP" in m}
-        picked, rule = choose_ltp(levels, alt)
-        choice = {"chosen": args.ltp_alt_label if picked == "alt" else args.ltp_label,
-                  "other": args.ltp_label if picked == "alt" else args.ltp_alt_label, **rule,
-                  "labels": {"base": args.ltp_label, "alt": args.ltp_alt_label}}
-        chosen_lv, chosen_seeded = (alt, alt_seeded) if picked == "alt" else (levels, seeded)
-        other_lv, other_seeded = (levels, seeded) if picked == "alt" else (alt, alt_seeded)
-        other = {lv: m.get("LTP") for lv, m in other_lv.items()}
-        other_seeded = {lv: m.get("LTP") for lv, m in other_seeded.items()}
-        for table, chosen_table in ((levels, chosen_lv), (seeded, chosen_seeded)):
+            alt_seeded = pooled_seeds_table(alt_seeds_sweep, alt_sweep)[0]
+        variants = {"base": (ltp_of(levels), ltp_of(seeded), args.ltp_label),
+                    "alt": (ltp_of(sweep_table(alt_sweep)), ltp_of(alt_seeded), args.ltp_alt_label)}
+        picked, rule = choose_ltp(variants["base"][0], variants["alt"][0])
+        (chosen, chosen_seeded, chosen_label), (other, other_seeded, other_label) = \
+            variants[picked], variants["base" if picked == "alt" else "alt"]
+        choice = {"chosen": chosen_label, "other": other_label, **rule, "labels": {"base": args.ltp_label, "alt": args.ltp_alt_label}}
+        for table, ltp in ((levels, chosen), (seeded, chosen_seeded)):
             for lv in table:
-                table[lv] = {**table[lv], "LTP": (chosen_table.get(lv) or {}).get("LTP")}
+                table[lv] = {**table[lv], "LTP": ltp.get(lv)}
         controls = [{"id": r["id"], "stage": r["stage"], "level": _level(r["overrides"]), "dev": r["dev_main"],
                      "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"]}
                     for r in alt_sweep["summary"] if r["stage"] in METHODS and r["stage"] != "ltp_hard"]
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
             row["methods"][name] = {"dev": r["dev_main"], "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"],
                                     "matched": abs(flops - lv) <= MATCH}
         if choice is not None:
-            o = (other_seeded if "seeds" in label else other).get(lv)
+            o = (other_seeded if len(seeds) > 1 else other).get(lv)
             row["ltp_other"] = None if o is None else {"dev": o["dev_main"], "validation": o["validation_main"],
                                                         "relative_flops_paper": o["relative_flops_paper"]}
         ltp = row["methods"]["LTP"]
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
         L += ["", f"Controls run in `{args.ltp_alt}` (what each is: that recipe's comments), beside the table's LTP at the level:", "",
               "| control | level | dev (val) | rel. FLOPs | table's LTP dev (val) |", "|---|---|---|---|---|"]
         for c in controls:
-            ltp = next((r["methods"]["LTP"] for r in comparison if r["level"] == c["level"] and "seeds" not in r["label"]), None)
+            ltp = next((r["methods"]["LTP"] for r in comparison if r["level"] == c["level"] and len(r["seeds"]) == 1), None)
             L.append(f"| {c['id']} ({c['stage']}) | {c['level']:.2f} | {_fmt(c, 'dev')} ({_fmt(c, 'validation')}) | "
                      f"{_fmt(c, 'relative_flops_paper', 1, 3)} | " + ("-" if ltp is None else f"{_fmt(ltp, 'dev')} ({_fmt(ltp, 'validation')})") + " |")
     for f in failures:

@@ -63,12 +63,12 @@ def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | No
     rows, failures = [], []
     for k, overrides in enumerate(points):
         for seed in seeds:
-            name = f"{base.name}-p{k}" + (f"-s{seed}" if len(seeds) > 1 else "")
-            run_overrides = overrides + [f"seed={seed}", f"name={name}"]
+            run_name = f"{base.name}-p{k}" + (f"-s{seed}" if len(seeds) > 1 else "")
+            run_overrides = overrides + [f"seed={seed}", f"name={run_name}"]
             try:
                 run_dir = run_recipe(recipe_path, run_overrides, progress=progress)
             except UserError as e:  # recorded, the stages it finished still count, the sweep goes on
-                run_dir = Path(load_recipe(recipe_path, run_overrides).output_dir) / name
+                run_dir = Path(load_recipe(recipe_path, run_overrides).output_dir) / run_name
                 failures.append({"point": k, "overrides": overrides, "seed": seed, "run_dir": str(run_dir), "error": str(e)})
                 if not (run_dir / "recipe.json").is_file():
                     continue

@@ -10,6 +10,21 @@ import pytest
 from conftest import DEMO_DATA, write_recipe
 
 
+def _sweep_recipe(tmp_path, tiny_bert, stages: str, train: int = 32, held_out: int = 24):
+    """A recipe named `sw` on the tiny BERT and the demo data, runs under tmp_path/runs; `stages` is its YAML list."""
+    return write_recipe(tmp_path / "s.yaml", f"""\
+name: sw
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: {train}, max_dev_examples: {held_out},
+        max_validation_examples: {held_out}, max_seq_length: 48}}
+seed: 0
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+""" + stages)
+
+
 def test_parse_grid_zips_and_broadcasts():
     from ltp_compress.pipeline.recipe import RecipeError
     from ltp_compress.pipeline.sweep import parse_grid
@@ -22,17 +37,9 @@ def test_parse_grid_zips_and_broadcasts():
 def test_sweep_over_seeds_aggregates_mean_and_sd(tmp_path, tiny_bert):
     from ltp_compress.pipeline.cli import main
 
-    recipe = write_recipe(tmp_path / "s.yaml", f"""\
-name: sw
-model: {tiny_bert}
-task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 32, max_dev_examples: 24, max_validation_examples: 24, max_seq_length: 48}}
-seed: 0
-output_dir: {tmp_path / 'runs'}
-num_threads: 1
-stages:
-  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
-  - {{id: man, stage: manual_prune, final_threshold: 1.0}}
+    recipe = _sweep_recipe(tmp_path, tiny_bert, """\
+  - {id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}
+  - {id: man, stage: manual_prune, final_threshold: 1.0}
 """)
     out = tmp_path / "out"
     assert main(["sweep", str(recipe), "--grid", "stages.man.final_threshold=2.0,3.0", "--seeds", "1,2",
@@ -60,17 +67,9 @@ def test_sweep_records_a_point_that_stops_on_a_user_error_and_goes_on(tmp_path, 
     the later point runs."""
     from ltp_compress.pipeline.cli import main
 
-    recipe = write_recipe(tmp_path / "s.yaml", f"""\
-name: sw
-model: {tiny_bert}
-task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 32, max_dev_examples: 24, max_validation_examples: 24, max_seq_length: 48}}
-seed: 0
-output_dir: {tmp_path / 'runs'}
-num_threads: 1
-stages:
-  - {{id: base, stage: evaluate}}
-  - {{id: topk, stage: topk_prune, dense_layers: 1, target_flops: 0.9, flops_convention: paper}}
+    recipe = _sweep_recipe(tmp_path, tiny_bert, """\
+  - {id: base, stage: evaluate}
+  - {id: topk, stage: topk_prune, dense_layers: 1, target_flops: 0.9, flops_convention: paper}
 """)
     out = tmp_path / "out"
     assert main(["sweep", str(recipe), "--grid", "stages.topk.target_flops=0.9,0.05,0.95", "--out", str(out), "--no-progress"]) == 0
@@ -83,17 +82,7 @@ stages:
 def test_sweep_name_prefixes_the_runs_so_two_studies_of_one_recipe_do_not_collide(tmp_path, tiny_bert):
     from ltp_compress.pipeline.cli import main
 
-    recipe = write_recipe(tmp_path / "s.yaml", f"""\
-name: sw
-model: {tiny_bert}
-task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 16, max_dev_examples: 16, max_validation_examples: 16, max_seq_length: 48}}
-seed: 0
-output_dir: {tmp_path / 'runs'}
-num_threads: 1
-stages:
-  - {{id: man, stage: manual_prune, final_threshold: 1.0}}
-""")
+    recipe = _sweep_recipe(tmp_path, tiny_bert, "  - {id: man, stage: manual_prune, final_threshold: 1.0}\n", train=16, held_out=16)
     assert main(["sweep", str(recipe), "--grid", "stages.man.final_threshold=2.0", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     assert main(["sweep", str(recipe), "--name", "study_b", "--grid", "stages.man.final_threshold=3.0", "--out", str(tmp_path / "b"),
                  "--no-progress"]) == 0
