@@ -22,11 +22,14 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
   real tokens are **packed** into x [T, d] (row-major by sequence, then position; right padding
   assumed like the torch runtime). Every Linear runs on the packed rows only: padding and pruned
   tokens never enter a GEMM.
-* Per layer: Q/K/V (one GEMM when the three share their activation scale, which calibration on
-  one input always gives) -> gathered into the per-layer attention grid [b*S, 3d] -> float
+* Per layer: Q/K/V (one quantisation of x when the three share their activation scale, which
+  calibration on one input always gives) -> gathered into the per-layer attention grid -> float
   attention [b, H, S, S] with padded keys masked -> softmax -> context [b*S, d]. At opset >= 23
   (the default) this is one standard ONNX ``Attention`` node per layer, which also returns the
-  softmax probabilities (``qk_matmul_output_mode`` 3) for the scores; ``attention_op="MatMul"``
+  softmax probabilities (``qk_matmul_output_mode`` 3) for the scores; its Q, K and V [b, S, d]
+  come from three integer GEMMs on the one quantised x, each gathered into the grid (the
+  batch-of-one branch and the spelled-out form use one GEMM over the concatenated Q, K, V weights
+  [T, 3d] instead, so an export holds the Q, K, V weights in both forms); ``attention_op="MatMul"``
   (or an older opset) spells it out as head reshapes, MatMul, Mul, Add, Softmax, MatMul, as the
   batch-of-one branch always does.
   Pruning (not in the last layer): score [b, S] = 1/H * sum_h sum_{j real} A_h(j, i) (padded
@@ -409,26 +412,43 @@ class _Builder:
             y = self.activation(y)
         return y
 
-    def _int8_gemm(self, x: str, names: Sequence[str], x_scale: float) -> str:
+    def _int8_gemm(self, x: str, names: Sequence[str], x_scale: float, split_outputs: bool = False) -> str | list[str]:
+        """x [T, K] float -> one integer GEMM over the concatenated weights of `names` ([T, sum N]), or
+        with `split_outputs` one GEMM per layer, all reading the one quantised x (a list of [T, N_i])."""
+        tag = self._gemm_tag(names)
+        xq, xs_name, zp = self._quantize_input(x, names[0], tag, x_scale)
+        if not split_outputs:
+            return self._int8_matmul(xq, xs_name, zp, x_scale, names, tag)
+        return [self._int8_matmul(xq, xs_name, zp, x_scale, [n], self._gemm_tag([n])) for n in names]
+
+    @staticmethod
+    def _gemm_tag(names: Sequence[str]) -> str:
+        return names[0] if len(names) == 1 else names[0].rpartition(".")[0] + "." + "+".join(n.rpartition(".")[2] for n in names)
+
+    def _quantize_input(self, x: str, first_name: str, tag: str, x_scale: float) -> tuple[str, str, str]:
+        """x [T, K] float -> (x_u8 [T, K], the x_scale initializer, the zero point 128)."""
         g = self.g
-        tag = names[0] if len(names) == 1 else names[0].rpartition(".")[0] + "." + "+".join(n.rpartition(".")[2] for n in names)
-        w_q = np.concatenate([self.tensor(f"{n}.w_q") for n in names], 0)  # [N, K] int8
-        w_scale = np.concatenate([self.tensor(f"{n}.w_scale").astype(np.float32) for n in names], 0)  # [N]
-        biases = [self.w.tensors.get(f"{n}.bias") for n in names]
-        if w_q.dtype != np.int8:
-            raise ExportError(f"{WEIGHTS_FILE}: '{names[0]}.w_q' is {w_q.dtype}, expected int8")
-        first = f"{tag}.x_scale" not in g._init_names  # False: the other `If` branch built this GEMM already
         xs_name = g.shared(f"{tag}.x_scale", lambda: np.asarray(x_scale, dtype=np.float32))  # [] the checkpoint's scale
         zp = g.const(128, np.uint8)
         # the FFN output projection reads GELU / ReLU outputs (>= -0.17): there the clamp can never act
-        ffn_out = names[0].endswith(".output.dense") and not names[0].endswith("attention.output.dense")
+        ffn_out = first_name.endswith(".output.dense") and not first_name.endswith("attention.output.dense")
         bounded = ffn_out and self.act in ("gelu", "relu") and 127.0 * x_scale >= GELU_MIN_BOUND
         if bounded:
             xc = x
         else:
             x_min = g.shared(f"{tag}.x_min", lambda: np.asarray(-127.0 * x_scale, dtype=np.float32))
             xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
-        xq = g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize")  # [T, K] uint8
+        return g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize"), xs_name, zp  # [T, K] uint8
+
+    def _int8_matmul(self, xq: str, xs_name: str, zp: str, x_scale: float, names: Sequence[str], tag: str) -> str:
+        """x_u8 [T, K] -> [T, sum N] float for the layers `names` (weights concatenated), activation applied."""
+        g = self.g
+        w_q = np.concatenate([self.tensor(f"{n}.w_q") for n in names], 0)  # [N, K] int8
+        w_scale = np.concatenate([self.tensor(f"{n}.w_scale").astype(np.float32) for n in names], 0)  # [N]
+        biases = [self.w.tensors.get(f"{n}.bias") for n in names]
+        if w_q.dtype != np.int8:
+            raise ExportError(f"{WEIGHTS_FILE}: '{names[0]}.w_q' is {w_q.dtype}, expected int8")
+        first = f"{tag}.w_q.T" not in g._init_names  # False: the other `If` branch built this GEMM already
         wt = g.shared(f"{tag}.w_q.T", lambda: np.ascontiguousarray(w_q.T))  # [K, N] int8
         bias = None
         if any(b is not None for b in biases):
@@ -452,9 +472,14 @@ class _Builder:
             y = self.gelu(y)
         elif names[0].endswith("intermediate.dense"):
             y = self.activation(y)
+        # the graphs this GEMM node is in: "batch" (the general graph) and / or "batch_of_one" (the `If` branch)
+        branch = "batch_of_one" if g.scope == "one/" else "batch"
         if first:
             self.w.gemms.append({"node": f"{tag}.matmul_integer", "layers": list(names), "x_scale_initializer": xs_name,
-                                 "weight_initializer": wt, "fused_gelu": bool(any(fused))})
+                                 "weight_initializer": wt, "fused_gelu": bool(any(fused)), "graphs": [branch]})
+        else:
+            rec = next(r for r in self.w.gemms if r["node"] == f"{tag}.matmul_integer")
+            rec["graphs"] = sorted(set(rec["graphs"]) | {branch})
         return y
 
     def layout(self, lengths: str) -> _Layout:
@@ -498,25 +523,44 @@ class _Builder:
             return self.linear(x, names)
         return self.g.op("Concat", [self.linear(x, [n]) for n in names], axis=-1)
 
+    def qkv_parts(self, x: str, p: str) -> list[str] | None:
+        """x [T, d] -> [Q, K, V], each [T, d], by three integer GEMMs on one quantised x, or None where
+        Q, K, V are not all INT8 with one activation scale (or fuse_qkv is off)."""
+        names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
+        if not self.fuse_qkv or not all(n in self.w.int8_layers for n in names):
+            return None
+        xs = {float(self.tensor(f"{n}.x_scale")) for n in names}
+        return self._int8_gemm(x, names, xs.pop(), split_outputs=True) if len(xs) == 1 else None
+
     def encoder_layer(self, l: int, x: str, lay: _Layout, n0: str) -> tuple[str, _Layout]:
         """x [T, d] packed -> [T', d] packed (T' = tokens kept after this layer)."""
         g, d, H = self.g, self.d, self.heads
         dh = d // H
         p = f"{self.prefix}.encoder.layer.{l}"
-        qkv = self.qkv(x, p)  # [T, 3d]
         b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
-        # packed rows -> the per-layer attention grid by one Gather (a padded slot reads row 0: its key is
-        # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
-        # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
-        grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
+        scales = self.attention_scales(p)
+        # with the fused Attention op, Q, K, V come from three GEMMs on one quantised x, each gathered straight
+        # into the grid: no Split copy of the [b, S, 3d] grid (1.02x-1.03x at bs 8 / 32 on SST-2 and MRPC,
+        # benchmarks/results/ort_graph_ab_qkv_*.md); the batch-of-one branch keeps the one QKV GEMM
+        parts = self.qkv_parts(x, p) if scales is None and self.attention_op == "Attention" else None
+        if parts is None:
+            qkv = self.qkv(x, p)  # [T, 3d]
+            # packed rows -> the per-layer attention grid by one Gather (a padded slot reads row 0: its key is
+            # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
+            # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
+            grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
         mode = self.pruning.get("mode", "none")
         scores_needed = mode != "none" and l < self.num_layers - 1
         key_bias = g.op("Where", [lay.valid, g.const(0.0, np.float32), g.const(self.neg, np.float32)])  # [b, S]
         key_bias = g.unsqueeze(key_bias, [1, 2])  # [b, 1, 1, S] padded keys out
-        scales = self.attention_scales(p)
         if scales is None and self.attention_op == "Attention":
-            grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3 * d], np.int64)], axis=0))  # [b, S, 3d]
-            q, k, v = g.op("Split", [grid, g.const([d, d, d], np.int64)], n_out=3, axis=-1)  # [b, S, d] each
+            if parts is not None:  # Q, K, V from their own GEMMs (one quantised input), each gathered into the grid
+                shape = g.op("Concat", [b, lay.smax, g.const([d], np.int64)], axis=0)
+                q, k, v = (g.reshape(g.op("Gather", [t, lay.grid_rows], axis=0, name=f"layer{l}.to_grid.{n}"), shape)
+                           for t, n in zip(parts, "qkv"))  # [b, S, d] each
+            else:
+                grid = g.reshape(grid, g.op("Concat", [b, lay.smax, g.const([3 * d], np.int64)], axis=0))  # [b, S, 3d]
+                q, k, v = g.op("Split", [grid, g.const([d, d, d], np.int64)], n_out=3, axis=-1)  # [b, S, d] each
             # the op wants the mask's query axis spelled out: [b, 1, S, S] (one Expand of the key bias)
             mask = g.op("Expand", [key_bias, g.op("Concat", [b, g.const([1], np.int64), lay.smax, lay.smax], axis=0)])
             ctx, probs = self.fused_attention(q, k, v, mask, p, scores_needed)  # [b, S, d], [b, H, S, S] | None
@@ -576,7 +620,8 @@ class _Builder:
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
         # the spelled-out subgraph even where the batch graph uses the fused Attention op: for one sequence the
-        # fused op measured slower in ORT 1.31 (0.915x at bs 1, benchmarks/results/design_observations.md)
+        # fused op measured slower in ORT 1.31 (0.915x at bs 1, benchmarks/results/design_observations.md); Q, K, V
+        # stay one GEMM here (three as in the batch graph measured slower at bs 1: design_observations.md)
         heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
         scales = self.attention_scales(p)
         if scales is not None:
