@@ -540,7 +540,7 @@ class _Builder:
         b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
         scales = self.attention_scales(p)
         # with the fused Attention op, Q, K, V come from three GEMMs on one quantised x, each gathered straight
-        # into the grid: no Split copy of the [b, S, 3d] grid (1.02x-1.03x at bs 8 / 32 on SST-2 and MRPC,
+        # into the grid: no Split copy of the [b, S, 3d] grid (1.02x-1.05x at bs 8 / 32 on SST-2 and MRPC,
         # benchmarks/results/ort_graph_ab_qkv_*.md); the batch-of-one branch keeps the one QKV GEMM
         parts = self.qkv_parts(x, p) if scales is None and self.attention_op == "Attention" else None
         if parts is None:
