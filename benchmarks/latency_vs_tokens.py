@@ -24,7 +24,6 @@ runtime's session options (`--threads`), one sequence at a time:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -63,19 +62,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import onnxruntime as ort
-    from safetensors.numpy import load_file
 
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
     from ltp_compress.modeling.accounting import EncoderShape, relative_flops
-    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+    from ltp_compress.modeling.checkpoint_format import WEIGHTS_FILE
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES, build_onnx_model
     from ltp_compress.modeling.onnx_runtime import session_options
-    from ort_graph_ab import dev_feeds
+    from ort_graph_ab import checkpoint_parts, dev_feeds
 
-    manifest = verify_checkpoint(args.checkpoint)
-    tensors = load_file(str(args.checkpoint / WEIGHTS_FILE))
-    config = json.loads((args.checkpoint / "config.json").read_text())
-    ltp = json.loads((args.checkpoint / LTP_FILE).read_text())
+    manifest, tensors, config, ltp = checkpoint_parts(args.checkpoint)
     dense_ltp = {**ltp, "pruning": {"mode": "none"}}
     shape = EncoderShape(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]))
     int8_weight_mb = sum(v.nbytes for k, v in tensors.items() if k.endswith(".w_q")) / 2**20

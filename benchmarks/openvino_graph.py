@@ -25,7 +25,6 @@ kept tokens per example and layer, max |logit diff|), and OpenVINO's executed la
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_graph_ab import REPO, dev_feeds  # noqa: E402
+from ort_graph_ab import REPO, checkpoint_parts, dev_feeds  # noqa: E402
 
 #: graph forms: build_onnx_model keyword arguments
 FORMS = {
@@ -117,17 +116,13 @@ def main(argv=None) -> int:
     import onnx
     import onnxruntime as ort
     import openvino as ov
-    from safetensors.numpy import load_file
 
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
-    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+    from ltp_compress.modeling.checkpoint_format import WEIGHTS_FILE
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES, build_onnx_model
     from ltp_compress.modeling.onnx_runtime import session_options
 
-    manifest = verify_checkpoint(args.checkpoint)
-    tensors = load_file(str(args.checkpoint / WEIGHTS_FILE))
-    config = json.loads((args.checkpoint / "config.json").read_text())
-    ltp = json.loads((args.checkpoint / LTP_FILE).read_text())
+    manifest, tensors, config, ltp = checkpoint_parts(args.checkpoint)
     bss = [int(b) for b in args.batch_sizes.split(",")]
     feeds, n_examples, labels = dev_feeds(args.checkpoint, args.data, args.task, bss, with_labels=True)
     work = Path(tempfile.mkdtemp())

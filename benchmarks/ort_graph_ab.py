@@ -50,6 +50,18 @@ def builder_at(rev: str | None):
     return mod.build_onnx_model
 
 
+def checkpoint_parts(checkpoint: Path) -> tuple[dict, dict, dict, dict]:
+    """A deployable checkpoint verified against its manifest, then read: (manifest, tensors {name: numpy},
+    HF config, ltp.json), the inputs of `build_onnx_model`."""
+    from safetensors.numpy import load_file
+
+    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+
+    manifest = verify_checkpoint(checkpoint)
+    return (manifest, load_file(str(checkpoint / WEIGHTS_FILE)), json.loads((checkpoint / "config.json").read_text()),
+            json.loads((checkpoint / LTP_FILE).read_text()))
+
+
 def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[int],
               with_labels: bool = False) -> tuple[dict[int, list[dict]], int] | tuple[dict[int, list[dict]], int, dict[int, list]]:
     """The task's dev set tokenised by the checkpoint's tokenizer as ONNX feeds ({input name: int64
@@ -99,17 +111,13 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
     import torch
-    from safetensors.numpy import load_file
 
-    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+    from ltp_compress.modeling.checkpoint_format import WEIGHTS_FILE
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES
     from ltp_compress.modeling.onnx_runtime import concurrent_pass, session_options
 
     torch.set_num_threads(args.threads)
-    manifest = verify_checkpoint(args.checkpoint)
-    tensors = load_file(str(args.checkpoint / WEIGHTS_FILE))
-    config = json.loads((args.checkpoint / "config.json").read_text())
-    ltp = json.loads((args.checkpoint / LTP_FILE).read_text())
+    manifest, tensors, config, ltp = checkpoint_parts(args.checkpoint)
     bss = [int(b) for b in args.batch_sizes.split(",")]
     batches, n_examples = dev_feeds(args.checkpoint, args.data, args.task, bss)
     work = Path(tempfile.mkdtemp())

@@ -396,10 +396,9 @@ class _Builder:
         """x [T, K] -> [T, sum N] for one or more Linear layers sharing the input x (outputs
         concatenated in order). INT8 layers with one common activation scale become one GEMM."""
         g = self.g
-        int8 = [n in self.w.int8_layers for n in names]
-        xs = [float(self.tensor(f"{n}.x_scale")) for n in names] if all(int8) else []
-        if all(int8) and len(set(xs)) == 1:
-            return self._int8_gemm(x, names, xs[0])
+        x_scale = self._shared_int8_scale(names)
+        if x_scale is not None:
+            return self._int8_gemm(x, names, x_scale)
         if len(names) > 1:  # mixed or different scales: one GEMM each
             return g.op("Concat", [self.linear(x, [n]) for n in names], axis=-1)
         (n,) = names
@@ -411,6 +410,14 @@ class _Builder:
         if n.endswith("intermediate.dense"):
             y = self.activation(y)
         return y
+
+    def _shared_int8_scale(self, names: Sequence[str]) -> float | None:
+        """The one activation scale of the Linear layers `names` if all are INT8 and share it (they can then
+        share one quantised input), else None."""
+        if not all(n in self.w.int8_layers for n in names):
+            return None
+        xs = {float(self.tensor(f"{n}.x_scale")) for n in names}
+        return xs.pop() if len(xs) == 1 else None
 
     def _int8_gemm(self, x: str, names: Sequence[str], x_scale: float, split_outputs: bool = False) -> str | list[str]:
         """x [T, K] float -> one integer GEMM over the concatenated weights of `names` ([T, sum N]), or
@@ -527,10 +534,8 @@ class _Builder:
         """x [T, d] -> [Q, K, V], each [T, d], by three integer GEMMs on one quantised x, or None where
         Q, K, V are not all INT8 with one activation scale (or fuse_qkv is off)."""
         names = [f"{p}.attention.self.{n}" for n in ("query", "key", "value")]
-        if not self.fuse_qkv or not all(n in self.w.int8_layers for n in names):
-            return None
-        xs = {float(self.tensor(f"{n}.x_scale")) for n in names}
-        return self._int8_gemm(x, names, xs.pop(), split_outputs=True) if len(xs) == 1 else None
+        x_scale = self._shared_int8_scale(names) if self.fuse_qkv else None
+        return None if x_scale is None else self._int8_gemm(x, names, x_scale, split_outputs=True)
 
     def encoder_layer(self, l: int, x: str, lay: _Layout, n0: str) -> tuple[str, _Layout]:
         """x [T, d] packed -> [T', d] packed (T' = tokens kept after this layer)."""
