@@ -4,3 +4,10 @@
 concrete backends (see kernels/linear_int8.py for what each runs)."""
 
 BACKENDS = ("auto", "reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm", "cuda")
+
+#: activation range name -> act_qmin, the lower bound of a quantised activation (the upper bound is
+#: 127 either way; the scale is symmetric, x_scale = a / 127, zero-point 0). 'symmetric' [-127, 127]
+#: is the first checkpoints' convention; 'full' [-128, 127] is the saturating range of ONNX
+#: QuantizeLinear and of a uint8 source with zero-point 128, so an exported graph needs no clamp
+#: before each quantisation (kernels/linear_int8.py). The one owner of this list.
+ACTIVATION_RANGES = {"symmetric": -127, "full": -128}

@@ -1,10 +1,16 @@
 """Static symmetric INT8 linear layers (W8A8, int32 accumulation) with selectable backends.
 
 Math (all backends):
-    x_q = clamp(round_half_even(x / x_scale), -127, 127)            # int8, per-tensor scale
+    x_q = clamp(round_half_even(x / x_scale), act_qmin, 127)        # int8, per-tensor scale
     w_q = clamp(round_half_even(w / w_scale[n]), -qmax, qmax)        # int8, per-output-channel
     acc[m, n] = sum_k x_q[m, k] * w_q[n, k]                          # exact int32
     y[m, n] = acc[m, n] * x_scale * w_scale[n] + bias[n]   (then optionally exact erf-GELU)
+
+The activation range is a property of the checkpoint (`ACTIVATION_RANGES`): 'symmetric'
+[-127, 127] (act_qmin -127, the first checkpoints' convention) or 'full' [-128, 127] (act_qmin
+-128: the saturating range of ONNX QuantizeLinear and of a uint8 source with zero-point 128, so an
+export needs no clamp before each quantisation). The scale is symmetric either way (zero-point 0,
+x_scale = a / 127); 'full' only lets values in [-128.5, -127.5) x_scale keep -128 instead of -127.
 
 Backends (pick one with :func:`resolve_backend`, once, outside the hot path):
 
@@ -50,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from .backends import ACTIVATION_RANGES, BACKENDS
 
 _CPU_BACKENDS = ("reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm")
 
@@ -252,15 +258,23 @@ def quantize_per_channel_symmetric(w: Tensor, qmax: int = QMAX) -> tuple[Tensor,
     return w_q, scale
 
 
-def quantize_per_tensor_symmetric(x: Tensor, scale: float | Tensor) -> Tensor:
-    """x float (any shape) -> int8 = clamp(round_half_even(x / scale), -127, 127).
+def act_qmin_of(activation_range: str) -> int:
+    """'symmetric' -> -127, 'full' -> -128; anything else is an error naming the known ranges."""
+    try:
+        return ACTIVATION_RANGES[activation_range]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation range {activation_range!r}: expected one of {sorted(ACTIVATION_RANGES)}") from None
+
+
+def quantize_per_tensor_symmetric(x: Tensor, scale: float | Tensor, act_qmin: int = -QMAX) -> Tensor:
+    """x float (any shape) -> int8 = clamp(round_half_even(x / scale), act_qmin, 127).
 
     The division is IEEE fp32 division on every device: CUDA turns a division by a CPU scalar
     into a multiplication by its reciprocal, which rounds differently near .5 (seen on an H200:
     single-step flips against the CPU reference), so there the scale is a device tensor."""
     if x.device.type != "cpu" and not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return torch.round(x / scale).clamp_(act_qmin, QMAX).to(torch.int8)
 
 
 # 1.5 * 2^23: adding it to a float32 v with |v| < 2^22 rounds v to an integer half-to-even
@@ -268,27 +282,28 @@ def quantize_per_tensor_symmetric(x: Tensor, scale: float | Tensor) -> Tensor:
 _MAGIC = 12582912.0
 
 
-def _quantize_fast(x: Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> Tensor:
-    """Hot-path quantiser, bit-identical to ``quantize_per_tensor_symmetric(x, scale) +
+def _quantize_fast(x: Tensor, scale: float, zero_point: int, dtype: torch.dtype, act_qmin: int = -QMAX) -> Tensor:
+    """Hot-path quantiser, bit-identical to ``quantize_per_tensor_symmetric(x, scale, act_qmin) +
     zero_point`` (tested) in about a quarter of the time on CPU.
 
-    v = clamp(x / scale, -127, 127) (same fp32 division as the reference, and clamping to
+    v = clamp(x / scale, act_qmin, 127) (same fp32 division as the reference, and clamping to
     integer bounds commutes with rounding); v + (1.5 * 2^23 + zero_point) is rounded half-to-even
     by the fp32 add itself; the int32 view of the sum then holds the result in its low byte,
     and the int32 -> (u)int8 conversion keeps exactly that byte (it wraps modulo 256).
     Three cheap passes instead of round + clamp + float->int8 (float->int8 is slow in ATen).
     """
     if x.dtype != torch.float32 or x.device.type != "cpu":
-        q = quantize_per_tensor_symmetric(x.float(), scale)
+        q = quantize_per_tensor_symmetric(x.float(), scale, act_qmin)
         return q if zero_point == 0 and dtype == torch.int8 else (q.to(torch.int16) + zero_point).to(dtype)
     v = torch.div(x, scale)  # [M, K] fp32, new buffer
-    v.clamp_(-QMAX, QMAX).add_(_MAGIC + zero_point)
+    v.clamp_(act_qmin, QMAX).add_(_MAGIC + zero_point)
     return v.view(torch.int32).to(dtype)
 
 
-def quantize_u8_zp128(x: Tensor, scale: float) -> Tensor:
-    """quantize_per_tensor_symmetric(x, scale) + 128 as uint8 in [1, 255] (oneDNN source)."""
-    return _quantize_fast(x, scale, 128, torch.uint8)
+def quantize_u8_zp128(x: Tensor, scale: float, act_qmin: int = -QMAX) -> Tensor:
+    """quantize_per_tensor_symmetric(x, scale, act_qmin) + 128 as uint8 in [act_qmin + 128, 255]
+    (oneDNN source)."""
+    return _quantize_fast(x, scale, 128, torch.uint8, act_qmin)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -458,10 +473,11 @@ def onednn_qlinear_u8(x_u8: Tensor, x_scale: float, packed: PackedInt8Weight, fu
     )
 
 
-def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: bool = False) -> Tensor:
+def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: bool = False,
+                act_qmin: int = -QMAX) -> Tensor:
     """y = dequant(quant(x) @ w_q^T) + bias [, GELU]; x float [..., K] -> float32 [..., N].
 
-    Quantises x itself (per-tensor symmetric, ``x_scale``) and runs ``packed.backend``.
+    Quantises x itself (per-tensor, ``x_scale``, to [act_qmin, 127]) and runs ``packed.backend``.
     The backend was chosen when the weight was packed; nothing is probed here.
     """
     k = packed.in_features
@@ -475,19 +491,19 @@ def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: 
     x_scale = float(x_scale)
     if backend in ("cpu_vnni", "cpu_avx2"):
         _count("onednn_qlinear_u8s8" if backend == "cpu_vnni" else "onednn_qlinear_u8s8_w7")
-        y = onednn_qlinear_u8(quantize_u8_zp128(x2, x_scale), x_scale, packed, fuse_gelu)  # [M, N] float32
+        y = onednn_qlinear_u8(quantize_u8_zp128(x2, x_scale, act_qmin), x_scale, packed, fuse_gelu)  # [M, N] float32
     elif backend == "cpu_int_mm":
         _count("int_mm_s8s8")
-        x_q = _quantize_fast(x2, x_scale, 0, torch.int8)  # [M, K] int8
+        x_q = _quantize_fast(x2, x_scale, 0, torch.int8, act_qmin)  # [M, K] int8
         y = _epilogue(torch._int_mm(x_q, packed.packed), x_scale, packed, fuse_gelu)
     elif backend == "cuda":
-        x_q = quantize_per_tensor_symmetric(x2, x_scale)  # [M, K] int8
+        x_q = quantize_per_tensor_symmetric(x2, x_scale, act_qmin)  # [M, K] int8
         acc = _cuda_int_mm(x_q, packed.packed, packed.k_pad)  # [M, N8]
         if packed.n_pad:
             acc = acc[:, : packed.out_features]
         y = _epilogue(acc, x_scale, packed, fuse_gelu)
     elif backend == "reference":
-        x_q = quantize_per_tensor_symmetric(x2, x_scale)
+        x_q = quantize_per_tensor_symmetric(x2, x_scale, act_qmin)
         y = int8_linear_reference(x_q, x_scale, packed.w_q, packed.w_scale, packed.bias, fuse_gelu)
     else:  # pragma: no cover
         raise RuntimeError(f"unknown backend {backend!r}")
@@ -501,7 +517,8 @@ class Int8Linear(nn.Module):
     """Drop-in W8A8 replacement for ``nn.Linear`` with a static activation scale.
 
     Buffers: w_q int8 [N, K], w_scale float32 [N], bias float32 [N] (optional), x_scale float32
-    scalar. ``backend`` is a concrete backend name resolved at construction; the prepacked
+    scalar. ``act_qmin``: the activation range's lower bound (-127 or -128, ``ACTIVATION_RANGES``;
+    a checkpoint records it in ltp.json). ``backend`` is a concrete backend name resolved at construction; the prepacked
     weight is built on first forward and rebuilt after ``.to()`` / ``load_state_dict``.
     """
 
@@ -513,8 +530,12 @@ class Int8Linear(nn.Module):
         x_scale: float,
         backend: str = "auto",
         fuse_gelu: bool = False,
+        act_qmin: int = -QMAX,
     ):
         super().__init__()
+        if act_qmin not in ACTIVATION_RANGES.values():
+            raise ValueError(f"act_qmin {act_qmin!r}: expected one of {sorted(ACTIVATION_RANGES.values())}")
+        self.act_qmin = int(act_qmin)
         self.backend = resolve_backend(backend, w_q.device)
         self.in_features = int(w_q.shape[1])
         self.out_features = int(w_q.shape[0])
@@ -528,7 +549,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, x_scale: float, backend: str = "auto", fuse_gelu: bool = False
+        cls, linear: nn.Linear, x_scale: float, backend: str = "auto", fuse_gelu: bool = False, act_qmin: int = -QMAX
     ) -> "Int8Linear":
         """Quantise ``linear.weight`` per output channel with the backend's exact range
         (127, or 63 for cpu_avx2) and wrap it. ``x_scale`` is the calibrated activation scale."""
@@ -536,7 +557,7 @@ class Int8Linear(nn.Module):
         concrete = resolve_backend(backend, w.device)
         w_q, w_scale = quantize_per_channel_symmetric(w, qmax=weight_qmax(concrete))
         b = None if linear.bias is None else linear.bias.detach()
-        return cls(w_q, w_scale, b, x_scale, backend=concrete, fuse_gelu=fuse_gelu)
+        return cls(w_q, w_scale, b, x_scale, backend=concrete, fuse_gelu=fuse_gelu, act_qmin=act_qmin)
 
     def _invalidate(self) -> None:
         self._packed = None
@@ -558,11 +579,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., K] -> [..., N] float32
         packed = self._packed if self._packed is not None else self.packed_weight()
-        return int8_linear(x, self._x_scale_f, packed, fuse_gelu=self.fuse_gelu)
+        return int8_linear(x, self._x_scale_f, packed, fuse_gelu=self.fuse_gelu, act_qmin=self.act_qmin)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, backend={self.backend}, "
-            f"x_scale={float(self.x_scale):.6g}, fuse_gelu={self.fuse_gelu}"
+            f"x_scale={float(self.x_scale):.6g}, act_range=[{self.act_qmin}, {QMAX}], fuse_gelu={self.fuse_gelu}"
         )

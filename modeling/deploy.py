@@ -137,6 +137,20 @@ class DeployedModel:
         return predict_texts(self, texts_a, texts_b, batch_size)
 
 
+def activation_qmin(quantization: dict, path: Path) -> int:
+    """The lower bound of the checkpoint's quantised Linear inputs from ltp.json's
+    `quantization.activation_range` (kernels/backends.py ACTIVATION_RANGES): -128 ('full') or -127
+    ('symmetric'; also a checkpoint written before the key existed). Anything else is an error
+    naming the file and key."""
+    from ltp_compress.kernels.backends import ACTIVATION_RANGES
+
+    name = quantization.get("activation_range", "symmetric")
+    if name not in ACTIVATION_RANGES:
+        raise CheckpointError(f"{path / LTP_FILE}: 'quantization.activation_range' is {name!r}; "
+                              f"this version knows {sorted(ACTIVATION_RANGES)}")
+    return ACTIVATION_RANGES[name]
+
+
 def load_deployable(path: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> DeployedModel:
     """Verify, then load a deployable checkpoint. Needs torch, safetensors and transformers only.
 
@@ -159,6 +173,7 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
     int8_layers = q.get("int8_layers")
     if not isinstance(int8_layers, list):
         raise CheckpointError(f"{path / LTP_FILE}: 'quantization.int8_layers' missing")
+    act_qmin = activation_qmin(q, path)
     try:
         pruning = PruningConfig.from_dict(ltp.get("pruning"))
     except TypeError as e:
@@ -203,7 +218,7 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
         fuse = name in fused
         dev = torch.device(device)
         mod = Int8Linear(w_q.to(dev), w_scale.to(dev), None if bias is None else bias.to(dev), float(x_scale),
-                         backend=concrete, fuse_gelu=fuse)
+                         backend=concrete, fuse_gelu=fuse, act_qmin=act_qmin)
         swap_linear(model, name, mod, gelu_fused=fuse)
     attention = q.get("attention_matmuls", "fp32")
     if attention == "int8":  # scales come from the safetensors buffers below; ltp.json names the layers

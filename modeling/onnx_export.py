@@ -49,12 +49,15 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
 
 INT8 linears (every layer in the checkpoint's ``int8_layers``) use the checkpoint's own scales::
 
-    x_c  = Max(x, -127 * x_scale)                   # the reference clamps to [-127, 127]: keep
+    x_c  = Max(x, -127 * x_scale)                   # only for a checkpoint with the 'symmetric'
+                                                    # activation range [-127, 127]: keeps
                                                     # QuantizeLinear from producing -128 (u8 0);
                                                     # omitted where x is a GELU/ReLU output and
-                                                    # 127 * x_scale >= 0.17 (it cannot act there)
+                                                    # 127 * x_scale >= 0.17 (it cannot act there).
+                                                    # 'full' [-128, 127] (the default since the
+                                                    # option exists) is QuantizeLinear's own range
     x_u8 = QuantizeLinear(x_c, x_scale, zp=128)     # uint8 = round_half_even(x / x_scale) + 128,
-                                                    # saturating at 255 (= +127)
+                                                    # saturating at 0 (= -128) and 255 (= +127)
     int8_op "MatMulIntegerToFloat" (default; ORT contrib op, one kernel):
     y    = MatMulIntegerToFloat(x_u8, W_q^T, x_scale, w_scale, 128, 0, bias)   # [T, N] float
     int8_op "MatMulInteger" (standard ONNX; ORT does not fuse this pattern, 3 more nodes):
@@ -94,6 +97,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ltp_compress.errors import CheckpointError
+from ltp_compress.kernels.backends import ACTIVATION_RANGES
 from ltp_compress.fileio import atomic_folder
 from ltp_compress.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
@@ -241,8 +245,8 @@ class _Graph:
     def reshape(self, x: str, shape: str | Sequence[int]) -> str:
         return self.op("Reshape", [x, shape if isinstance(shape, str) else self.const(list(shape), np.int64)])
 
-    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
-        return self.op("ReduceSum", [x, self.const(list(axes), np.int64)], keepdims=keepdims)
+    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: int = 0, name: str | None = None) -> str:
+        return self.op("ReduceSum", [x, self.const(list(axes), np.int64)], keepdims=keepdims, name=name)
 
     def reduce_max(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
         if self.opset >= 18:
@@ -270,6 +274,7 @@ class _Weights:
     int8_layers: set[str]
     fused_gelu: set[str]
     fp_layers: set[str]
+    act_qmin: int = -127  # lower bound of the quantised Linear inputs (kernels/backends.py ACTIVATION_RANGES)
     gemms: list[dict] = field(default_factory=list)  # one entry per int8 GEMM node, for ltp_onnx.json
     attention_gemms: list[str] = field(default_factory=list)  # the INT8 attention MatMulInteger nodes
 
@@ -440,7 +445,7 @@ class _Builder:
         # the FFN output projection reads GELU / ReLU outputs (>= -0.17): there the clamp can never act
         ffn_out = first_name.endswith(".output.dense") and not first_name.endswith("attention.output.dense")
         bounded = ffn_out and self.act in ("gelu", "relu") and 127.0 * x_scale >= GELU_MIN_BOUND
-        if bounded:
+        if bounded or self.w.act_qmin == -128:  # the range is QuantizeLinear's own [-128, 127] ('full')
             xc = x
         else:
             x_min = g.shared(f"{tag}.x_min", lambda: np.asarray(-127.0 * x_scale, dtype=np.float32))
@@ -758,8 +763,11 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     q = ltp.get("quantization") or {}
     if q.get("attention_matmuls", "fp32") not in ("fp32", "int8"):
         raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r} (known: fp32, int8)")
+    act_range = q.get("activation_range", "symmetric")  # absent: a checkpoint from before the option
+    if act_range not in ACTIVATION_RANGES:
+        raise ExportError(f"{LTP_FILE}: quantization.activation_range is {act_range!r} (known: {sorted(ACTIVATION_RANGES)})")
     w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
-                 fp_layers=set(q.get("fp_layers") or []))
+                 fp_layers=set(q.get("fp_layers") or []), act_qmin=ACTIVATION_RANGES[act_range])
     if config.get("model_type") not in ("bert", "roberta"):
         raise ExportError(f"{HF_CONFIG_FILE}: model_type {config.get('model_type')!r} not supported (bert, roberta)")
     pruning = dict(ltp.get("pruning") or {"mode": "none"})
@@ -901,7 +909,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
                         "pruned tokens skip layer l's output projection and FFN",
         "quantization": {"int8_gemms": gemms, "int8_layers": q.get("int8_layers"), "fused_gelu": q.get("fused_gelu") or [],
                          "fp_layers": q.get("fp_layers") or [], "weight_qmax": q.get("weight_qmax"),
-                         "int8_op": int8_op,
+                         "activation_range": q.get("activation_range", "symmetric"), "int8_op": int8_op,
                          "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
                          "attention_matmuls": q.get("attention_matmuls", "fp32"), "int8_attention_gemms": attention_gemms,
                          "attention_scheme": ("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "

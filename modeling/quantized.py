@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltp_compress.kernels import Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
+from ltp_compress.kernels import Int8Linear, act_qmin_of, quantize_per_channel_symmetric, resolve_backend, weight_qmax
 
 QMAX = 127
 QUANT_FORMAT = "w8a8-symmetric-static"
@@ -204,9 +204,11 @@ def attach_int8_attention(model: nn.Module, attention_scales: dict[str, dict[str
 # ----------------------------------------------------------------------------- modules
 
 
-def fake_quant_per_tensor(x: torch.Tensor, scale: float | torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
-    """Symmetric fake quantisation: clamp(round(x/s), -qmax, qmax) * s (float result)."""
-    return torch.round(x / scale).clamp(-qmax, qmax) * scale
+def fake_quant_per_tensor(x: torch.Tensor, scale: float | torch.Tensor, qmax: int = QMAX,
+                          qmin: int | None = None) -> torch.Tensor:
+    """Symmetric-scale fake quantisation: clamp(round(x/s), qmin, qmax) * s (float result);
+    qmin defaults to -qmax (the 'symmetric' range; -128 is the 'full' one, kernels/backends.py)."""
+    return torch.round(x / scale).clamp(-qmax if qmin is None else qmin, qmax) * scale
 
 
 def fake_quant_weight(w: torch.Tensor, qmax: int = QMAX) -> torch.Tensor:
@@ -220,8 +222,10 @@ class FakeQuantLinear(nn.Module):
 
     y = dequant(quant(x; x_scale)) @ dequant(w_q; w_scale)^T + bias   [, exact GELU]"""
 
-    def __init__(self, linear: nn.Linear, x_scale: float, weight_qmax: int = QMAX, fuse_gelu: bool = False):
+    def __init__(self, linear: nn.Linear, x_scale: float, weight_qmax: int = QMAX, fuse_gelu: bool = False,
+                 act_qmin: int = -QMAX):
         super().__init__()
+        self.act_qmin = int(act_qmin)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", fake_quant_weight(linear.weight.detach().float(), weight_qmax))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
@@ -229,7 +233,7 @@ class FakeQuantLinear(nn.Module):
         self.fuse_gelu = fuse_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(fake_quant_per_tensor(x.float(), self.x_scale), self.weight, self.bias)
+        y = F.linear(fake_quant_per_tensor(x.float(), self.x_scale, qmin=self.act_qmin), self.weight, self.bias)
         return F.gelu(y) if self.fuse_gelu else y
 
 
@@ -247,11 +251,13 @@ class QuantInfo:
     fp_layers: list[str] = field(default_factory=list)  # Linear layers deliberately left float
     attention_matmuls: str = "fp32"  # "int8": Q·Kᵀ and P·V on 8-bit grids (kernels/attention_int8.py)
     attention_scales: dict[str, dict[str, float]] = field(default_factory=dict)  # attention.self name -> q/k/v scale
+    activation_range: str = "full"  # Linear inputs in [-128, 127] ('full') or [-127, 127] ('symmetric'), kernels/backends.py
 
     def to_dict(self) -> dict:
         return {
             "format": QUANT_FORMAT, "backend": self.backend, "weight_qmax": self.weight_qmax,
-            "activation_qmax": QMAX, "weights": "int8 per-output-channel symmetric",
+            "activation_qmax": QMAX, "activation_range": self.activation_range,
+            "activation_qmin": act_qmin_of(self.activation_range), "weights": "int8 per-output-channel symmetric",
             "activations": "int8 per-tensor symmetric static", "observer": self.observer,
             "percentile": self.percentile, "calibration_batches": self.calibration_batches,
             "act_scales": self.act_scales, "fused_gelu": self.fused_gelu, "fp_layers": self.fp_layers,
@@ -292,27 +298,32 @@ def _replace_linears(model: nn.Module, act_scales: dict[str, float], make, fuse_
 
 
 def convert_to_int8(model: nn.Module, act_scales: dict[str, float], backend: str = "auto", *,
-                    fuse_gelu: bool = True, fp_layers=(), inplace: bool = False) -> tuple[nn.Module, QuantInfo]:
+                    fuse_gelu: bool = True, fp_layers=(), inplace: bool = False,
+                    activation_range: str = "full") -> tuple[nn.Module, QuantInfo]:
     """Replace every nn.Linear (except `fp_layers`) by an Int8Linear with the given activation
-    scale. `backend` is resolved once here ('auto' -> best for the model's device)."""
+    scale and range ('full' [-128, 127] or 'symmetric' [-127, 127]). `backend` is resolved once
+    here ('auto' -> best for the model's device)."""
+    qmin = act_qmin_of(activation_range)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     device = next(model.parameters()).device
     concrete = resolve_backend(backend, device)
     fused = _replace_linears(
         model, act_scales,
-        lambda lin, s, fuse: Int8Linear.from_float(lin, s, backend=concrete, fuse_gelu=fuse),
+        lambda lin, s, fuse: Int8Linear.from_float(lin, s, backend=concrete, fuse_gelu=fuse, act_qmin=qmin),
         fuse_gelu, skip=set(fp_layers))
     info = QuantInfo(backend=concrete, weight_qmax=weight_qmax(concrete), observer="", percentile=None,
-                     calibration_batches=0, act_scales=dict(act_scales), fused_gelu=fused, fp_layers=list(fp_layers))
+                     calibration_batches=0, act_scales=dict(act_scales), fused_gelu=fused, fp_layers=list(fp_layers),
+                     activation_range=activation_range)
     return model, info
 
 
 def fake_quant_model(model: nn.Module, act_scales: dict[str, float], weight_qmax_: int = QMAX, *,
-                     fuse_gelu: bool = True, fp_layers=()) -> nn.Module:
-    """A copy of the float model with every Linear replaced by FakeQuantLinear (same scales)."""
+                     fuse_gelu: bool = True, fp_layers=(), activation_range: str = "full") -> nn.Module:
+    """A copy of the float model with every Linear replaced by FakeQuantLinear (same scales and range)."""
     model = copy.deepcopy(model).eval()
-    _replace_linears(model, act_scales, lambda lin, s, fuse: FakeQuantLinear(lin, s, weight_qmax_, fuse),
+    qmin = act_qmin_of(activation_range)
+    _replace_linears(model, act_scales, lambda lin, s, fuse: FakeQuantLinear(lin, s, weight_qmax_, fuse, qmin),
                      fuse_gelu, skip=set(fp_layers))
     return model
 

@@ -63,19 +63,21 @@ def precision_for(fp_layers, attention_matmuls: str = "fp32") -> Precision:
 
 
 @torch.no_grad()
-def layer_sensitivity(model, batch, pruning, act_scales: dict[str, float]) -> dict[str, float]:
+def layer_sensitivity(model, batch, pruning, act_scales: dict[str, float], activation_range: str = "full") -> dict[str, float]:
     """Relative output error ||fq(y) - y|| / ||y|| of each Linear on one calibration batch, its
-    input and weight fake-quantised with the calibrated scales."""
+    input (in `activation_range`) and weight fake-quantised with the calibrated scales."""
+    from ltp_compress.kernels import act_qmin_of
     from ltp_compress.modeling.pruned_encoder import forward_packed
     import torch.nn.functional as F
 
     errs: dict[str, float] = {}
     modules = dict(model.named_modules())
+    qmin = act_qmin_of(activation_range)
 
     def hook(name):
         def fn(m, args, out):
             x = args[0]
-            yq = F.linear(fake_quant_per_tensor(x, act_scales[name]), fake_quant_weight(m.weight), m.bias)
+            yq = F.linear(fake_quant_per_tensor(x, act_scales[name], qmin=qmin), fake_quant_weight(m.weight), m.bias)
             errs[name] = max(errs.get(name, 0.0), float((yq - out).norm() / out.norm().clamp_min(1e-12)))
         return fn
 
@@ -114,7 +116,8 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         attention_scales = calibrate_attention(model, calib, pruning, cfg.observer, cfg.percentile)
 
     def convert(fp_layers):
-        qmodel, info = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers)
+        qmodel, info = convert_to_int8(model, act_scales, cfg.backend, fuse_gelu=cfg.fuse_gelu, fp_layers=fp_layers,
+                                       activation_range=cfg.activation_range)
         if attention_scales:
             attach_int8_attention(qmodel, attention_scales)
             info.attention_matmuls, info.attention_scales = "int8", attention_scales
@@ -124,7 +127,7 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     fallback = None
     if cfg.max_accuracy_drop is not None:
         fp_main = validation_main(model, ctx, pruning, cfg.eval_batch_size)
-        sens = layer_sensitivity(model, calib[0], pruning, act_scales)
+        sens = layer_sensitivity(model, calib[0], pruning, act_scales, cfg.activation_range)
         ranked = sorted(sens, key=sens.get, reverse=True)
         trials = []
         while True:
@@ -161,6 +164,7 @@ def run(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         "int8_layers": len(linear_names(model)) - len(fp_layers),
         "fp_layers": fp_layers,
         "attention_matmuls": cfg.attention_matmuls,
+        "activation_range": info.activation_range,
         "fused_gelu": len(info.fused_gelu),
         "pruning": pruning.to_dict(),
         "refit": refit,

@@ -74,20 +74,36 @@ def test_per_tensor_quant_half_even_and_clamp():
     assert K.quantize_per_tensor_symmetric(x, torch.tensor(1.0)).tolist() == q.tolist()
 
 
+def test_activation_ranges_lower_bound():
+    """'full' keeps -128 where 'symmetric' clamps to -127; both round half-to-even and top out at 127;
+    an unknown range name is an error naming the known ones."""
+    x = torch.tensor([-127.4, -127.5, -127.6, -128.4, -128.6, -1000.0, 127.6])
+    assert K.quantize_per_tensor_symmetric(x, 1.0, K.act_qmin_of("symmetric")).tolist() == [-127, -127, -127, -127, -127, -127, 127]
+    assert K.quantize_per_tensor_symmetric(x, 1.0, K.act_qmin_of("full")).tolist() == [-127, -128, -128, -128, -128, -128, 127]
+    assert K.ACTIVATION_RANGES == {"symmetric": -127, "full": -128}
+    with pytest.raises(ValueError, match="full"):
+        K.act_qmin_of("asymmetric")
+    with pytest.raises(ValueError, match="act_qmin"):
+        K.Int8Linear(torch.zeros(4, 4, dtype=torch.int8), torch.ones(4), None, 1.0, backend="reference", act_qmin=-126)
+
+
+@pytest.mark.parametrize("act_qmin", [-127, -128])
 @pytest.mark.parametrize("zp,dtype", [(0, torch.int8), (128, torch.uint8)])
-def test_hot_path_quantiser_bit_identical(zp, dtype):
-    """The fast CPU quantiser used by int8_linear == quantize_per_tensor_symmetric (+ zp),
-    including exact .5 ties (half-to-even), clamping and +-inf."""
+def test_hot_path_quantiser_bit_identical(zp, dtype, act_qmin):
+    """The fast CPU quantiser used by int8_linear == quantize_per_tensor_symmetric (+ zp) in both
+    activation ranges, including exact .5 ties (half-to-even), clamping and +-inf."""
     from ltp_compress.kernels.linear_int8 import _quantize_fast
 
     s = 0.0371
     ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * s
     x = torch.cat([ties, torch.randn(50_000) * s * 60, torch.tensor([1e30, -1e30, float("inf"), -float("inf"), 0.0, -0.0])])
-    q = _quantize_fast(x, s, zp, dtype)
-    ref = (K.quantize_per_tensor_symmetric(x, s).to(torch.int16) + zp).to(dtype)
+    q = _quantize_fast(x, s, zp, dtype, act_qmin)
+    ref = (K.quantize_per_tensor_symmetric(x, s, act_qmin).to(torch.int16) + zp).to(dtype)
     assert q.dtype == dtype and torch.equal(q, ref)
+    assert int(ref.to(torch.int16).min()) - zp == act_qmin  # the lower bound is reached (and not passed)
     x2 = torch.randn(6, 10).t()  # non-contiguous input
-    assert torch.equal(_quantize_fast(x2, s, zp, dtype), (K.quantize_per_tensor_symmetric(x2, s).to(torch.int16) + zp).to(dtype))
+    assert torch.equal(_quantize_fast(x2, s, zp, dtype, act_qmin),
+                       (K.quantize_per_tensor_symmetric(x2, s, act_qmin).to(torch.int16) + zp).to(dtype))
 
 
 # ----------------------------------------------------------------------------- backends
@@ -170,6 +186,26 @@ def test_backend_matches_reference(backend, bias, fuse_gelu, m_shape, k, n):
     if fuse_gelu:
         fp = F.gelu(fp)
     assert (y - fp).abs().max() < 0.05 * fp.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act_qmin", [-127, -128])
+def test_backend_matches_reference_where_activations_saturate(backend, act_qmin):
+    """Activation scale 8x too small: many inputs fall below -128.5 * x_scale, so the activation
+    range's lower bound decides the result; every backend (u8 with zero-point 128, s8 x s8) must
+    keep exactly the reference's bound, and the two ranges really differ there."""
+    _skip_unavailable(backend)
+    x, x_scale, w_q, w_scale, b = _make((5,), 64, 48, backend, bias=True)
+    x_scale = float(torch.tensor(x_scale / 8, dtype=torch.float32))  # as Int8Linear stores it
+    packed = K.pack_weight(w_q, w_scale, b, backend)
+    y = K.int8_linear(x, x_scale, packed, act_qmin=act_qmin)
+    x_q = K.quantize_per_tensor_symmetric(x, x_scale, act_qmin)
+    assert int(x_q.min()) == act_qmin
+    _assert_close(y, K.int8_linear_reference(x_q, x_scale, w_q, w_scale, b))
+    other = K.quantize_per_tensor_symmetric(x, x_scale, -255 - act_qmin)  # the other range
+    assert not torch.allclose(y, K.int8_linear_reference(other, x_scale, w_q, w_scale, b))
+    mod = K.Int8Linear(w_q, w_scale, b, x_scale, backend=backend, act_qmin=act_qmin)
+    assert torch.equal(mod(x), y) and f"act_range=[{act_qmin}, 127]" in repr(mod)
 
 
 def test_reference_is_exact_against_float64():

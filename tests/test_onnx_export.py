@@ -306,29 +306,72 @@ def test_topk_and_dense_checkpoints_export_and_match(quantised, tmp_path, kind, 
         assert ops["TopK"] == 1
 
 
-def test_saturating_activations_clamp_to_127_like_the_reference(quantised, tmp_path):
-    """Activation scales 16x too small: many inputs fall below -127.5 * x_scale, where ONNX
-    QuantizeLinear alone would give -128 (u8 0) but the reference clamps to -127; the graph's
-    Max(x, -127 * x_scale) must reproduce the reference."""
+@pytest.mark.parametrize("activation_range", ["symmetric", "full"])
+def test_saturating_activations_follow_the_checkpoints_range(quantised, tmp_path, activation_range):
+    """Activation scales 16x too small: many inputs fall below -127.5 * x_scale. ONNX QuantizeLinear
+    alone gives -128 (u8 0) there: the 'full' range [-128, 127] of the reference, exported with no
+    clamp at all; a 'symmetric' checkpoint clamps to -127, exported as Max(x, -127 * x_scale)
+    before each quantisation (but the FFN output projection's, which reads GELU outputs). Both must
+    reproduce the torch runtime."""
     import copy
 
     import torch
 
+    from ltp_compress.kernels import ACTIVATION_RANGES, Int8Linear
+
     q = quantised["bert"]
-    qmodel = copy.deepcopy(q.qmodel)
+    qmodel, info = copy.deepcopy(q.qmodel), copy.deepcopy(q.info)
+    info.activation_range = activation_range
     for mod in qmodel.modules():
-        if hasattr(mod, "x_scale") and isinstance(getattr(mod, "x_scale"), torch.Tensor):
+        if isinstance(mod, Int8Linear):
             mod.x_scale.div_(16)
-    ckpt = save_deployable(qmodel, q.tok, PruningConfig(), q.info, tmp_path / "ckpt")
+            mod.act_qmin = ACTIVATION_RANGES[activation_range]
+            mod._invalidate()
+    ckpt = save_deployable(qmodel, q.tok, PruningConfig(), info, tmp_path / "ckpt")
+    assert json.loads((ckpt / "ltp.json").read_text())["quantization"]["activation_range"] == activation_range
     export = export_onnx(ckpt, tmp_path / "onnx", parity_texts=_mixed_batch())
+    assert json.loads((export / "ltp_onnx.json").read_text())["quantization"]["activation_range"] == activation_range
     dm = load_deployable(ckpt)
+    assert {m.act_qmin for m in dm.model.modules() if isinstance(m, Int8Linear)} == {ACTIVATION_RANGES[activation_range]}
     below = []
     lin = dm.model.get_submodule("bert.encoder.layer.0.attention.output.dense")
     hook = lin.register_forward_pre_hook(lambda m, args: below.append(float((args[0] / m.x_scale).min())))
     dm.logits(dm.encode(_mixed_batch()))
     hook.remove()
     _compare(ckpt, export, _mixed_batch(), batch_size=7)
+    _compare(ckpt, export, _mixed_batch()[:2], batch_size=1)
     assert min(below) < -128  # saturation really happens on the negative side
+    import onnx
+
+    model = onnx.load(str(export / "model.onnx"))
+    # 'symmetric': one Max per quantisation (with scales this small even the FFN output projection's
+    # GELU input can reach -127 * x_scale); 'full': none
+    for branch in ("then_branch", "else_branch"):
+        ops = _branch_ops(model, branch)
+        assert ops["QuantizeLinear"] >= 4 * 2 + 2, branch  # 4 per layer (QKV once), pooler, classifier
+        assert ops["Max"] == {"symmetric": ops["QuantizeLinear"], "full": 0}[activation_range], branch
+
+
+def test_checkpoint_with_unknown_activation_range_refused(quantised, tmp_path):
+    """An ltp.json naming an activation range this version does not know is refused by the torch
+    loader and by the exporter, naming the file and the key."""
+    import copy
+
+    from ltp_compress.manifest import write_manifest
+    from ltp_compress.modeling.checkpoint_format import FORMAT, FORMAT_VERSION
+
+    q = quantised["bert"]
+    info = copy.deepcopy(q.info)
+    info.activation_range = "symmetric"
+    ckpt = save_deployable(q.qmodel, q.tok, PruningConfig(), info, tmp_path / "ckpt")
+    ltp = json.loads((ckpt / "ltp.json").read_text())
+    ltp["quantization"]["activation_range"] = "asymmetric"
+    (ckpt / "ltp.json").write_text(json.dumps(ltp))
+    write_manifest(ckpt, FORMAT, FORMAT_VERSION)  # a consistent manifest: only the content is wrong
+    with pytest.raises(CheckpointError, match=r"ltp\.json.*activation_range.*asymmetric"):
+        load_deployable(ckpt)
+    with pytest.raises(CheckpointError, match=r"ltp\.json.*activation_range.*asymmetric"):
+        export_onnx(ckpt, tmp_path / "onnx")
 
 
 @pytest.mark.parametrize("damage", ["flip", "extra", "missing", "manifest_drop"])
