@@ -65,6 +65,18 @@ def pooled_seeds_table(seeds_sweep: dict, levels_sweep: dict) -> tuple[dict[floa
     return sweep_table({"summary": aggregate_over_seeds(pooled)}, default_level=level), sorted({r["seed"] for r in pooled})
 
 
+def pooled_seeds_tables(paths: list[Path], levels_sweep: dict) -> tuple[dict[float, dict[str, dict]], dict[float, list[int]]]:
+    """`pooled_seeds_table` of each seeds sweep (one level each): ({level: {method: row}}, {level: seeds})."""
+    table, seeds = {}, {}
+    for path in paths:
+        t, s = pooled_seeds_table(json.loads(Path(path).read_text()), levels_sweep)
+        (lv, methods), = t.items()
+        if lv in table:
+            raise SystemExit(f"{path}: a second seeds sweep at level {lv:.2f}")
+        table[lv], seeds[lv] = methods, s
+    return table, seeds
+
+
 def same_reference(a: dict, b: dict, what: str) -> None:
     """Two sweeps compared side by side must share the unpruned reference (same teacher, split, dev)."""
     ra = {(r["validation_main"], r["dev_main"]) for r in a["rows"] if r["is_reference"]}
@@ -109,9 +121,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True)
     p.add_argument("--levels", type=Path, required=True, help="sweep.json over FLOPs levels (one seed)")
-    p.add_argument("--seeds", type=Path, default=None, help="sweep.json over seeds at one level")
+    p.add_argument("--seeds", type=Path, action="append", default=[],
+                   help="sweep.json over seeds at one level (repeat the option for more levels)")
     p.add_argument("--ltp-alt", type=Path, default=None, help="sweep.json of an LTP variant over the same levels, teacher and split")
-    p.add_argument("--ltp-alt-seeds", type=Path, default=None, help="that variant's sweep.json over seeds at one level")
+    p.add_argument("--ltp-alt-seeds", type=Path, action="append", default=[],
+                   help="that variant's sweep.json over seeds at one level (repeatable)")
     p.add_argument("--ltp-label", default="levels sweep", help="what the --levels sweep's LTP is (e.g. its soft budget)")
     p.add_argument("--ltp-alt-label", default="variant", help="what the --ltp-alt sweep's LTP is")
     p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
@@ -120,8 +134,7 @@ def main(argv=None) -> int:
 
     levels_sweep = json.loads(args.levels.read_text())
     levels = sweep_table(levels_sweep)
-    seeds_sweep = json.loads(args.seeds.read_text()) if args.seeds else None
-    seeded, seeded_seeds = pooled_seeds_table(seeds_sweep, levels_sweep) if seeds_sweep else ({}, [])
+    seeded, seeded_seeds = pooled_seeds_tables(args.seeds, levels_sweep)
 
     # an LTP variant (--ltp-alt): chosen on validation, the other shown beside it; controls listed apart
     choice, other, other_seeded, controls = None, {}, {}, []
@@ -131,11 +144,9 @@ def main(argv=None) -> int:
 
         alt_sweep = json.loads(args.ltp_alt.read_text())
         same_reference(levels_sweep, alt_sweep, str(args.ltp_alt))
-        alt_seeded = {}
-        if args.ltp_alt_seeds:
-            alt_seeds_sweep = json.loads(args.ltp_alt_seeds.read_text())
-            same_reference(levels_sweep, alt_seeds_sweep, str(args.ltp_alt_seeds))
-            alt_seeded = pooled_seeds_table(alt_seeds_sweep, alt_sweep)[0]
+        for path in args.ltp_alt_seeds:
+            same_reference(levels_sweep, json.loads(path.read_text()), str(path))
+        alt_seeded = pooled_seeds_tables(args.ltp_alt_seeds, alt_sweep)[0]
         variants = {"base": (ltp_of(levels), ltp_of(seeded), args.ltp_label),
                     "alt": (ltp_of(sweep_table(alt_sweep)), ltp_of(alt_seeded), args.ltp_alt_label)}
         picked, rule = choose_ltp(variants["base"][0], variants["alt"][0])
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
     # matched-FLOPs comparison, one row per level (and the seeds row)
     comparison = []
     for label, table, seeds in [(f"{lv:.2f}", {lv: levels[lv]}, levels_sweep["seeds"]) for lv in sorted(levels)] + \
-                                [(f"{lv:.2f} (seeds {','.join(map(str, seeded_seeds))})", {lv: seeded[lv]}, seeded_seeds)
+                                [(f"{lv:.2f} (seeds {','.join(map(str, seeded_seeds[lv]))})", {lv: seeded[lv]}, seeded_seeds[lv])
                                  for lv in sorted(seeded)]:
         (lv, methods), = table.items()
         row = {"level": lv, "label": label, "seeds": seeds, "methods": {}}
@@ -202,9 +213,9 @@ def main(argv=None) -> int:
             "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
     }
     result = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
-              "inputs": {"levels": str(args.levels), "seeds": str(args.seeds) if args.seeds else None, "chain": str(args.chain),
+              "inputs": {"levels": str(args.levels), "seeds": [str(p) for p in args.seeds], "chain": str(args.chain),
                          "ltp_alt": str(args.ltp_alt) if args.ltp_alt else None,
-                         "ltp_alt_seeds": str(args.ltp_alt_seeds) if args.ltp_alt_seeds else None},
+                         "ltp_alt_seeds": [str(p) for p in args.ltp_alt_seeds]},
               "ltp_choice": choice, "controls": controls, "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
 
     # markdown

@@ -143,9 +143,11 @@ def environment_info() -> dict:
 
 def _changed_keys(old: dict, new: dict, model) -> list[str]:
     """Keys of `new` (the JSON dump of the pydantic `model`) that differ from the stored `old`. A key
-    `old` lacks is unchanged while `new` leaves it at its default (a setting added by a later version,
-    e.g. quantize's attention_matmuls or data.split_seed, does not change work finished before it
-    existed); a key only `old` has is changed; a nested model (the recipe's data) is compared the same way."""
+    `old` lacks (a setting added by a later version) stands for what the code did before it existed:
+    its default (e.g. quantize's attention_matmuls, data.split_seed), or, for a setting whose default
+    is not the old behaviour, the value its field declares as `json_schema_extra={"absent_means": ...}`
+    (quantize's activation_range: 'symmetric'); a key only `old` has is changed; a nested model (the
+    recipe's data) is compared the same way."""
     fields = {f.alias or name: (name, f) for name, f in type(model).model_fields.items()}
     changed = sorted(set(old) - set(new))
     for k, v in new.items():
@@ -156,7 +158,8 @@ def _changed_keys(old: dict, new: dict, model) -> list[str]:
         elif k in old:
             same = old[k] == v
         else:
-            same = f is not None and v == f.get_default(call_default_factory=True)
+            extra = (f.json_schema_extra if f is not None and isinstance(f.json_schema_extra, dict) else None) or {}
+            same = f is not None and v == extra.get("absent_means", f.get_default(call_default_factory=True))
         if not same:
             changed.append(k)
     return changed

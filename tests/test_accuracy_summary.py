@@ -96,3 +96,31 @@ def test_the_seeds_row_stands_for_its_level_in_the_goal(tmp_path):
     assert list(goal["levels"]) == ["0.40 (seeds 0,1,42)"]
     assert goal["levels"]["0.40 (seeds 0,1,42)"] == pytest.approx(100 * ((0.88 + 0.88 + 0.85) / 3 - 0.86))
     assert goal["met"] is True
+
+
+def test_seeds_sweeps_at_two_levels_each_stand_for_their_level(tmp_path):
+    """--seeds repeated: one seeds row per level (each pooled with the levels sweep's run there), each
+    judged instead of its single-seed row; a second seeds sweep at the same level is refused."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    levels = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.85), _row("topk_prune", "topk", 0.40, 0.85, 0.86),
+              _row("ltp_hard", "hard", 0.80, 0.89, 0.88), _row("manual_prune", "manual", 0.80, 0.89, 0.89)]
+
+    def seeds_at(level, ltp_dev, base_dev, base_stage):
+        rows = [{**ref, "seed": s} for s in (0, 1)]
+        rows += [_row("ltp_hard", "hard", level, 0.85, ltp_dev, seed=s) for s in (0, 1)]
+        rows += [_row(base_stage, base_stage, level, 0.85, base_dev, seed=s) for s in (0, 1)]
+        return rows
+
+    s040 = _sweep(tmp_path / "s040.json", seeds_at(0.40, 0.88, 0.86, "topk_prune"))
+    s080 = _sweep(tmp_path / "s080.json", seeds_at(0.80, 0.90, 0.89, "manual_prune"))
+    out = tmp_path / "acc"
+    common = ["--task", "sst2", "--levels", str(_sweep(tmp_path / "a.json", levels)), "--chain", str(_chain(tmp_path / "c.json")),
+              "--out", str(out)]
+    assert mod.main(common + ["--seeds", str(s040), "--seeds", str(s080)]) == 0
+    goal = json.loads(out.with_suffix(".json").read_text())["goals"]["ltp_ahead_of_baselines_at_every_level"]
+    assert goal["not_judged_alone"] == ["0.40", "0.80"]
+    assert goal["levels"]["0.80 (seeds 0,1,42)"] == pytest.approx(100 * ((0.90 + 0.90 + 0.88) / 3 - (0.89 + 0.89 + 0.89) / 3))
+    assert goal["met"] is True  # the single-seed 0.80 row (LTP behind) is not judged alone
+    with pytest.raises(SystemExit, match="second seeds sweep at level 0.80"):
+        mod.main(common + ["--seeds", str(s080), "--seeds", str(s080)])

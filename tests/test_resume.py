@@ -158,6 +158,32 @@ stages:
     assert _changed_keys({**new_q, "removed_key": 1}, new_q, q)
 
 
+def test_a_setting_whose_default_is_not_the_old_behaviour_resumes_only_where_the_recipe_pins_it(tmp_path):
+    """quantize's activation_range defaults to 'full', but a stage finished before the setting existed
+    quantised to [-127, 127]: its stored config (no key) equals 'symmetric', not the default, so a
+    recipe must pin 'symmetric' to resume it and a recipe at the default re-runs it (changed)."""
+    import json
+
+    from ltp_compress.pipeline.recipe import load_recipe
+    from ltp_compress.pipeline.runner import _changed_keys
+
+    (tmp_path / "r.yaml").write_text("""\
+name: r
+model: m
+task: sst2
+data: {source: glue_dir, path: d}
+stages:
+  - {id: q, stage: quantize}
+  - {id: qs, stage: quantize, activation_range: symmetric}
+""")
+    q, qs = load_recipe(tmp_path / "r.yaml").stages
+    new_q, new_qs = (json.loads(st.model_dump_json(by_alias=True)) for st in (q, qs))
+    assert new_q["activation_range"] == "full"
+    old = {k: v for k, v in new_q.items() if k != "activation_range"}  # stored before the setting existed
+    assert _changed_keys(old, new_q, q) == ["activation_range"]
+    assert not _changed_keys({**old, "id": "qs"}, new_qs, qs)
+
+
 def test_a_recipe_starting_from_another_runs_model_must_carve_that_runs_validation(tmp_path, tiny_bert):
     """Starting from `<run>/stages/NN-id/model` on the same data with another split seed would validate
     on rows that model trained on: preflight names data.split_seed; pinning it passes. A data setting
