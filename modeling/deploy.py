@@ -10,6 +10,9 @@ Layout (format version 1)::
     tokenizer files     as written by tokenizer.save_pretrained
     ltp.json            {"format": "ltp-compress-deployable", "format_version": 1,
                          "pruning": PruningConfig, "quantization": QuantInfo, "max_seq_length": int}
+                        (quantization.activation_range: "full" [-128, 127] or "symmetric" [-127, 127],
+                        the range of the quantised Linear inputs; absent: "symmetric", a checkpoint
+                        written before the key existed)
     manifest.json       {"format_version": 1, "files": {name: {"size": bytes, "sha256": hex}}}
 
 `load_deployable` verifies the manifest *first* (every listed file present, same size, same

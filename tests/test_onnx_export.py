@@ -315,7 +315,6 @@ def test_saturating_activations_follow_the_checkpoints_range(quantised, tmp_path
     reproduce the torch runtime."""
     import copy
 
-    import torch
 
     from ltp_compress.kernels import ACTIVATION_RANGES, Int8Linear
 
@@ -354,7 +353,8 @@ def test_saturating_activations_follow_the_checkpoints_range(quantised, tmp_path
 
 def test_checkpoint_with_unknown_activation_range_refused(quantised, tmp_path):
     """An ltp.json naming an activation range this version does not know is refused by the torch
-    loader and by the exporter, naming the file and the key."""
+    loader and by the exporter, naming the file and the key; one without the key (written before it
+    existed) is read as 'symmetric'."""
     import copy
 
     from ltp_compress.manifest import write_manifest
@@ -372,6 +372,15 @@ def test_checkpoint_with_unknown_activation_range_refused(quantised, tmp_path):
         load_deployable(ckpt)
     with pytest.raises(CheckpointError, match=r"ltp\.json.*activation_range.*asymmetric"):
         export_onnx(ckpt, tmp_path / "onnx")
+    # a checkpoint written before the key existed: [-127, 127], and its export keeps the clamps
+    from ltp_compress.kernels import Int8Linear
+
+    del ltp["quantization"]["activation_range"]
+    (ckpt / "ltp.json").write_text(json.dumps(ltp))
+    write_manifest(ckpt, FORMAT, FORMAT_VERSION)
+    assert {m.act_qmin for m in load_deployable(ckpt).model.modules() if isinstance(m, Int8Linear)} == {-127}
+    export = export_onnx(ckpt, tmp_path / "onnx_legacy")
+    assert json.loads((export / "ltp_onnx.json").read_text())["quantization"]["activation_range"] == "symmetric"
 
 
 @pytest.mark.parametrize("damage", ["flip", "extra", "missing", "manifest_drop"])
