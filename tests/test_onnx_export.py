@@ -315,7 +315,6 @@ def test_saturating_activations_follow_the_checkpoints_range(quantised, tmp_path
     reproduce the torch runtime."""
     import copy
 
-
     from ltp_compress.kernels import ACTIVATION_RANGES, Int8Linear
 
     q = quantised["bert"]
