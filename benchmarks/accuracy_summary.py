@@ -55,13 +55,15 @@ def sweep_table(sweep: dict, default_level: float | None = None) -> dict[float, 
 
 
 def pooled_seeds_table(seeds_sweep: dict, levels_sweep: dict) -> tuple[dict[float, dict[str, dict]], list[int]]:
-    """The seeds sweep's runs pooled with the levels sweep's run at the same level (its seed): mean ± sd."""
+    """The seeds sweep's runs pooled with the levels sweep's run at the same level (its seed): mean ± sd,
+    for the stages the seeds sweep ran (a method it skipped keeps only its single-seed row)."""
     from ltp_compress.pipeline.sweep import aggregate_over_seeds
 
     level = next((lv for lv in map(_level, (r["overrides"] for r in seeds_sweep["rows"])) if lv is not None), GOAL_FLOPS)
+    stages = {r["stage"] for r in seeds_sweep["rows"]}
     pooled = [{**r, "point": 0} for r in seeds_sweep["rows"]]
     pooled += [{**r, "point": 0} for r in levels_sweep["rows"] if _level(r["overrides"]) == level
-               and r["seed"] not in seeds_sweep["seeds"]]
+               and r["seed"] not in seeds_sweep["seeds"] and r["stage"] in stages]
     return sweep_table({"summary": aggregate_over_seeds(pooled)}, default_level=level), sorted({r["seed"] for r in pooled})
 
 

@@ -23,9 +23,32 @@ from ltp_compress.pipeline.report import collect_report
 from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
 
+def _split_top_level(values: str, item: str) -> list[str]:
+    """'a,[b,c],{d: 1, e: 2}' -> ['a', '[b,c]', '{d: 1, e: 2}']: commas inside brackets or braces belong to
+    one value (a YAML list or mapping); unbalanced brackets are an error naming the --grid item."""
+    out, depth, cur = [], 0, []
+    for ch in values:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                break
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise RecipeError(f"--grid '{item}': unbalanced brackets")
+    out.append("".join(cur))
+    return out
+
+
 def parse_grid(items: list[str]) -> list[list[str]]:
-    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (override lists per point); no items:
-    one point, the recipe as it is (a sweep over seeds only)."""
+    """['a=1,2', 'b=x'] -> [['a=1', 'b=x'], ['a=2', 'b=x']] (override lists per point); a value may be
+    a YAML list ('skip_stages=[soft,hard],[]': two values); no items: one point, the recipe as it is (a
+    sweep over seeds only)."""
     if not items:
         return [[]]
     keys, values = [], []
@@ -33,7 +56,7 @@ def parse_grid(items: list[str]) -> list[list[str]]:
         if "=" not in item:
             raise RecipeError(f"--grid '{item}': expected KEY=V1,V2,...")
         k, v = item.split("=", 1)
-        vals = [x.strip() for x in v.split(",") if x.strip()]
+        vals = [x.strip() for x in _split_top_level(v, item) if x.strip()]
         if not vals:
             raise RecipeError(f"--grid '{item}': no values")
         keys.append(k)

@@ -104,7 +104,8 @@ def test_seeds_sweeps_at_two_levels_each_stand_for_their_level(tmp_path):
     mod = _module()
     ref = _row("evaluate", "base", None, 0.90, 0.89)
     levels = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.85), _row("topk_prune", "topk", 0.40, 0.85, 0.86),
-              _row("ltp_hard", "hard", 0.80, 0.89, 0.88), _row("manual_prune", "manual", 0.80, 0.89, 0.89)]
+              _row("ltp_hard", "hard", 0.80, 0.89, 0.88), _row("manual_prune", "manual", 0.80, 0.89, 0.89),
+              _row("topk_prune", "topk", 0.80, 0.80, 0.80)]  # top-k: not rerun at 0.80's seeds
 
     def seeds_at(level, ltp_dev, base_dev, base_stage):
         rows = [{**ref, "seed": s} for s in (0, 1)]
@@ -122,5 +123,7 @@ def test_seeds_sweeps_at_two_levels_each_stand_for_their_level(tmp_path):
     assert goal["not_judged_alone"] == ["0.40", "0.80"]
     assert goal["levels"]["0.80 (seeds 0,1,42)"] == pytest.approx(100 * ((0.90 + 0.90 + 0.88) / 3 - (0.89 + 0.89 + 0.89) / 3))
     assert goal["met"] is True  # the single-seed 0.80 row (LTP behind) is not judged alone
+    row080 = next(r for r in json.loads(out.with_suffix(".json").read_text())["comparison"] if r["label"] == "0.80 (seeds 0,1,42)")
+    assert row080["methods"]["top-k"] is None  # a method the seeds sweep skipped is not pooled from one seed
     with pytest.raises(SystemExit, match="second seeds sweep at level 0.80"):
         mod.main(common + ["--seeds", str(s080), "--seeds", str(s080)])

@@ -32,6 +32,11 @@ def test_parse_grid_zips_and_broadcasts():
     assert parse_grid(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"]]
     with pytest.raises(RecipeError, match="equal lengths"):
         parse_grid(["a=1,2", "b=x,y,z"])
+    # a YAML list is one value: its commas do not split the grid
+    assert parse_grid(["skip_stages=[soft,hard],[]", "a=1"]) == [["skip_stages=[soft,hard]", "a=1"], ["skip_stages=[]", "a=1"]]
+    assert parse_grid(["skip_stages=[soft,hard]"]) == [["skip_stages=[soft,hard]"]]
+    with pytest.raises(RecipeError, match=r"skip_stages=\[soft,hard'.*unbalanced"):
+        parse_grid(["skip_stages=[soft,hard"])
 
 
 def test_sweep_over_seeds_aggregates_mean_and_sd(tmp_path, tiny_bert):
