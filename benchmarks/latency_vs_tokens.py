@@ -23,7 +23,6 @@ runtime's session options (`--threads`), one sequence at a time:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -49,16 +48,12 @@ def _median_latency(session, feed: dict, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--threads", type=int, default=2)
+    from ort_graph_ab import checkpoint_bench_parser, checkpoint_parts, dev_feeds
+
+    p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "latency_vs_tokens")
     p.add_argument("--lengths", default="2,4,8,16,24,32,48,64,96,128")
     p.add_argument("--repeats", type=int, default=200, help="timed runs per synthetic length")
     p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the dev set per graph")
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default="latency_vs_tokens")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -68,7 +63,6 @@ def main(argv=None) -> int:
     from ltp_compress.modeling.checkpoint_format import WEIGHTS_FILE
     from ltp_compress.modeling.onnx_export import OUTPUT_NAMES, build_onnx_model
     from ltp_compress.modeling.onnx_runtime import session_options
-    from ort_graph_ab import checkpoint_parts, dev_feeds
 
     manifest, tensors, config, ltp = checkpoint_parts(args.checkpoint)
     dense_ltp = {**ltp, "pruning": {"mode": "none"}}

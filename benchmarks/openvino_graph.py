@@ -24,7 +24,6 @@ kept tokens per example and layer, max |logit diff|), and OpenVINO's executed la
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_graph_ab import REPO, checkpoint_parts, dev_feeds  # noqa: E402
+from ort_graph_ab import REPO, checkpoint_bench_parser, checkpoint_parts, dev_feeds  # noqa: E402
 
 #: graph forms: build_onnx_model keyword arguments
 FORMS = {
@@ -101,16 +100,10 @@ def ort_concurrent_runner(path: Path, threads: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--threads", type=int, default=2)
+    p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "openvino_graph")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default="openvino_graph")
     args = p.parse_args(argv)
 
     import onnx

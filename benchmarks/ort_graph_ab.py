@@ -50,6 +50,19 @@ def builder_at(rev: str | None):
     return mod.build_onnx_model
 
 
+def checkpoint_bench_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark of one checkpoint on a task's dev set shares (checkpoint, --data,
+    --task, --threads, --out-dir, --name); each script adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default=name)
+    return p
+
+
 def checkpoint_parts(checkpoint: Path) -> tuple[dict, dict, dict, dict]:
     """A deployable checkpoint verified against its manifest, then read: (manifest, tensors {name: numpy},
     HF config, ltp.json), the inputs of `build_onnx_model`."""
@@ -90,23 +103,17 @@ def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--task", required=True)
+    p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "ort_graph_ab")
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--baseline-rev", help="git revision of the graph builder to compare against")
     base.add_argument("--baseline-float-attention", action="store_true",
                       help="A: this checkpoint with float32 attention matmuls (it must have INT8 ones)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", type=int, default=1,
                    help="batch sizes > 1 run as this many concurrent requests on a session with threads // streams "
                         "intra-op threads (the throughput setting of load_onnx(streams=...) and the end-to-end benchmark)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default="ort_graph_ab")
     args = p.parse_args(argv)
 
     import onnxruntime as ort

@@ -25,7 +25,6 @@ default's exactly (logits and kept tokens); the table says whether they do.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -66,22 +65,17 @@ def branch_models(model) -> tuple[bytes, bytes]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--threads", type=int, default=2)
+    from ort_graph_ab import checkpoint_bench_parser, checkpoint_parts, dev_feeds
+
+    p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "ort_session_ab")
     p.add_argument("--streams", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default="ort_session_ab")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
     import torch
-    from ort_graph_ab import checkpoint_parts, dev_feeds
 
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
     from ltp_compress.modeling.checkpoint_format import WEIGHTS_FILE

@@ -11,3 +11,5 @@ BACKENDS = ("auto", "reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm", "cuda")
 #: QuantizeLinear and of a uint8 source with zero-point 128, so an exported graph needs no clamp
 #: before each quantisation (kernels/linear_int8.py). The one owner of this list.
 ACTIVATION_RANGES = {"symmetric": -127, "full": -128}
+#: the range a checkpoint or finished stage recorded before the setting existed
+LEGACY_ACTIVATION_RANGE = "symmetric"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ltp_compress.errors import CheckpointError
+from ltp_compress.kernels.backends import ACTIVATION_RANGES, LEGACY_ACTIVATION_RANGE
 from ltp_compress.manifest import verify_manifest
 
 FORMAT = "ltp-compress-deployable"
@@ -24,6 +25,16 @@ def verify_checkpoint(path: str | Path) -> dict:
     hint = (" (this looks like a training-stage model folder, not a deployable checkpoint: use the quantize stage's output)"
             if (path / "pruning.json").is_file() else "")
     return verify_manifest(path, FORMAT, FORMAT_VERSION, REQUIRED_FILES, what="deployable checkpoint", missing_hint=hint)
+
+
+def activation_range(quantization: dict, path: str | Path = "", error: type[CheckpointError] = CheckpointError) -> str:
+    """The range of the checkpoint's quantised Linear inputs from ltp.json's `quantization.activation_range`
+    (a key of kernels/backends.py ACTIVATION_RANGES; absent: LEGACY_ACTIVATION_RANGE, a checkpoint written
+    before the key existed). Anything else raises `error` naming the file and the key."""
+    name = quantization.get("activation_range", LEGACY_ACTIVATION_RANGE)
+    if name not in ACTIVATION_RANGES:
+        raise error(f"{Path(path) / LTP_FILE}: 'quantization.activation_range' is {name!r}; this version knows {sorted(ACTIVATION_RANGES)}")
+    return name
 
 
 def read_deployable_info(path: str | Path) -> dict:

@@ -39,7 +39,7 @@ from ltp_compress.fileio import atomic_folder
 from ltp_compress.manifest import MANIFEST_FILE, write_manifest  # noqa: F401 (MANIFEST_FILE re-exported)
 from ltp_compress.modeling.prediction import predict_texts
 from ltp_compress.modeling.checkpoint_format import (  # noqa: F401 (the format's names, re-exported)
-    CONFIG_FILE, FORMAT, FORMAT_VERSION, LTP_FILE, REQUIRED_FILES, WEIGHTS_FILE, read_deployable_info, verify_checkpoint,
+    CONFIG_FILE, FORMAT, FORMAT_VERSION, LTP_FILE, REQUIRED_FILES, WEIGHTS_FILE, activation_range, read_deployable_info, verify_checkpoint,
 )
 
 
@@ -140,20 +140,6 @@ class DeployedModel:
         return predict_texts(self, texts_a, texts_b, batch_size)
 
 
-def activation_qmin(quantization: dict, path: Path) -> int:
-    """The lower bound of the checkpoint's quantised Linear inputs from ltp.json's
-    `quantization.activation_range` (kernels/backends.py ACTIVATION_RANGES): -128 ('full') or -127
-    ('symmetric'; also a checkpoint written before the key existed). Anything else is an error
-    naming the file and key."""
-    from ltp_compress.kernels.backends import ACTIVATION_RANGES
-
-    name = quantization.get("activation_range", "symmetric")
-    if name not in ACTIVATION_RANGES:
-        raise CheckpointError(f"{path / LTP_FILE}: 'quantization.activation_range' is {name!r}; "
-                              f"this version knows {sorted(ACTIVATION_RANGES)}")
-    return ACTIVATION_RANGES[name]
-
-
 def load_deployable(path: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> DeployedModel:
     """Verify, then load a deployable checkpoint. Needs torch, safetensors and transformers only.
 
@@ -166,7 +152,7 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
     install_known_message_filters()  # before transformers (which imports torchao when installed)
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ltp_compress.kernels import Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
+    from ltp_compress.kernels import ACTIVATION_RANGES, Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
     from ltp_compress.modeling.pruned_encoder import PruningConfig
     from ltp_compress.modeling.quantized import swap_linear
 
@@ -176,7 +162,7 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
     int8_layers = q.get("int8_layers")
     if not isinstance(int8_layers, list):
         raise CheckpointError(f"{path / LTP_FILE}: 'quantization.int8_layers' missing")
-    act_qmin = activation_qmin(q, path)
+    act_qmin = ACTIVATION_RANGES[activation_range(q, path)]
     try:
         pruning = PruningConfig.from_dict(ltp.get("pruning"))
     except TypeError as e:

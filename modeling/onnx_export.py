@@ -100,7 +100,7 @@ from ltp_compress.errors import CheckpointError
 from ltp_compress.kernels.backends import ACTIVATION_RANGES
 from ltp_compress.fileio import atomic_folder
 from ltp_compress.manifest import MANIFEST_FILE, verify_manifest, write_manifest
-from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
+from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, activation_range, verify_checkpoint
 
 # ----------------------------------------------------------------------------- export folder format
 
@@ -245,8 +245,8 @@ class _Graph:
     def reshape(self, x: str, shape: str | Sequence[int]) -> str:
         return self.op("Reshape", [x, shape if isinstance(shape, str) else self.const(list(shape), np.int64)])
 
-    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: int = 0, name: str | None = None) -> str:
-        return self.op("ReduceSum", [x, self.const(list(axes), np.int64)], keepdims=keepdims, name=name)
+    def reduce_sum(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
+        return self.op("ReduceSum", [x, self.const(list(axes), np.int64)], keepdims=keepdims)
 
     def reduce_max(self, x: str, axes: Sequence[int], keepdims: int = 0) -> str:
         if self.opset >= 18:
@@ -763,11 +763,9 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     q = ltp.get("quantization") or {}
     if q.get("attention_matmuls", "fp32") not in ("fp32", "int8"):
         raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r} (known: fp32, int8)")
-    act_range = q.get("activation_range", "symmetric")  # absent: a checkpoint from before the option
-    if act_range not in ACTIVATION_RANGES:
-        raise ExportError(f"{LTP_FILE}: quantization.activation_range is {act_range!r} (known: {sorted(ACTIVATION_RANGES)})")
+    act_qmin = ACTIVATION_RANGES[activation_range(q, error=ExportError)]
     w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
-                 fp_layers=set(q.get("fp_layers") or []), act_qmin=ACTIVATION_RANGES[act_range])
+                 fp_layers=set(q.get("fp_layers") or []), act_qmin=act_qmin)
     if config.get("model_type") not in ("bert", "roberta"):
         raise ExportError(f"{HF_CONFIG_FILE}: model_type {config.get('model_type')!r} not supported (bert, roberta)")
     pruning = dict(ltp.get("pruning") or {"mode": "none"})
@@ -909,7 +907,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
                         "pruned tokens skip layer l's output projection and FFN",
         "quantization": {"int8_gemms": gemms, "int8_layers": q.get("int8_layers"), "fused_gelu": q.get("fused_gelu") or [],
                          "fp_layers": q.get("fp_layers") or [], "weight_qmax": q.get("weight_qmax"),
-                         "activation_range": q.get("activation_range", "symmetric"), "int8_op": int8_op,
+                         "activation_range": activation_range(q, checkpoint_dir, ExportError), "int8_op": int8_op,
                          "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
                          "attention_matmuls": q.get("attention_matmuls", "fp32"), "int8_attention_gemms": attention_gemms,
                          "attention_scheme": ("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "

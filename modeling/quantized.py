@@ -256,8 +256,7 @@ class QuantInfo:
     def to_dict(self) -> dict:
         return {
             "format": QUANT_FORMAT, "backend": self.backend, "weight_qmax": self.weight_qmax,
-            "activation_qmax": QMAX, "activation_range": self.activation_range,
-            "activation_qmin": act_qmin_of(self.activation_range), "weights": "int8 per-output-channel symmetric",
+            "activation_qmax": QMAX, "activation_range": self.activation_range, "weights": "int8 per-output-channel symmetric",
             "activations": "int8 per-tensor symmetric static", "observer": self.observer,
             "percentile": self.percentile, "calibration_batches": self.calibration_batches,
             "act_scales": self.act_scales, "fused_gelu": self.fused_gelu, "fp_layers": self.fp_layers,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ltp_compress.kernels.backends import ACTIVATION_RANGES, BACKENDS
+from ltp_compress.kernels.backends import ACTIVATION_RANGES, BACKENDS, LEGACY_ACTIVATION_RANGE
 
 #: `init_from` / teacher value meaning the recipe's `model` rather than a stage
 RECIPE_MODEL = "model"
@@ -174,7 +174,7 @@ class QuantizeStage(StageBase, FlopsTargetFields):
         "full", description="quantised Linear inputs in [-128, 127] ('full': the saturating range of ONNX QuantizeLinear, so the "
                             "export needs no clamp before each quantisation) or [-127, 127] ('symmetric', the convention of "
                             "checkpoints made before this option); the scale is symmetric either way (a / 127)",
-        json_schema_extra={"absent_means": "symmetric"})  # a stage finished before the option quantised to [-127, 127]
+        json_schema_extra={"absent_means": LEGACY_ACTIVATION_RANGE})  # a stage finished before the option: [-127, 127]
     reuse_qat_scales: bool = Field(False, description="use the activation scales observed by a quant-aware distill stage (act_scales.json beside the source model) instead of calibrating")
     max_accuracy_drop: float | None = Field(None, ge=0, description="accuracy-aware fallback: keep the most sensitive Linear layers in FP until the validation main-metric drop vs the FP model <= this (absolute)")
     max_fallback_layers: int = Field(8, ge=0, description="at most this many Linear layers kept in FP by the fallback")

@@ -132,28 +132,33 @@ def test_checkpoint_every_steps_zero_writes_none(tmp_path, tiny_bert, monkeypatc
     assert "ft: removing an interrupted attempt" in (tmp_path / "runs" / "nockpt" / "logs" / "run.log").read_text()
 
 
-def test_a_setting_added_later_at_its_default_does_not_change_a_finished_stage(tmp_path):
-    """Resume compares finished stages' stored configs with the recipe; a key the stored config
-    lacks (a setting a later version added) is equal only at its default."""
+def _two_quantize_stages(tmp_path, second: str):
+    """Two quantize stages of a minimal recipe, the second with `second` settings: [(stage, its JSON dump)]."""
     import json
 
     from ltp_compress.pipeline.recipe import load_recipe
-    from ltp_compress.pipeline.runner import _changed_keys
 
-    (tmp_path / "r.yaml").write_text("""\
+    (tmp_path / "r.yaml").write_text(f"""\
 name: r
 model: m
 task: sst2
-data: {source: glue_dir, path: d}
+data: {{source: glue_dir, path: d}}
 stages:
-  - {id: q, stage: quantize}
-  - {id: q8, stage: quantize, attention_matmuls: int8}
+  - {{id: q, stage: quantize}}
+  - {{id: q2, stage: quantize, {second}}}
 """)
-    q, q8 = load_recipe(tmp_path / "r.yaml").stages
-    new_q, new_q8 = (json.loads(st.model_dump_json(by_alias=True)) for st in (q, q8))
+    return [(st, json.loads(st.model_dump_json(by_alias=True))) for st in load_recipe(tmp_path / "r.yaml").stages]
+
+
+def test_a_setting_added_later_at_its_default_does_not_change_a_finished_stage(tmp_path):
+    """Resume compares finished stages' stored configs with the recipe; a key the stored config
+    lacks (a setting a later version added) is equal only at its default."""
+    from ltp_compress.pipeline.runner import _changed_keys
+
+    (q, new_q), (q8, new_q8) = _two_quantize_stages(tmp_path, "attention_matmuls: int8")
     old = {k: v for k, v in new_q.items() if k != "attention_matmuls"}  # stored before the setting existed
     assert not _changed_keys(old, new_q, q)
-    assert _changed_keys(old, new_q8, q8)  # the recipe moved it off its default
+    assert _changed_keys({**old, "id": "q2"}, new_q8, q8)  # the recipe moved it off its default
     assert _changed_keys({**old, "observer": "percentile"}, new_q, q)
     assert _changed_keys({**new_q, "removed_key": 1}, new_q, q)
 
@@ -162,26 +167,13 @@ def test_a_setting_whose_default_is_not_the_old_behaviour_resumes_only_where_the
     """quantize's activation_range defaults to 'full', but a stage finished before the setting existed
     quantised to [-127, 127]: its stored config (no key) equals 'symmetric', not the default, so a
     recipe must pin 'symmetric' to resume it and a recipe at the default re-runs it (changed)."""
-    import json
-
-    from ltp_compress.pipeline.recipe import load_recipe
     from ltp_compress.pipeline.runner import _changed_keys
 
-    (tmp_path / "r.yaml").write_text("""\
-name: r
-model: m
-task: sst2
-data: {source: glue_dir, path: d}
-stages:
-  - {id: q, stage: quantize}
-  - {id: qs, stage: quantize, activation_range: symmetric}
-""")
-    q, qs = load_recipe(tmp_path / "r.yaml").stages
-    new_q, new_qs = (json.loads(st.model_dump_json(by_alias=True)) for st in (q, qs))
+    (q, new_q), (qs, new_qs) = _two_quantize_stages(tmp_path, "activation_range: symmetric")
     assert new_q["activation_range"] == "full"
     old = {k: v for k, v in new_q.items() if k != "activation_range"}  # stored before the setting existed
     assert _changed_keys(old, new_q, q) == ["activation_range"]
-    assert not _changed_keys({**old, "id": "qs"}, new_qs, qs)
+    assert not _changed_keys({**old, "id": "q2"}, new_qs, qs)
 
 
 def test_a_recipe_starting_from_another_runs_model_must_carve_that_runs_validation(tmp_path, tiny_bert):
