@@ -603,3 +603,54 @@ def test_deeper_pruned_graph_at_batch_size_one_matches_torch(tmp_path):
     kept = _compare(ckpt, export, texts, batch_size=1)
     lengths = enc["attention_mask"].numpy().sum(1)
     assert (kept[:, 1] == lengths).all() and (kept[:, 2] < kept[:, 1]).any() and len(set(lengths)) > 5
+
+
+def test_gemm_floor_graph_reproduces_the_exports_integer_gemms(pruned_exports, quantised):
+    """benchmarks/gemm_floor.py times the export's QuantizeLinear + integer GEMM nodes alone: on the
+    activations the pruned graph quantised (captured per batch), its GEMM-only graph must give exactly the
+    outputs those GEMM nodes gave inside the graph, hold every integer GEMM of the branch, and see the rows the
+    accountant charges (Q/K/V at the tokens entering a layer, the rest at the tokens leaving it)."""
+    import importlib.util
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gemm_floor", REPO / "benchmarks" / "gemm_floor.py")
+    gemm_floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm_floor)
+    from ort_session_ab import branch_models
+
+    ckpt, export, _ = pruned_exports["bert"]
+    enc = quantised["bert"].tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
+    om = load_onnx(export)
+    om.logits(enc)
+    kept = om.last_kept_tokens  # [b, L]
+    assert kept[:, 1].sum() < kept[:, 0].sum()  # layer 0 prunes in this batch
+    one, many = branch_models(onnx.load(str(export / ONNX_FILE)))
+    n0 = int(enc["attention_mask"][0].sum())
+    first = {k: v[:1, :n0] for k, v in _feed(enc).items()}  # the first sentence alone, unpadded
+    om.logits(first)
+    kept_first = om.last_kept_tokens
+    # the batch graph: Q, K, V three GEMMs per layer + out proj + 2 FFN, pooler, classifier; batch of one: one QKV GEMM
+    for branch, feed, k, n_gemms in ((many, _feed(enc), kept, 2 * 6 + 2), (one, first, kept_first, 2 * 4 + 2)):
+        inst, only, parts = gemm_floor.gemm_parts(branch)
+        m = onnx.load_from_string(inst)
+        gemm_nodes = [x for x in m.graph.node if x.op_type in gemm_floor.GEMM_OPS]
+        assert len(gemm_nodes) == sum(len(kn) for _, _, kn in parts) == n_gemms
+        m.graph.output.extend(helper.make_tensor_value_info(x.output[0], TensorProto.FLOAT, None) for x in gemm_nodes)
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [x for x, _, _ in parts]
+        outs = s.run(names + [x.output[0] for x in gemm_nodes], feed)
+        captured, inside = dict(zip(names, outs[:len(names)])), outs[len(names):]
+        alone = ort.InferenceSession(only, providers=["CPUExecutionProvider"]).run([x.output[0] for x in gemm_nodes], captured)
+        for a, b in zip(alone, inside):
+            np.testing.assert_array_equal(a, b)
+        rows = {qname: captured[x].shape[0] for x, qname, _ in parts}
+        for qname, r in rows.items():
+            if ".encoder.layer." not in qname:
+                continue
+            l = int(qname.split(".encoder.layer.")[1].split(".")[0])
+            leaving = k[:, l + 1].sum() if l + 1 < k.shape[1] else k[:, l].sum()
+            assert r == (k[:, l].sum() if "attention.self" in qname else leaving), qname
