@@ -118,6 +118,8 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # a lower bound of exact GELU (min x·Φ(x) = -0.16997 at x = -0.7518) and of ReLU
 GELU_MIN_BOUND = 0.17
 OUTPUT_NAMES = ("logits", "kept_tokens")
+#: the top-level `If` that sends a batch of one sequence to its own branch (then: batch of one, else: any batch)
+BATCH_OF_ONE_IF = "batch_of_one"
 DEFAULT_OPSET = 23
 SUPPORTED_OPSETS = range(17, 24)
 # how float attention is expressed in the graph batches of two or more take: the standard ONNX
@@ -718,7 +720,7 @@ class _Builder:
                 helper.make_tensor_value_info(logits, TensorProto.FLOAT, None),
                 helper.make_tensor_value_info(kept, TensorProto.INT64, None)])
         g.nodes, g.scope = outer, ""
-        g.nodes.append(helper.make_node("If", [one], list(OUTPUT_NAMES), name="batch_of_one",
+        g.nodes.append(helper.make_node("If", [one], list(OUTPUT_NAMES), name=BATCH_OF_ONE_IF,
                                         then_branch=branches["one/"], else_branch=branches["many/"]))
 
     def build_general(self) -> tuple[str, str]:

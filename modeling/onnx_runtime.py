@@ -9,6 +9,14 @@ graph optimisations) and tokenises with the `tokenizers` library from the folder
 tokenizer.json (right padding, truncation to max_seq_length, the checkpoint's pad token), which
 gives the same ids as the checkpoint's Hugging Face fast tokenizer.
 
+The graph's top-level `If` on the batch size (a batch of one sequence takes its own, leaner branch)
+is split at load time into two sessions, one per branch, and the batch size picks the session in
+Python (`branch_sessions`, default on): 1.04x / 1.02x at bs 1 / 8 on MRPC, per-round ratios
+1.006-1.083, identical outputs (`benchmarks/results/ort_session_ab_*.md`). The file on disk is
+unchanged (plain onnxruntime runs it as one session); the price is each branch's weights packed
+by its own session (the batch-of-one branch reads Q, K, V as one concatenated GEMM, the batch graph
+as three, so those were stored twice already).
+
 `streams` > 1 is the throughput setting: the session gets threads // streams intra-op threads and
 `logits_many` / `predict` run up to `streams` batches at once from a thread pool, each request on
 its own threads (ONNX Runtime's `InferenceSession.Run` is thread-safe). It is the counterpart of
@@ -25,8 +33,8 @@ import numpy as np
 
 from ltp_compress.errors import SettingError
 from ltp_compress.modeling.prediction import predict_texts
-from ltp_compress.modeling.onnx_export import (INPUT_NAMES, ONNX_CONFIG_FILE, ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE,
-                                               ExportError, verify_export)
+from ltp_compress.modeling.onnx_export import (BATCH_OF_ONE_IF, INPUT_NAMES, ONNX_CONFIG_FILE, ONNX_FILE, OUTPUT_NAMES,
+                                               TOKENIZER_FILE, ExportError, verify_export)
 
 
 def session_options(threads: int | None):
@@ -54,11 +62,37 @@ def concurrent_pass(run_one, workers: int):
     return run_pass
 
 
-class OnnxDeployedModel:
-    """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`."""
+def branch_models(model) -> tuple[bytes, bytes] | None:
+    """The exported graph's batch-of-one `If` (`BATCH_OF_ONE_IF`) split into two standalone serialized
+    models (batch of one, any batch), each with the graph's inputs and outputs and the initializers its
+    nodes read; None for a graph without it (top-k pruning: one general graph)."""
+    from onnx import TensorProto, helper
 
-    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str], streams: int = 1):
+    g = model.graph
+    cond = [n for n in g.node if n.op_type == "If" and n.name == BATCH_OF_ONE_IF]
+    if len(cond) != 1:
+        return None
+    out = []
+    for name in ("then_branch", "else_branch"):
+        b = next(a.g for a in cond[0].attribute if a.name == name)
+        used = {i for n in b.node for i in n.input}
+        nodes = list(b.node) + [helper.make_node("Identity", [o.name], [final]) for o, final in zip(b.output, OUTPUT_NAMES)]
+        graph = helper.make_graph(nodes, name, list(g.input),
+                                  [helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, None),
+                                   helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.INT64, None)],
+                                  initializer=[t for t in g.initializer if t.name in used])
+        out.append(helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString())
+    return out[0], out[1]
+
+
+class OnnxDeployedModel:
+    """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`. `session` runs
+    every batch (the whole graph, or its general branch when `session_one` runs batches of one)."""
+
+    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str], streams: int = 1,
+                 session_one=None):
         self.session = session
+        self.session_one = session_one
         self.streams = int(streams)
         self._run_pass = concurrent_pass(self._run, self.streams) if self.streams > 1 else None
         self.tokenizer = tokenizer
@@ -73,6 +107,7 @@ class OnnxDeployedModel:
 
         self.runtime = "onnxruntime"
         self.backend = (f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info['quantization'].get('int8_op', 'MatMulInteger')})"
+                        + (", batch-of-one branch as its own session" if session_one is not None else "")
                         + (f", {self.streams} concurrent streams" if self.streams > 1 else ""))
         self.notes: list[str] = []
 
@@ -92,7 +127,8 @@ class OnnxDeployedModel:
         mask, tt = get("attention_mask"), get("token_type_ids")
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids) if mask is None else _as_int64(mask),
                 "token_type_ids": np.zeros_like(ids) if tt is None else _as_int64(tt)}
-        logits, kept = self.session.run(list(OUTPUT_NAMES), feed)
+        session = self.session_one if self.session_one is not None and ids.shape[0] == 1 else self.session
+        logits, kept = session.run(list(OUTPUT_NAMES), feed)
         return logits, kept
 
     def logits(self, batch) -> np.ndarray:
@@ -122,12 +158,14 @@ def _as_int64(x) -> np.ndarray:
 
 
 def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
-              streams: int = 1) -> OnnxDeployedModel:
+              streams: int = 1, branch_sessions: bool = True) -> OnnxDeployedModel:
     """Verify, then load an ONNX export folder (see modeling/onnx_export.py).
 
     `threads`: ONNX Runtime threads in all (None: ORT's default, one per physical core);
     `providers`: execution providers (default CPUExecutionProvider); `streams`: batches run at
-    once by `logits_many` / `predict`, each with threads // streams intra-op threads (at least 1)."""
+    once by `logits_many` / `predict`, each with threads // streams intra-op threads (at least 1);
+    `branch_sessions`: the graph's batch-of-one branch as its own session (see the module doc; False:
+    one session on the graph as it is on disk, as plain onnxruntime runs it)."""
     import os
 
     import onnxruntime as ort
@@ -148,8 +186,16 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
     so = session_options(threads)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path / ONNX_FILE), so, providers=providers)
-    except Exception as e:  # ORT raises its own error types
+        branches = None
+        if branch_sessions:
+            import onnx
+
+            branches = branch_models(onnx.load(str(path / ONNX_FILE)))
+        if branches is None:
+            session, session_one = ort.InferenceSession(str(path / ONNX_FILE), so, providers=providers), None
+        else:
+            session_one, session = (ort.InferenceSession(b, so, providers=providers) for b in branches)
+    except Exception as e:  # ORT and onnx raise their own error types
         raise ExportError(f"{path / ONNX_FILE}: onnxruntime cannot load it: {e}") from None
     try:
         tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
@@ -157,7 +203,7 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
         raise ExportError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {e}") from None
     tok.enable_truncation(int(info.get("max_seq_length", 128)))
     tok.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
-    return OnnxDeployedModel(session, tok, info, path, threads, providers, streams)
+    return OnnxDeployedModel(session, tok, info, path, threads, providers, streams, session_one=session_one)
 
 
 RUNTIMES = ("auto", "torch", "onnxruntime")

@@ -293,6 +293,7 @@ def test_topk_and_dense_checkpoints_export_and_match(quantised, tmp_path, kind, 
     model = onnx.load(str(export / ONNX_FILE))
     ops, one = _branch_ops(model, "else_branch"), _branch_ops(model, "then_branch")
     assert ops["Gelu" if opset >= 20 else "Erf"] == 2  # exact GELU after each layer's FFN input GEMM
+    assert (load_onnx(export).session_one is None) == (mode == "topk")  # no batch-of-one session without the branch
     if mode == "topk":
         assert one is None  # top-k keeps its one graph
     else:  # the batch-of-one branch: the same GEMMs, none of the padding machinery
@@ -445,6 +446,32 @@ def test_load_runtimes_and_predict(pruned_exports):
         ltp_compress.load(ckpt, streams=2)  # torch runs one batch at a time: said, not ignored
     with pytest.raises(ValueError, match="streams"):
         ltp_compress.load(export, streams=0)
+
+
+def test_branch_sessions_equal_the_whole_graph(pruned_exports):
+    """load_onnx runs the graph's batch-of-one branch as its own session (the batch size picks it): the same
+    logits and kept tokens as the whole graph in one session, as plain onnxruntime runs it, at bs 1 and 7."""
+    _, export, _ = pruned_exports["bert"]
+    split, whole = load_onnx(export, threads=1), load_onnx(export, threads=1, branch_sessions=False)
+    assert whole.session_one is None and "own session" not in whole.backend
+    assert split.session_one is not None and "batch-of-one branch as its own session" in split.backend
+
+    class Counting:  # which session ran
+        def __init__(self, session):
+            self.session, self.calls = session, 0
+
+        def run(self, *a, **k):
+            self.calls += 1
+            return self.session.run(*a, **k)
+
+    split.session_one, split.session = Counting(split.session_one), Counting(split.session)
+    texts = _mixed_batch()
+    for bs in (1, 7):
+        for i in range(0, len(texts), bs):
+            enc = split.encode(texts[i:i + bs])
+            np.testing.assert_array_equal(split.logits(enc), whole.logits(enc))
+            np.testing.assert_array_equal(split.last_kept_tokens, whole.last_kept_tokens)
+    assert (split.session_one.calls, split.session.calls) == (len(texts), 1)
 
 
 def _readme_ort_snippet() -> str:
@@ -616,11 +643,11 @@ def test_gemm_floor_graph_reproduces_the_exports_integer_gemms(pruned_exports, q
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ltp_compress.modeling.onnx_runtime import branch_models
+
     spec = importlib.util.spec_from_file_location("gemm_floor", REPO / "benchmarks" / "gemm_floor.py")
     gemm_floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gemm_floor)
-    from ort_session_ab import branch_models
 
     ckpt, export, _ = pruned_exports["bert"]
     enc = quantised["bert"].tok(_mixed_batch(), padding=True, return_tensors="pt", return_token_type_ids=True)
