@@ -11,11 +11,15 @@ gives the same ids as the checkpoint's Hugging Face fast tokenizer.
 
 The graph's top-level `If` on the batch size (a batch of one sequence takes its own, leaner branch)
 is split at load time into two sessions, one per branch, and the batch size picks the session in
-Python (`branch_sessions`, default on): 1.04x / 1.02x at bs 1 / 8 on MRPC, per-round ratios
-1.006-1.083, identical outputs (`benchmarks/results/ort_session_ab_*.md`). The file on disk is
-unchanged (plain onnxruntime runs it as one session); the price is each branch's weights packed
-by its own session (the batch-of-one branch reads Q, K, V as one concatenated GEMM, the batch graph
-as three, so those were stored twice already).
+Python (`branch_sessions`, default on): 1.033x / 1.088x / 1.015x (SST-2) and 1.042x / 1.025x / 0.995x
+(MRPC) at bs 1 / 8 / 32, identical outputs (`benchmarks/results/ort_session_ab_{sst2,mrpc}.md`). The file
+on disk is unchanged (plain onnxruntime runs it as one session). The price is memory: each session holds
+the initializers its branch reads (the embedding table in both), and the graph is parsed in Python to
+split it; the end-to-end benchmark's process, which holds two deployed copies of the MRPC model, peaked at
+1247 MB instead of 907 MB (`e2e_bench_mrpc.json`, `ltp_int8_ort`, vs the file's previous version).
+Sharing the initializers between the two sessions (`SessionOptions.add_initializer`) did not lower the
+resident memory in a probe (`benchmarks/results/design_observations.md`), so it is not done;
+`branch_sessions=False` loads the one graph.
 
 `streams` > 1 is the throughput setting: the session gets threads // streams intra-op threads and
 `logits_many` / `predict` run up to `streams` batches at once from a thread pool, each request on
