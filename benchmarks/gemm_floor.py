@@ -38,7 +38,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +89,10 @@ def gemm_parts(branch: bytes):
 
 
 def main(argv=None) -> int:
-    from ort_graph_ab import checkpoint_bench_parser, checkpoint_parts, dev_feeds
+    from ort_graph_ab import add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, timed_rounds
 
     p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "gemm_floor")
-    p.add_argument("--streams", type=int, default=2)
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5)
+    add_timing_args(p, streams=2)
     p.add_argument("--e2e", type=Path, help="end-to-end result JSON (benchmarks/results/e2e_bench_*.json) for the goals' throughputs")
     args = p.parse_args(argv)
 
@@ -159,22 +155,7 @@ def main(argv=None) -> int:
     tp = runner(max(1, args.threads // args.streams))
     throughput = {k: concurrent_pass(fn, args.streams) for k, fn in tp.items()}
     n = {bs: sum(f["input_ids"].shape[0] for f in batches[bs]) for bs in bss}
-    times = {s: {bs: [] for bs in bss} for s in systems}
-    for _ in range(args.rounds):
-        for s in systems:
-            for bs in bss:
-                if bs > 1:
-                    throughput[s](items[s][bs])  # warm the pool's threads
-                per = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    if bs > 1:
-                        throughput[s](items[s][bs])
-                    else:
-                        for it in items[s][bs]:
-                            latency[s](it)
-                    per.append(time.perf_counter() - t0)
-                times[s][bs].append(n[bs] / statistics.median(per))
+    times = timed_rounds({s: (latency[s], throughput[s]) for s in systems}, items, n, bss, args.rounds, args.repeats)
     eps = {s: {str(bs): statistics.median(v) for bs, v in d.items()} for s, d in times.items()}
 
     goals = {}

@@ -63,6 +63,42 @@ def checkpoint_bench_parser(description: str, name: str) -> argparse.ArgumentPar
     return p
 
 
+def add_timing_args(p: argparse.ArgumentParser, streams: int) -> None:
+    """--streams (default `streams`), --batch-sizes, --repeats, --rounds: the options of `timed_rounds`."""
+    p.add_argument("--streams", type=int, default=streams,
+                   help="batch sizes > 1 run as this many concurrent requests on a session with threads // streams "
+                        "intra-op threads (the throughput setting of load_onnx(streams=...) and the end-to-end benchmark)")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
+
+
+def timed_rounds(systems: dict, items: dict, n: dict[int, int], bss: list[int], rounds: int, repeats: int) -> dict:
+    """Interleaved timing: `rounds` times, every system at every batch size, `repeats` passes over
+    items[system][bs] each, the median pass kept. systems: name -> (run_one(item), run_pass(items) or None);
+    a batch size > 1 runs through run_pass where there is one (the concurrent throughput setting; one warm-up
+    pass first starts its pool's threads), batch size 1 and systems without one item by item.
+    Returns {name: {bs: [examples/s per round]}} (n[bs]: examples in a pass)."""
+    times = {k: {bs: [] for bs in bss} for k in systems}
+    for _ in range(rounds):
+        for k, (run_one, run_pass) in systems.items():
+            for bs in bss:
+                concurrent = bs > 1 and run_pass is not None
+                if concurrent:
+                    run_pass(items[k][bs])
+                per = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    if concurrent:
+                        run_pass(items[k][bs])
+                    else:
+                        for it in items[k][bs]:
+                            run_one(it)
+                    per.append(time.perf_counter() - t0)
+                times[k][bs].append(n[bs] / statistics.median(per))
+    return times
+
+
 def checkpoint_parts(checkpoint: Path) -> tuple[dict, dict, dict, dict]:
     """A deployable checkpoint verified against its manifest, then read: (manifest, tensors {name: numpy},
     HF config, ltp.json), the inputs of `build_onnx_model`."""
@@ -108,12 +144,7 @@ def main(argv=None) -> int:
     base.add_argument("--baseline-rev", help="git revision of the graph builder to compare against")
     base.add_argument("--baseline-float-attention", action="store_true",
                       help="A: this checkpoint with float32 attention matmuls (it must have INT8 ones)")
-    p.add_argument("--streams", type=int, default=1,
-                   help="batch sizes > 1 run as this many concurrent requests on a session with threads // streams "
-                        "intra-op threads (the throughput setting of load_onnx(streams=...) and the end-to-end benchmark)")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5)
+    add_timing_args(p, streams=1)
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -155,23 +186,9 @@ def main(argv=None) -> int:
                          "kept_tokens_equal": bool(all(np.array_equal(a[1], b[1]) for a, b in zip(outs["A"], outs["B"]))),
                          "mean_kept_tokens_per_layer": {k: np.concatenate([o[1] for o in v]).mean(0).round(3).tolist()
                                                         for k, v in outs.items()}}
-    times = {k: {bs: [] for bs in bss} for k in sessions}
     n = {bs: sum(f["input_ids"].shape[0] for f in batches[bs]) for bs in bss}
-    for _ in range(args.rounds):
-        for k, s in sessions.items():
-            for bs in bss:
-                per = []
-                if bs > 1 and k in passes:
-                    passes[k](batches[bs])  # starts the pool's threads
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    if bs > 1 and k in passes:
-                        passes[k](batches[bs])
-                    else:
-                        for f in batches[bs]:
-                            s.run(list(OUTPUT_NAMES), f)
-                    per.append(time.perf_counter() - t0)
-                times[k][bs].append(n[bs] / statistics.median(per))
+    times = timed_rounds({k: (lambda f, s=s: s.run(list(OUTPUT_NAMES), f), passes.get(k)) for k, s in sessions.items()},
+                         {k: batches for k in sessions}, n, bss, args.rounds, args.repeats)
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "checkpoint": str(args.checkpoint),
            "weights_sha256": manifest["files"][WEIGHTS_FILE]["sha256"], "task": args.task, "examples": n_examples,
            "baseline_rev": args.baseline_rev, "baseline": "float attention" if args.baseline_float_attention else args.baseline_rev,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +40,10 @@ CONFIG_ENTRIES = {"denormal_as_zero": {"session.set_denormal_as_zero": "1"},
 
 
 def main(argv=None) -> int:
-    from ort_graph_ab import checkpoint_bench_parser, checkpoint_parts, dev_feeds
+    from ort_graph_ab import add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, timed_rounds
 
     p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "ort_session_ab")
-    p.add_argument("--streams", type=int, default=2)
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5)
+    add_timing_args(p, streams=2)
     args = p.parse_args(argv)
 
     import onnxruntime as ort
@@ -96,22 +92,8 @@ def main(argv=None) -> int:
             got = [latency[v](f) for f in batches[bs]]
             same[str(bs)][v] = bool(all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(ref, got)))
     n = {bs: sum(f["input_ids"].shape[0] for f in batches[bs]) for bs in bss}
-    times = {v: {bs: [] for bs in bss} for v in VARIANTS}
-    for _ in range(args.rounds):
-        for v in VARIANTS:
-            for bs in bss:
-                if bs > 1:
-                    throughput[v](batches[bs])  # warm the pool's threads
-                per = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    if bs > 1:
-                        throughput[v](batches[bs])
-                    else:
-                        for f in batches[bs]:
-                            latency[v](f)
-                    per.append(time.perf_counter() - t0)
-                times[v][bs].append(n[bs] / statistics.median(per))
+    times = timed_rounds({v: (latency[v], throughput[v]) for v in VARIANTS}, {v: batches for v in VARIANTS}, n, bss,
+                         args.rounds, args.repeats)
     # per round, each variant's ex/s over the whole graph's (the rounds are interleaved), median over rounds
     ratio = {v: {str(bs): statistics.median(x / d for x, d in zip(times[v][bs], times["whole_graph"][bs])) for bs in bss} for v in VARIANTS}
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "checkpoint": str(args.checkpoint),
