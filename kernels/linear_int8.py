@@ -20,9 +20,15 @@ Backends (pick one with :func:`resolve_backend`, once, outside the hot path):
   ``torch.ops.onednn.qlinear_pointwise`` (the op Inductor's X86InductorQuantizer lowers to).
   The symmetric int8 activation is fed as **uint8 with zero-point 128** (``x_q + 128``): oneDNN
   runs signed-int8 sources through its slow ``ref_int8:any`` reference kernel, whereas u8 x s8
-  hits a ``brg_matmul`` VNNI kernel (vpdpbusd; benchmarks/results/design_observations.md). oneDNN subtracts the zero-point
-  contribution exactly (int32 compensation), applies x_scale * w_scale[n], bias, and the
-  optional ``gelu_erf`` post-op inside the kernel, writing fp32. Weights: int8 in [-127, 127].
+  hits a ``brg_matmul`` VNNI kernel (vpdpbusd; benchmarks/results/design_observations.md), or
+  its AMX tile kernel where the CPU has amx_int8. oneDNN subtracts the zero-point contribution
+  (128 * sum_k w[n, k]), applies x_scale * w_scale[n], bias, and the optional ``gelu_erf``
+  post-op inside the kernel, writing fp32. The subtraction is exact on AVX-512 VNNI (int32
+  compensation) but done in fp32 on AMX, so the accumulator is exact only while every
+  intermediate (<= 255 * qmax * K in magnitude) fits fp32's 24-bit mantissa, i.e. K <= 518 for
+  8-bit weights; above it the error is a few units of the accumulator (tests/test_kernels.py
+  states the bound). The raw int32 paths (``reference``, ``cpu_int_mm``) are exact at any K.
+  Weights: int8 in [-127, 127].
 * ``cpu_avx2`` — the same oneDNN op, but weights quantised to 7 bits ([-63, 63],
   "reduce_range"). Without VNNI, oneDNN's u8 x s8 kernels use vpmaddubsw, which adds two
   u8*s8 products into a saturating int16; with |w| <= 63 and u8 <= 255 the pair sum is at most
