@@ -1,7 +1,9 @@
 """One task's accuracy-vs-FLOPs results in one place (not a test): the matched-FLOPs comparison of
 LTP, manual thresholds and top-k from `ltp-compress sweep` (levels, and mean ± sd over seeds at one
 level: the seeds sweep's runs pooled with the levels sweep's run at that level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
-against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png.
+against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png. Files that
+carry an environment block (pipeline/environment.py) must share one ISA: INT8 numerics follow the kernel
+that ran (a file without one predates the block and is read: accuracy does not depend on timing).
 
     python benchmarks/accuracy_summary.py --task mrpc --levels benchmarks/results/mrpc_sweep/sweep.json \\
         --seeds benchmarks/results/mrpc_sweep/seeds_040/sweep.json --chain benchmarks/results/mrpc_minilm/report.json \\
@@ -112,6 +114,17 @@ def chain_rows(report: dict) -> list[dict]:
     return rows
 
 
+def check_one_isa(paths: list[Path]) -> None:
+    """Every input file measured on one ISA (pipeline/environment.py's check; a file without an
+    environment block is accepted: accuracy tables); refuses naming both files otherwise."""
+    from ltp_compress.pipeline.environment import EnvironmentMismatch, check_same_isa
+
+    try:
+        check_same_isa({str(p): json.loads(Path(p).read_text()).get("environment") for p in paths}, speed=False)
+    except EnvironmentMismatch as e:
+        raise SystemExit(str(e)) from None
+
+
 def _fmt(r: dict | None, key: str, scale: float = 100, d: int = 2) -> str:
     if r is None:
         return "-"
@@ -133,6 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = p.parse_args(argv)
+    check_one_isa([args.levels, *args.seeds, *([args.ltp_alt] if args.ltp_alt else []), *args.ltp_alt_seeds, args.chain])
+    from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
+
+    load0 = loadavg()
 
     levels_sweep = json.loads(args.levels.read_text())
     levels = sweep_table(levels_sweep)
@@ -221,7 +238,9 @@ def main(argv=None) -> int:
               "ltp_choice": choice, "controls": controls, "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
 
     # markdown
+    result["environment"] = environment_block(None, load0)
     L = [f"# {args.task.upper()}: accuracy vs FLOPs, LTP vs manual vs top-k, and the INT8 models", "",
+         environment_summary(result["environment"]), "",
          f"command: `{result['command']}`", "",
          "Dev is the test set (nothing was chosen on it); validation (carved from train) made every choice and is given in "
          "brackets. FLOPs / BOPs on dev, paper convention. LTP = the `ltp_hard` model.", "",

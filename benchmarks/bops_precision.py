@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="bops_precision")
     args = p.parse_args(argv)
+    from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
+
+    load0 = loadavg()
 
     import torch
 
@@ -61,8 +64,9 @@ def main(argv=None) -> int:
         rows.append(row)
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(1, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = ["# BOPs reduction vs FP16 dense with the attention matmuls at other precisions", "", f"command: `{res['command']}`", "",
+    L = ["# BOPs reduction vs FP16 dense with the attention matmuls at other precisions", "", environment_summary(res["environment"]), "", f"command: `{res['command']}`", "",
          "Linears INT8 (8x8 bits) as deployed; attention matmuls (Q·Kᵀ, P·V) counted at 32 (as deployed), 16 or 8 bits; the "
          "tokens are what the checkpoint keeps on its dev set. Counting only: nothing runs at 8-bit attention.", "",
          "| task | checkpoint | convention | attention 32-bit (deployed) | 16-bit | 8-bit |", "|---|---|---|---|---|---|"]

@@ -208,6 +208,7 @@ def _dir_bytes(p: Path) -> int:
 def write_results(out_dir: Path, doc: dict) -> None:
     sys.path.insert(0, str(REPO))
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
+    from ltp_compress.pipeline.environment import environment_summary
 
     atomic_write_json(out_dir / "data_scale.json", doc)
     gib = 1024 ** 2
@@ -220,8 +221,7 @@ def write_results(out_dir: Path, doc: dict) -> None:
         f"{doc['data']['train.tsv']['mean_words_per_question']:.1f} words per question (seed {doc['seed']})",
         f"- tokenizer: offline all-MiniLM-L6-v2 WordPiece (fast), max_seq_length 128, "
         f"TOKENIZERS_PARALLELISM={doc['env']['TOKENIZERS_PARALLELISM']}",
-        f"- machine: {doc['machine']['cpus']} CPUs, {doc['machine']['platform']}, python {doc['machine']['python']}; "
-        f"load average before/after {doc['machine']['loadavg_before']} / {doc['machine']['loadavg_after']}",
+        f"- {environment_summary(doc['environment'])}; {doc['environment']['platform']}, python {doc['environment']['python']}",
         f"- cache folder after the cold run: {doc['cache_bytes'] / 1e6:.1f} MB "
         f"({doc['cache_files']} files)",
         "- wall / peak RSS from `/usr/bin/time -v` of the whole child process (python start, imports, "
@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     stats = generate(data, args.rows, args.dev_rows, args.seed)
     print(f"[data_scale] generated {data} in {time.perf_counter() - t:.1f} s: {stats}", flush=True)
-    load_before = os.getloadavg()
+    sys.path.insert(0, str(REPO))
+    from ltp_compress.pipeline.environment import environment_block, loadavg
+
+    load_before = loadavg()
     runs, cache_bytes, cache_files = [], None, None
     for mode in modes:
         runs.append(run_child(data, cache, mode, logs))
@@ -288,18 +291,14 @@ def main(argv: list[str] | None = None) -> int:
             cache_files = sum(1 for f in cache.rglob("*") if f.is_file())
     warm = [r for r in runs if r["mode"] == "warm"]
     loading = [r for r in runs if r["mode"] in ("cold", "warm")]
-    import torch  # noqa: F401  (version only)
-    import transformers
+    import torch
 
     doc = {
         "command": shlex.join([Path(sys.executable).name, "benchmarks/data_scale.py"] + (argv if argv is not None else sys.argv[1:])),
         "seed": args.seed, "data": stats, "work_dir": str(work),
         "cache_bytes": cache_bytes, "cache_files": cache_files,
         "env": {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "transformers": transformers.__version__,
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "environment": {**environment_block(torch.get_num_threads(), load_before), "platform": platform.platform()},
         "runs": runs,
         "targets": {
             "warm_reload_le_30s": bool(warm) and all(r["wall_s"] <= 30 for r in warm),

@@ -7,6 +7,8 @@ For each (M, K, N) it times, with ``torch.set_num_threads(--threads)``, warmup +
                          cannot be split off), ``torch._int_mm`` int32 output for cpu_int_mm
   * ``fp32``             ``F.linear`` fp32 with bias;  ``bf16``: ``F.linear`` in bfloat16
 GOP/s = 2*M*K*N / median seconds. ``frac_best_int8`` = rate / best full-int8 rate at that shape.
+The report names, per backend, the oneDNN implementation that ran (e.g. ``brg_matmul:avx512_core_vnni``
+or ``brg_matmul:avx10_1_512_amx``: VNNI vs AMX), from a verbose probe (pipeline/environment.py).
 
 Writes <out-dir>/gemm_bench.json and gemm_bench.md.
 
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ltp_compress import kernels as K
+from ltp_compress.fileio import atomic_write_text
+from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg, onednn_probe
 
 MS = (128, 1024, 4096)
 KNS = ((384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072), (3072, 768))
@@ -92,16 +94,22 @@ def bench_shape(m: int, k: int, n: int, device: torch.device, backends: list[str
     return rows
 
 
-def to_markdown(meta: dict, rows: list[dict]) -> str:
+def kernel_paths(backends: list[str]) -> dict[str, dict]:
+    """{backend: what oneDNN ran for it}: the verbose probe's implementation (None: not a oneDNN backend)."""
+    return {be: onednn_probe(be) for be in backends if be != "cuda"}
+
+
+def to_markdown(meta: dict, env: dict, rows: list[dict]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
+    paths = meta.get("kernel_paths") or {}
     out = [
         "# INT8 GEMM microbenchmark",
         "",
-        f"- device: {meta['device']}, threads: {meta['threads']}, torch {meta['torch']}",
-        f"- cpu: {meta['cpu']}",
-        f"- isa: {meta['isa']}",
-        f"- load average (1/5/15 min) before/after: {meta['loadavg_before']} / {meta['loadavg_after']}"
-        " (other processes on a 2-core machine distort timings)",
+        f"- device: {meta['device']}, torch {env['versions']['torch']}",
+        f"- {environment_summary(env)} (other processes on a 2-core machine distort timings)",
+        "- kernel that ran per backend: " + (", ".join(
+            f"`{be}`: {p['implementation'] or 'not oneDNN'}" + (f" ({p['error']})" if p.get("error") else "")
+            for be, p in paths.items()) or "-"),
         "- GOP/s = 2·M·K·N / median time. `<backend>` = full int8_linear (quantise + GEMM + dequant/bias);",
         "  `<backend>:gemm` = int8 GEMM alone on pre-quantised input (oneDNN: dequant/bias fused in kernel).",
         "- `(xN)` = fraction of the best full-int8_linear rate at that shape.",
@@ -117,16 +125,6 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -140,15 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     backends = args.backends or [b for b in INT8_BACKENDS if K.backend_unavailable_reason(b, device) is None]
     ms, kns = (QUICK_MS, QUICK_KNS) if args.quick else (MS, KNS)
+    load0 = loadavg()
     meta = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "isa": {k: v for k, v in K.cpu_isa().items()},
         "backends": backends,
+        "kernel_paths": kernel_paths(backends),
         "quick": args.quick,
-        "loadavg_before": os.getloadavg(),
     }
     rows = []
     for m in ms:
@@ -157,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
             rows += shape_rows
             print(f"M={m:5d} K={k:5d} N={n:5d}  " + "  ".join(f"{r['impl']}={r['gops']:.0f}" for r in shape_rows), flush=True)
 
-    meta["loadavg_after"] = os.getloadavg()
+    env = environment_block(torch.get_num_threads(), load0)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gemm_bench.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    (out_dir / "gemm_bench.md").write_text(to_markdown(meta, rows))
+    atomic_write_text(out_dir / "gemm_bench.json", json.dumps({"meta": meta, "environment": env, "results": rows}, indent=2))
+    atomic_write_text(out_dir / "gemm_bench.md", to_markdown(meta, env, rows))
     print(f"wrote {out_dir / 'gemm_bench.json'} and {out_dir / 'gemm_bench.md'}")
 
 

@@ -42,10 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ltp_compress.modeling.export_format import INT8_OPS
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-GEMM_OPS = ("MatMulIntegerToFloat", "MatMulInteger")
 
 
 def gemm_parts(branch: bytes):
@@ -61,7 +62,7 @@ def gemm_parts(branch: bytes):
     g = m.graph
     producer = {o: n for n in g.node for o in n.output}
     inits = {t.name: t for t in g.initializer}
-    gemms = [n for n in g.node if n.op_type in GEMM_OPS]
+    gemms = [n for n in g.node if n.op_type in INT8_OPS]
     quant = []  # QuantizeLinear nodes feeding a GEMM, in graph order, each once
     for n in gemms:
         q = producer.get(n.input[0])
@@ -89,12 +90,22 @@ def gemm_parts(branch: bytes):
 
 
 def main(argv=None) -> int:
-    from ort_graph_ab import add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, timed_rounds
+    from _harness import (add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, environment_block,
+                          environment_summary, loadavg, timed_rounds)
+
+    from ltp_compress.pipeline.environment import EnvironmentMismatch, check_same_isa
 
     p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "gemm_floor")
     add_timing_args(p, streams=2)
     p.add_argument("--e2e", type=Path, help="end-to-end result JSON (benchmarks/results/e2e_bench_*.json) for the goals' throughputs")
     args = p.parse_args(argv)
+    load0 = loadavg()
+    e2e = json.loads(args.e2e.read_text()) if args.e2e else None
+    if e2e is not None:  # its throughputs share this run's table: the same ISA, checked before measuring
+        try:
+            check_same_isa({str(args.e2e): e2e.get("environment"), "this run": environment_block(args.threads, load0)}, speed=True)
+        except EnvironmentMismatch as e:
+            raise SystemExit(f"--e2e: {e}")
 
     import onnxruntime as ort
     import torch
@@ -159,8 +170,7 @@ def main(argv=None) -> int:
     eps = {s: {str(bs): statistics.median(v) for bs, v in d.items()} for s, d in times.items()}
 
     goals = {}
-    if args.e2e:
-        e2e = json.loads(args.e2e.read_text())
+    if e2e is not None:
         for bs in bss:
             k = str(bs)
             hf = next((r["examples_per_s"] for r in e2e["results"].get("hf_fp32_sdpa", {}).get("runs", []) if r["batch_size"] == bs), None)
@@ -186,8 +196,9 @@ def main(argv=None) -> int:
            "examples_per_s": eps, "rounds_examples_per_s": {s: {str(bs): v for bs, v in d.items()} for s, d in times.items()},
            "by_batch_size": table}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = [f"# Integer GEMMs alone vs our whole exported graph, as our runtime runs it ({args.task})", "",
+    L = [f"# Integer GEMMs alone vs our whole exported graph, as our runtime runs it ({args.task})", "", environment_summary(res["environment"]), "",
          f"command: `{res['command']}`", "",
          f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`), {args.task} dev ({n_examples} examples), "
          f"onnxruntime {ort.__version__}, graph built by `{res['head']}` + working tree, {args.threads} threads; batch size 1 one request "

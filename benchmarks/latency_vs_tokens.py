@@ -48,13 +48,15 @@ def _median_latency(session, feed: dict, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    from ort_graph_ab import checkpoint_bench_parser, checkpoint_parts, dev_feeds
+    from _harness import (checkpoint_bench_parser, checkpoint_parts, dev_feeds, environment_block, environment_summary,
+                          loadavg)
 
     p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "latency_vs_tokens")
     p.add_argument("--lengths", default="2,4,8,16,24,32,48,64,96,128")
     p.add_argument("--repeats", type=int, default=200, help="timed runs per synthetic length")
     p.add_argument("--rounds", type=int, default=3, help="interleaved passes over the dev set per graph")
     args = p.parse_args(argv)
+    load0 = loadavg()
 
     import onnxruntime as ort
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     from ltp_compress.modeling.onnx_runtime import session_options
 
     manifest, tensors, config, ltp = checkpoint_parts(args.checkpoint)
-    dense_ltp = {**ltp, "pruning": {"mode": "none"}}
+    dense_ltp = ltp.model_copy(update={"pruning": {"mode": "none"}})
     shape = EncoderShape(int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["intermediate_size"]))
     int8_weight_mb = sum(v.nbytes for k, v in tensors.items() if k.endswith(".w_q")) / 2**20
     sessions = {}
@@ -125,9 +127,10 @@ def main(argv=None) -> int:
                 "fixed_share_of_pruned_forward": float(fixed) / mean_ms["pruned"]},
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
     d = res["dev"]
-    L = [f"# Batch-of-one latency against tokens: our exported graph ({args.task})", "",
+    L = [f"# Batch-of-one latency against tokens: our exported graph ({args.task})", "", environment_summary(res["environment"]), "",
          f"command: `{res['command']}`", "",
          f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`, {int8_weight_mb:.1f} MiB of int8 "
          f"GEMM weights), onnxruntime {ort.__version__}, {args.threads} threads, one sequence per run, the runtime's session options", "",

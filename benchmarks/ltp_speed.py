@@ -167,7 +167,9 @@ def selection_cost(threads: int, repeats: int = 200) -> list[dict]:
 
 
 def render(result: dict) -> str:
-    lines = ["# Token pruning speed (FP32)", ""]
+    from ltp_compress.pipeline.environment import environment_summary
+
+    lines = ["# Token pruning speed (FP32)", "", environment_summary(result.get("environment")), ""]
     for m in result["models"]:
         lines += [f"model `{m['model']}`, {m['threads']} threads, {m['examples']} dev examples; pruning `{m['pruning']['mode']}`; "
                   f"speedup = {m['speedup_method']}", "",
@@ -214,12 +216,17 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="ltp_speed")
     a = p.parse_args()
+    from ltp_compress.fileio import atomic_write_text
+    from ltp_compress.pipeline.environment import environment_block, loadavg
+
+    load0 = loadavg()
     result = {"command": "python " + " ".join(sys.argv),
               "models": [model_speed(m, a.data, a.task, a.threads, a.max_examples, a.bs1_examples, a.rounds) for m in a.model],
               "selection": selection_cost(a.threads)}
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    (a.out_dir / f"{a.name}.json").write_text(json.dumps(result, indent=2))
-    (a.out_dir / f"{a.name}.md").write_text(render(result))
+    result["environment"] = environment_block(a.threads, load0)
+    atomic_write_text(a.out_dir / f"{a.name}.json", json.dumps(result, indent=2))
+    atomic_write_text(a.out_dir / f"{a.name}.md", render(result))
     print(render(result))
 
 

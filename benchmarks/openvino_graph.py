@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ort_graph_ab import REPO, checkpoint_bench_parser, checkpoint_parts, dev_feeds  # noqa: E402
+from _harness import (REPO, checkpoint_bench_parser, checkpoint_parts, dev_feeds, environment_block,  # noqa: E402
+                      environment_summary, loadavg)
 
 #: graph forms: build_onnx_model keyword arguments
 FORMS = {
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args(argv)
+    load0 = loadavg()
 
     import onnx
     import onnxruntime as ort
@@ -177,8 +179,9 @@ def main(argv=None) -> int:
            "rounds_examples_per_s": {k: {str(bs): v for bs, v in d.items()} for k, d in times.items()},
            "ratio_vs_ort": {k: {str(bs): eps[k][str(bs)] / eps[ref][str(bs)] for bs in bss} for k in keys}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = [f"# Our exported graph on OpenVINO vs ONNX Runtime ({args.task})", "",
+    L = [f"# Our exported graph on OpenVINO vs ONNX Runtime ({args.task})", "", environment_summary(res["environment"]), "",
          f"command: `{res['command']}`", "",
          f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`), graph built by `{res['head']}` + working tree, "
          f"{args.task} dev ({n_examples} examples, length-bucketed, pre-tokenised), onnxruntime {ort.__version__}, openvino {ov.__version__}, "

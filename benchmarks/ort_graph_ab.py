@@ -18,19 +18,18 @@ and kept tokens. Writes <out-dir>/<name>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (REPO, add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds,  # noqa: E402
+                      environment_block, environment_summary, loadavg, timed_rounds)
 
 
 def builder_at(rev: str | None):
@@ -47,95 +46,8 @@ def builder_at(rev: str | None):
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the class is created
     spec.loader.exec_module(mod)
-    return mod.build_onnx_model
-
-
-def checkpoint_bench_parser(description: str, name: str) -> argparse.ArgumentParser:
-    """The arguments every benchmark of one checkpoint on a task's dev set shares (checkpoint, --data,
-    --task, --threads, --out-dir, --name); each script adds its own."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("checkpoint", type=Path, help="deployable INT8 checkpoint folder")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--task", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--name", default=name)
-    return p
-
-
-def add_timing_args(p: argparse.ArgumentParser, streams: int) -> None:
-    """--streams (default `streams`), --batch-sizes, --repeats, --rounds: the options of `timed_rounds`."""
-    p.add_argument("--streams", type=int, default=streams,
-                   help="batch sizes > 1 run as this many concurrent requests on a session with threads // streams "
-                        "intra-op threads (the throughput setting of load_onnx(streams=...) and the end-to-end benchmark)")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=5)
-
-
-def timed_rounds(systems: dict, items: dict, n: dict[int, int], bss: list[int], rounds: int, repeats: int) -> dict:
-    """Interleaved timing: `rounds` times, every system at every batch size, `repeats` passes over
-    items[system][bs] each, the median pass kept. systems: name -> (run_one(item), run_pass(items) or None);
-    a batch size > 1 runs through run_pass where there is one (the concurrent throughput setting; one warm-up
-    pass first starts its pool's threads), batch size 1 and systems without one item by item.
-    Returns {name: {bs: [examples/s per round]}} (n[bs]: examples in a pass)."""
-    times = {k: {bs: [] for bs in bss} for k in systems}
-    for _ in range(rounds):
-        for k, (run_one, run_pass) in systems.items():
-            for bs in bss:
-                concurrent = bs > 1 and run_pass is not None
-                if concurrent:
-                    run_pass(items[k][bs])
-                per = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    if concurrent:
-                        run_pass(items[k][bs])
-                    else:
-                        for it in items[k][bs]:
-                            run_one(it)
-                    per.append(time.perf_counter() - t0)
-                times[k][bs].append(n[bs] / statistics.median(per))
-    return times
-
-
-def checkpoint_parts(checkpoint: Path) -> tuple[dict, dict, dict, dict]:
-    """A deployable checkpoint verified against its manifest, then read: (manifest, tensors {name: numpy},
-    HF config, ltp.json), the inputs of `build_onnx_model`."""
-    from safetensors.numpy import load_file
-
-    from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, verify_checkpoint
-
-    manifest = verify_checkpoint(checkpoint)
-    return (manifest, load_file(str(checkpoint / WEIGHTS_FILE)), json.loads((checkpoint / "config.json").read_text()),
-            json.loads((checkpoint / LTP_FILE).read_text()))
-
-
-def dev_feeds(checkpoint: Path, data: Path, task_name: str, batch_sizes: list[int],
-              with_labels: bool = False) -> tuple[dict[int, list[dict]], int] | tuple[dict[int, list[dict]], int, dict[int, list]]:
-    """The task's dev set tokenised by the checkpoint's tokenizer as ONNX feeds ({input name: int64
-    [b, s]}), in length-bucketed batches per batch size (as the end-to-end benchmark batches every
-    system); also the number of examples, and with `with_labels` the labels of each batch
-    ({batch size: [int64 [b]]})."""
-    import torch
-
-    from ltp_compress.modeling.checkpoint_format import LTP_FILE
-    from ltp_compress.modeling.model_io import load_tokenizer
-    from ltp_compress.tasks.data import DataConfig, length_bucketed_batches, load_split, tokenize_split
-    from ltp_compress.tasks.glue import get_task
-
-    ltp = json.loads((checkpoint / LTP_FILE).read_text())
-    tok = load_tokenizer(checkpoint)
-    dev = load_split(DataConfig(source="glue_dir", path=str(data)), get_task(task_name), "dev")
-    ts = tokenize_split(dev, tok, int(ltp.get("max_seq_length", 128)))
-    batches = {bs: list(length_bucketed_batches(ts, bs, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)) for bs in batch_sizes}
-    feeds = {bs: [{"input_ids": b.input_ids.numpy(), "attention_mask": b.attention_mask.numpy(),
-                   "token_type_ids": (b.token_type_ids if b.token_type_ids is not None else torch.zeros_like(b.input_ids)).numpy()}
-                  for b in bl]
-             for bs, bl in batches.items()}
-    if with_labels:
-        return feeds, len(ts.labels), {bs: [b.labels.numpy() for b in bl] for bs, bl in batches.items()}
-    return feeds, len(ts.labels)
+    build = mod.build_onnx_model  # an older builder reads ltp.json as its parsed JSON: give it the file's content
+    return lambda tensors, config, ltp, **kw: build(tensors, config, ltp.model_dump(mode="json", exclude_unset=True), **kw)
 
 
 def main(argv=None) -> int:
@@ -146,6 +58,7 @@ def main(argv=None) -> int:
                       help="A: this checkpoint with float32 attention matmuls (it must have INT8 ones)")
     add_timing_args(p, streams=1)
     args = p.parse_args(argv)
+    load0 = loadavg()
 
     import onnxruntime as ort
     import torch
@@ -162,10 +75,9 @@ def main(argv=None) -> int:
     sessions, passes = {}, {}  # passes: label -> run_pass(batches), the concurrent throughput setting (--streams > 1)
     variants = {"A": (args.baseline_rev, tensors, ltp), "B": (None, tensors, ltp)}
     if args.baseline_float_attention:
-        if (ltp.get("quantization") or {}).get("attention_matmuls") != "int8":
+        if ltp.quantization.attention_matmuls != "int8":
             raise SystemExit(f"{args.checkpoint}: --baseline-float-attention needs a checkpoint quantised with attention_matmuls: int8")
-        float_ltp = json.loads(json.dumps(ltp))
-        float_ltp["quantization"]["attention_matmuls"] = "fp32"
+        float_ltp = ltp.model_copy(update={"quantization": ltp.quantization.model_copy(update={"attention_matmuls": "fp32"})})
         variants["A"] = (None, {k: v for k, v in tensors.items() if ".int8_matmuls." not in k}, float_ltp)
     for label, (rev, tens, ltp_v) in variants.items():
         model, _ = builder_at(rev)(tens, config, ltp_v)
@@ -201,6 +113,7 @@ def main(argv=None) -> int:
     res["ratio_B_over_A"] = {str(bs): res["examples_per_s"]["B"][str(bs)] / res["examples_per_s"]["A"][str(bs)] for bs in bss}
     # the rounds are interleaved: each round's B / A, the run-to-run noise made visible
     res["rounds_ratio_B_over_A"] = {str(bs): [b / a for a, b in zip(times["A"][bs], times["B"][bs])] for bs in bss}
+    res["environment"] = environment_block(args.threads, load0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
@@ -213,6 +126,7 @@ def main(argv=None) -> int:
          f"onnxruntime {ort.__version__}, {args.threads} threads, {args.rounds} interleaved rounds x {args.repeats} passes"
          + (f"; batch sizes > 1 as {args.streams} concurrent requests on {max(1, args.threads // args.streams)}-thread sessions "
             "(the end-to-end benchmark's throughput setting)" if args.streams > 1 else ""), "",
+         environment_summary(res["environment"]), "",
          "| batch size | A ex/s | B ex/s | B / A | per-round B / A (median, min-max) | same kept tokens | max logit diff |",
          "|---|---|---|---|---|---|---|"]
     for bs in bss:

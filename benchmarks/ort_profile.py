@@ -21,10 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ltp_compress.modeling.export_format import INTEGER_GEMM_OPS
 
 # op type -> class (names are the ONNX op types ORT's profile reports after its graph optimisations)
 OP_CLASSES = {
-    "integer GEMM": ("MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"),
+    "integer GEMM": INTEGER_GEMM_OPS,
     "activation quantisation": ("QuantizeLinear", "Max", "DynamicQuantizeLinear"),
     "attention": ("Attention", "Softmax", "Split", "Transpose", "Expand", "FusedMatMul"),
     "token scoring / selection": ("ReduceSum", "Div", "Greater", "NonZero", "Compress", "ScatterElements", "TopK",
@@ -55,21 +56,27 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="ort_profile")
     args = p.parse_args(argv)
+    # the same dev batches as the graph A/B (this folder is on sys.path)
+    from _harness import dev_feeds, environment_block, environment_summary, loadavg
+
+    from ltp_compress.fileio import atomic_write_json, atomic_write_text
+
+    load0 = loadavg()
 
     import onnxruntime as ort
 
     from ltp_compress.manifest import sha256_file
-    from ltp_compress.modeling.onnx_export import ONNX_CONFIG_FILE, ONNX_FILE, export_onnx
+    from ltp_compress.modeling.export_format import read_export_info
+    from ltp_compress.modeling.onnx_export import ONNX_FILE, export_onnx
     from ltp_compress.modeling.onnx_runtime import session_options
-    from ort_graph_ab import dev_feeds  # the same dev batches as the graph A/B (this folder is on sys.path)
 
     work = Path(tempfile.mkdtemp())
     export = export_onnx(args.checkpoint, work / "onnx")
-    info = json.loads((export / ONNX_CONFIG_FILE).read_text())
+    info = read_export_info(export)
     result = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
               "checkpoint": str(args.checkpoint), "weights_sha256": sha256_file(args.checkpoint / "model.safetensors"),
               "task": args.task, "threads": args.threads, "onnxruntime": ort.__version__,
-              "attention_op": info.get("attention_op"), "batch_sizes": {}}
+              "attention_op": info.attention_op, "batch_sizes": {}}
     feeds, _ = dev_feeds(args.checkpoint, args.data, args.task, [int(x) for x in args.batch_sizes.split(",")])
     for bs, batches in feeds.items():
         so = session_options(args.threads)
@@ -95,8 +102,9 @@ def main(argv=None) -> int:
             "classes": {k: {"us": v, "fraction": v / total} for k, v in by_class.most_common()},
             "ops": {k: {"us": v, "fraction": v / total, "kernel_calls": nodes[k]} for k, v in by_op.most_common()}}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# ONNX Runtime profile of our exported graph ({args.task})", "",
+    result["environment"] = environment_block(args.threads, load0)
+    atomic_write_json(args.out_dir / f"{args.name}.json", result)
+    lines = [f"# ONNX Runtime profile of our exported graph ({args.task})", "", environment_summary(result["environment"]), "",
              f"command: `{result['command']}`", "",
              f"checkpoint `{args.checkpoint}` (weights sha256 `{result['weights_sha256'][:16]}…`), attention op "
              f"`{result['attention_op']}`, onnxruntime {ort.__version__}, {args.threads} threads, the dev set once per batch size; "
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
         lines += ["", "| op type | kernel calls | fraction |", "|---|---|---|"]
         lines += [f"| {k} | {v['kernel_calls']} | {v['fraction'] * 100:.1f} % |" for k, v in list(r["ops"].items())[:15]]
         lines.append("")
-    (args.out_dir / f"{args.name}.md").write_text("\n".join(lines))
+    atomic_write_text(args.out_dir / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -40,11 +40,13 @@ CONFIG_ENTRIES = {"denormal_as_zero": {"session.set_denormal_as_zero": "1"},
 
 
 def main(argv=None) -> int:
-    from ort_graph_ab import add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, timed_rounds
+    from _harness import (add_timing_args, checkpoint_bench_parser, checkpoint_parts, dev_feeds, environment_block,
+                          environment_summary, loadavg, timed_rounds)
 
     p = checkpoint_bench_parser(__doc__.split("\n\n")[0], "ort_session_ab")
     add_timing_args(p, streams=2)
     args = p.parse_args(argv)
+    load0 = loadavg()
 
     import onnxruntime as ort
     import torch
@@ -104,8 +106,9 @@ def main(argv=None) -> int:
            "rounds_examples_per_s": {v: {str(bs): x for bs, x in d.items()} for v, d in times.items()},
            "ratio_vs_whole_graph": ratio}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = ["# ONNX Runtime session variants of our deployment", "", f"command: `{res['command']}`", "",
+    L = ["# ONNX Runtime session variants of our deployment", "", environment_summary(res["environment"]), "", f"command: `{res['command']}`", "",
          f"checkpoint `{args.checkpoint}` (weights sha256 `{res['weights_sha256'][:16]}…`), {args.task} dev ({n_examples} examples), "
          f"onnxruntime {ort.__version__}, {args.threads} threads; bs 1 one request at a time, larger batches as {args.streams} "
          f"concurrent requests on {max(1, args.threads // args.streams)}-thread sessions; {args.rounds} interleaved rounds x "

@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="paired_comparison")
     args = p.parse_args(argv)
+    from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
+
+    load0 = loadavg()
 
     import torch
 
@@ -115,8 +118,9 @@ def main(argv=None) -> int:
     res = {"command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task, "data": str(args.data),
            "split": "dev", "resamples": args.resamples, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
-    L = [f"# Paired comparisons on {args.task} dev", "", f"command: `{res['command']}`", "",
+    L = [f"# Paired comparisons on {args.task} dev", "", environment_summary(res["environment"]), "", f"command: `{res['command']}`", "",
          "B − A in main-metric points on the same dev examples; 95 % paired bootstrap interval over examples "
          f"({args.resamples} resamples); exact McNemar p on the examples exactly one model gets right. Covers the "
          "sampling of dev examples only, not training seeds.", "",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import importlib
 
-from .backends import ACTIVATION_RANGES, BACKENDS
+from .backends import ACTIVATION_RANGES, BACKENDS, QMAX
 
 # public name -> submodule that defines it (loaded on first attribute access)
 _LAZY = {
     **{name: "linear_int8" for name in (
-        "Int8Linear", "PackedInt8Weight", "act_qmin_of", "available_backends", "backend_unavailable_reason", "cpu_isa", "int8_linear",
+        "Int8Linear", "KERNEL_COUNTER", "PackedInt8Weight", "act_qmin_of", "available_backends", "backend_unavailable_reason", "cpu_isa", "int8_linear",
         "int8_linear_reference", "int8_matmul_int32", "kernel_counters", "onednn_qlinear_u8", "pack_weight",
         "quantize_per_channel_symmetric", "quantize_per_tensor_symmetric", "quantize_u8_zp128", "reset_kernel_counters",
         "resolve_backend", "weight_qmax",
@@ -26,7 +26,7 @@ _LAZY = {
     "PackedLayout": "token_pack",
 }
 
-__all__ = ["ACTIVATION_RANGES", "BACKENDS", *_LAZY]
+__all__ = ["ACTIVATION_RANGES", "BACKENDS", "QMAX", *_LAZY]
 
 
 def __getattr__(name: str):

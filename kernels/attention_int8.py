@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .linear_int8 import QMAX, _count
+from .backends import QMAX
+from .linear_int8 import _count
 
 #: softmax probabilities are quantised to uint8 with the fixed scale 1 / PROB_QMAX (p ∈ [0, 1])
 PROB_QMAX = 255

@@ -62,22 +62,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import ACTIVATION_RANGES, BACKENDS
+from .backends import ACTIVATION_RANGES, BACKENDS, QMAX
 
 _CPU_BACKENDS = ("reference", "cpu_vnni", "cpu_avx2", "cpu_int_mm")
 
-QMAX = 127  # symmetric int8 range [-127, 127]
 QMAX_7BIT = 63  # reduce_range weights for non-VNNI u8 x s8 kernels
 
 # ----------------------------------------------------------------------------- kernel counters
 
 _COUNTERS: collections.Counter = collections.Counter()
 
+#: concrete backend -> the name its GEMM kernel counts under in `kernel_counters` (the one owner)
+KERNEL_COUNTER = {
+    "reference": "reference",  # plain-torch int32 reference
+    "cpu_vnni": "onednn_qlinear_u8s8",  # oneDNN u8 x s8 qlinear, full 8-bit weights
+    "cpu_avx2": "onednn_qlinear_u8s8_w7",  # the same with 7-bit weights (no VNNI: exact only below 2^15)
+    "cpu_int_mm": "int_mm_s8s8",  # torch._int_mm on the CPU
+    "cuda": "cuda_int_mm",  # torch._int_mm (cuBLASLt) on CUDA
+}
+
 
 def kernel_counters() -> dict[str, int]:
     """Calls per concrete kernel actually executed since the last reset, e.g.
-    ``{'onednn_qlinear_u8s8': 3}``. Names: 'reference', 'onednn_qlinear_u8s8' (cpu_vnni),
-    'onednn_qlinear_u8s8_w7' (cpu_avx2), 'int_mm_s8s8' (cpu_int_mm), 'cuda_int_mm' (cuda)."""
+    ``{'onednn_qlinear_u8s8': 3}``; the names per backend are KERNEL_COUNTER's values."""
     return dict(_COUNTERS)
 
 
@@ -117,8 +124,9 @@ def cpu_isa() -> dict:
     Source: /proc/cpuinfo flags; if unavailable, ``torch.backends.cpu.get_cpu_capability()``
     (which cannot see VNNI, so avx512_vnni is then reported False). A cap set with
     ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) is honoured, because oneDNN honours it too.
-    Returns ``{"avx2", "avx512", "avx512_vnni", "avx_vnni", "amx_int8", "vnni", "source",
-    "onednn_max_cpu_isa"}``; ``vnni`` = any VNNI flavour (avx512_vnni or avx_vnni or amx).
+    Returns ``{"avx2", "avx512", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile", "vnni",
+    "source", "onednn_max_cpu_isa"}``; ``vnni`` = any VNNI flavour (avx512_vnni or avx_vnni or amx_int8);
+    the AMX flags are False under a cap without AMX.
     """
     flags = _read_cpu_flags()
     if flags is not None:
@@ -128,6 +136,8 @@ def cpu_isa() -> dict:
             "avx512_vnni": "avx512_vnni" in flags,
             "avx_vnni": "avx_vnni" in flags,
             "amx_int8": "amx_int8" in flags,
+            "amx_bf16": "amx_bf16" in flags,
+            "amx_tile": "amx_tile" in flags,
             "source": "/proc/cpuinfo",
         }
     else:
@@ -138,6 +148,8 @@ def cpu_isa() -> dict:
             "avx512_vnni": False,
             "avx_vnni": False,
             "amx_int8": False,
+            "amx_bf16": False,
+            "amx_tile": False,
             "source": f"torch.backends.cpu.get_cpu_capability()={cap}",
         }
     cap_env = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
@@ -153,7 +165,7 @@ def cpu_isa() -> dict:
         if level < _ONEDNN_ISA_ORDER.index("AVX512_CORE_VNNI") or cap_env.startswith("AVX2"):
             isa["avx512_vnni"] = False
         if "AMX" not in cap_env:
-            isa["amx_int8"] = False
+            isa["amx_int8"] = isa["amx_bf16"] = isa["amx_tile"] = False
     isa["vnni"] = isa["avx512_vnni"] or isa["avx_vnni"] or isa["amx_int8"]
     return isa
 
@@ -328,7 +340,7 @@ def int8_linear_reference(
     fuse_gelu: bool = False,
 ) -> Tensor:  # float32 [M, N] (or [..., N])
     """Plain-torch exact reference: int32 accumulation, float64 epilogue, float32 result."""
-    _count("reference")
+    _count(KERNEL_COUNTER["reference"])
     lead = x_q.shape[:-1]
     acc = _int32_matmul_reference(x_q.reshape(-1, x_q.shape[-1]), w_q)  # [M, N] int32
     y = acc.to(torch.float64) * (_as_float(x_scale) * w_scale.to(torch.float64))  # [M, N]
@@ -424,10 +436,10 @@ def int8_matmul_int32(x_q: Tensor, w_q: Tensor, backend: str) -> Tensor:
     if x_q.dtype != torch.int8 or w_q.dtype != torch.int8:
         raise ValueError("int8_matmul_int32 expects int8 inputs")
     if backend == "reference":
-        _count("reference")
+        _count(KERNEL_COUNTER["reference"])
         return _int32_matmul_reference(x_q, w_q)
     if backend == "cpu_int_mm":
-        _count("int_mm_s8s8")
+        _count(KERNEL_COUNTER["cpu_int_mm"])
         return torch._int_mm(x_q.contiguous(), w_q.t().contiguous())  # [M,K] x [K,N]
     if backend == "cuda":
         n, k = w_q.shape
@@ -443,7 +455,7 @@ def _cuda_int_mm(x_q: Tensor, w_padded: Tensor, k_pad: int) -> Tensor:
     """cuBLASLt int8 GEMM: x_q [M, K] int8, w_padded [N8, K8] int8 -> int32 [M, N8].
     torch._int_mm on CUDA needs M > 16 and K, N multiples of 8: zero-pad K (zeros add nothing)
     and M (extra rows are sliced off)."""
-    _count("cuda_int_mm")
+    _count(KERNEL_COUNTER["cuda"])
     m = x_q.shape[0]
     m_pad = 17 - m if m <= 16 else 0
     if k_pad or m_pad:
@@ -496,10 +508,10 @@ def int8_linear(x: Tensor, x_scale: float, packed: PackedInt8Weight, fuse_gelu: 
     backend = packed.backend
     x_scale = float(x_scale)
     if backend in ("cpu_vnni", "cpu_avx2"):
-        _count("onednn_qlinear_u8s8" if backend == "cpu_vnni" else "onednn_qlinear_u8s8_w7")
+        _count(KERNEL_COUNTER[backend])
         y = onednn_qlinear_u8(quantize_u8_zp128(x2, x_scale, act_qmin), x_scale, packed, fuse_gelu)  # [M, N] float32
     elif backend == "cpu_int_mm":
-        _count("int_mm_s8s8")
+        _count(KERNEL_COUNTER["cpu_int_mm"])
         x_q = _quantize_fast(x2, x_scale, 0, torch.int8, act_qmin)  # [M, K] int8
         y = _epilogue(torch._int_mm(x_q, packed.packed), x_scale, packed, fuse_gelu)
     elif backend == "cuda":

@@ -3,16 +3,18 @@
 Layout (format version 1)::
 
     model.safetensors   int8 weights `<linear>.w_q` [N, K], per-channel scales `<linear>.w_scale` [N],
-                        activation scales `<linear>.x_scale` [], biases `<linear>.bias` [N] (float32),
+                        activation scales `<linear>.x_scale` [] (their one copy), biases `<linear>.bias` [N] (float32),
                         INT8 attention scales `<attention.self>.int8_matmuls.{q,k,v}_scale` [] (only
                         when quantization.attention_matmuls is "int8"), and every float part (embeddings, LayerNorms) under its Hugging Face name
     config.json         the Hugging Face model config (labels included)
     tokenizer files     as written by tokenizer.save_pretrained
     ltp.json            {"format": "ltp-compress-deployable", "format_version": 1,
                          "pruning": PruningConfig, "quantization": QuantInfo, "max_seq_length": int}
-                        (quantization.activation_range: "full" [-128, 127] or "symmetric" [-127, 127],
+                        (typed: modeling/checkpoint_format.py CheckpointInfo, its one reader and writer;
+                        quantization.activation_range: "full" [-128, 127] or "symmetric" [-127, 127],
                         the range of the quantised Linear inputs; absent: "symmetric", a checkpoint
-                        written before the key existed)
+                        written before the key existed; quantization.act_scales: older checkpoints
+                        only, checked against the x_scale tensors)
     manifest.json       {"format_version": 1, "files": {name: {"size": bytes, "sha256": hex}}}
 
 `load_deployable` verifies the manifest *first* (every listed file present, same size, same
@@ -27,7 +29,6 @@ not detected.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -39,14 +40,17 @@ from ltp_compress.fileio import atomic_folder
 from ltp_compress.manifest import MANIFEST_FILE, write_manifest  # noqa: F401 (MANIFEST_FILE re-exported)
 from ltp_compress.modeling.prediction import predict_texts
 from ltp_compress.modeling.checkpoint_format import (  # noqa: F401 (the format's names, re-exported)
-    CONFIG_FILE, FORMAT, FORMAT_VERSION, LTP_FILE, REQUIRED_FILES, WEIGHTS_FILE, activation_range, read_deployable_info, verify_checkpoint,
+    CONFIG_FILE, FORMAT, FORMAT_VERSION, LTP_FILE, REQUIRED_FILES, WEIGHTS_FILE, CheckpointInfo, QuantizationSection,
+    activation_scales, read_checkpoint_info, verify_checkpoint, write_checkpoint_info,
 )
+from ltp_compress.sequence_length import DEFAULT_MAX_SEQ_LENGTH
 
 
 # ----------------------------------------------------------------------------- save
 
 
-def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: str | Path, *, max_seq_length: int = 128) -> Path:
+def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: str | Path, *,
+                    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> Path:
     """Write the converted (Int8Linear) model as a deployable folder, atomically: everything goes
     to a temporary sibling folder, which is fsynced and renamed to `folder` (an existing `folder`
     is replaced only after the new one is complete)."""
@@ -56,20 +60,20 @@ def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: st
 
     folder = Path(folder)
     qinfo = quant_info.to_dict() if hasattr(quant_info, "to_dict") else dict(quant_info)
+    qinfo.pop("act_scales", None)  # stored once, as the x_scale tensors
     int8_names = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
     if not int8_names:
         raise ValueError("save_deployable expects a converted model (no Int8Linear modules found)")
-    qinfo["int8_layers"] = int8_names
+    ltp = CheckpointInfo(format=FORMAT, format_version=FORMAT_VERSION,
+                         pruning=pruning.to_dict() if hasattr(pruning, "to_dict") else dict(pruning),
+                         quantization=QuantizationSection(**qinfo, int8_layers=int8_names), max_seq_length=int(max_seq_length),
+                         model_type=model.config.model_type)
     with atomic_folder(folder) as tmp:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        ltp = {"format": FORMAT, "format_version": FORMAT_VERSION,
-               "pruning": pruning.to_dict() if hasattr(pruning, "to_dict") else dict(pruning),
-               "quantization": qinfo, "max_seq_length": int(max_seq_length),
-               "model_type": model.config.model_type}
-        (tmp / LTP_FILE).write_text(json.dumps(ltp, indent=2))
+        write_checkpoint_info(tmp, ltp)
         write_manifest(tmp, FORMAT, FORMAT_VERSION)
     return folder
 
@@ -82,7 +86,7 @@ class DeployedModel:
 
     runtime = "torch"
 
-    def __init__(self, model, tokenizer, pruning, ltp: dict, backend: str, path: Path, notes: list[str]):
+    def __init__(self, model, tokenizer, pruning, ltp: CheckpointInfo, backend: str, path: Path, notes: list[str]):
         self.model = model
         self.tokenizer = tokenizer
         self.pruning = pruning
@@ -90,7 +94,7 @@ class DeployedModel:
         self.backend = backend
         self.path = path
         self.notes = notes  # e.g. weight re-quantisation for a 7-bit backend
-        self.max_seq_length = int(ltp.get("max_seq_length", 128))
+        self.max_seq_length = ltp.max_seq_length
         self.last_kept_tokens: torch.Tensor | None = None  # [b, L] of the last logits() call
         cfg = model.config
         self.num_labels = cfg.num_labels
@@ -152,19 +156,16 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
     install_known_message_filters()  # before transformers (which imports torchao when installed)
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from ltp_compress.kernels import ACTIVATION_RANGES, Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
+    from ltp_compress.kernels import Int8Linear, quantize_per_channel_symmetric, resolve_backend, weight_qmax
     from ltp_compress.modeling.pruned_encoder import PruningConfig
     from ltp_compress.modeling.quantized import swap_linear
 
     path = Path(path)
-    ltp = read_deployable_info(path)
-    q = ltp.get("quantization") or {}
-    int8_layers = q.get("int8_layers")
-    if not isinstance(int8_layers, list):
-        raise CheckpointError(f"{path / LTP_FILE}: 'quantization.int8_layers' missing")
-    act_qmin = ACTIVATION_RANGES[activation_range(q, path)]
+    ltp = read_checkpoint_info(path)
+    q = ltp.quantization
+    int8_layers = q.int8_layers
     try:
-        pruning = PruningConfig.from_dict(ltp.get("pruning"))
+        pruning = PruningConfig.from_dict(ltp.pruning)
     except TypeError as e:
         raise CheckpointError(f"{path / LTP_FILE}: invalid 'pruning' entry: {e}") from None
     try:
@@ -187,12 +188,13 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
 
     notes = []
     qmax = weight_qmax(concrete)
-    fused = set(q.get("fused_gelu") or [])
+    fused = set(q.fused_gelu)
+    x_scales = activation_scales(q, tensors, path)
     for name in int8_layers:
+        tensors.pop(f"{name}.x_scale")
         try:
             lin = model.get_submodule(name)
             w_q, w_scale = tensors.pop(f"{name}.w_q"), tensors.pop(f"{name}.w_scale")
-            x_scale = tensors.pop(f"{name}.x_scale")
         except (AttributeError, KeyError) as e:
             raise CheckpointError(f"{path / WEIGHTS_FILE}: int8 layer '{name}' incomplete or unknown to the model ({e})") from None
         bias = tensors.pop(f"{name}.bias", None)
@@ -206,20 +208,16 @@ def load_deployable(path: str | Path, backend: str = "auto", device: str | torch
                 notes.append(f"weights re-quantised to [-{qmax}, {qmax}] for backend {concrete}")
         fuse = name in fused
         dev = torch.device(device)
-        mod = Int8Linear(w_q.to(dev), w_scale.to(dev), None if bias is None else bias.to(dev), float(x_scale),
-                         backend=concrete, fuse_gelu=fuse, act_qmin=act_qmin)
+        mod = Int8Linear(w_q.to(dev), w_scale.to(dev), None if bias is None else bias.to(dev), x_scales[name],
+                         backend=concrete, fuse_gelu=fuse, act_qmin=q.act_qmin)
         swap_linear(model, name, mod, gelu_fused=fuse)
-    attention = q.get("attention_matmuls", "fp32")
-    if attention == "int8":  # scales come from the safetensors buffers below; ltp.json names the layers
+    if q.attention_matmuls == "int8":  # scales come from the safetensors buffers below; ltp.json names the layers
         from ltp_compress.modeling.quantized import attach_int8_attention
 
-        att_scales = q.get("attention_scales")
         try:
-            attach_int8_attention(model, {name: {"q": 1.0, "k": 1.0, "v": 1.0} for name in att_scales})
+            attach_int8_attention(model, {name: {"q": 1.0, "k": 1.0, "v": 1.0} for name in q.attention_scales})
         except (AttributeError, TypeError) as e:
             raise CheckpointError(f"{path / LTP_FILE}: invalid 'quantization.attention_scales' ({e})") from None
-    elif attention != "fp32":
-        raise CheckpointError(f"{path / LTP_FILE}: 'quantization.attention_matmuls' is {attention!r}; this version knows 'fp32' and 'int8'")
     expected = set(model.state_dict().keys()) - {f"{n}.{b}" for n in int8_layers for b in ("w_q", "w_scale", "x_scale", "bias")}
     got = set(tensors)
     if expected - got or got - expected:

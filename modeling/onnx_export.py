@@ -5,7 +5,8 @@ folder that plain ``onnxruntime`` runs without ltp_compress installed::
 
     model.onnx        the graph below (weights as initializers)
     ltp_onnx.json     model_type, id2label, max_seq_length, input/output names, pruning rule,
-                      which int8 GEMM node uses which checkpoint layers and scales
+                      which int8 GEMM node uses which checkpoint layers and scales (typed:
+                      modeling/export_format.py ExportInfo, its one reader and writer)
     config.json       the Hugging Face config (copied from the checkpoint)
     tokenizer files   copied from the checkpoint (tokenizer.json is enough for `tokenizers`)
     manifest.json     {"format": "ltp-compress-onnx", "files": {name: {size, sha256}},
@@ -44,7 +45,7 @@ longest surviving sequence at the current layer, d hidden, H heads, dh = d / H):
   same math and the same initializers but none of the padding machinery (no grid, masks or index
   maps: the sequence's present rows are the attention grid; position 0 is kept by a Concat, pruned
   rows leave by one Gather): about 40 instead of about 65 nodes per layer, and at ~25 tokens per-node
-  overhead, not arithmetic, is most of a batch of one's time (benchmarks/results/ort_graph_ab.md).
+  overhead, not arithmetic, is most of a batch of one's time (docs/design.md, "Design notes").
   Top-k checkpoints keep the one general graph.
 
 INT8 linears (every layer in the checkpoint's ``int8_layers``) use the checkpoint's own scales::
@@ -87,7 +88,6 @@ can saturate with 8-bit weights). A checkpoint quantised with 7-bit weights (``w
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -96,28 +96,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ltp_compress.errors import CheckpointError
-from ltp_compress.kernels.backends import ACTIVATION_RANGES
 from ltp_compress.fileio import atomic_folder
-from ltp_compress.manifest import MANIFEST_FILE, verify_manifest, write_manifest
-from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, activation_range, verify_checkpoint
+from ltp_compress.kernels.backends import QMAX
+from ltp_compress.manifest import MANIFEST_FILE, write_manifest
+from ltp_compress.modeling.checkpoint_format import (LTP_FILE, WEIGHTS_FILE, CheckpointInfo, activation_scales, parse_checkpoint_info,
+                                                     verify_checkpoint)
+from ltp_compress.modeling.export_format import (  # noqa: F401 (the export format's names, re-exported)
+    EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_REQUIRED_FILES, HF_CONFIG_FILE, INPUT_NAMES, INT8_OPS, INTEGER_GEMM_OPS, ONNX_CONFIG_FILE,
+    ONNX_FILE, OUTPUT_NAMES, RECOMMENDED_SESSION_OPTIONS, TOKENIZER_FILE, ExportError, ExportInfo, ExportQuantization, ExportSource,
+    session_options, verify_export, write_export_info,
+)
+from ltp_compress.json_model import load_json
 
-# ----------------------------------------------------------------------------- export folder format
-
-EXPORT_FORMAT = "ltp-compress-onnx"
-EXPORT_FORMAT_VERSION = 1
-ONNX_FILE = "model.onnx"
-ONNX_CONFIG_FILE = "ltp_onnx.json"
-HF_CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` file the runtime and the README snippet read
-EXPORT_REQUIRED_FILES = (ONNX_FILE, ONNX_CONFIG_FILE)
 # checkpoint files that are not copied into the export (everything else is: config + tokenizer)
 _NOT_COPIED = (WEIGHTS_FILE, LTP_FILE, MANIFEST_FILE)
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # a lower bound of exact GELU (min x·Φ(x) = -0.16997 at x = -0.7518) and of ReLU
 GELU_MIN_BOUND = 0.17
-OUTPUT_NAMES = ("logits", "kept_tokens")
 #: the top-level `If` that sends a batch of one sequence to its own branch (then: batch of one, else: any batch)
 BATCH_OF_ONE_IF = "batch_of_one"
 DEFAULT_OPSET = 23
@@ -125,8 +120,8 @@ SUPPORTED_OPSETS = range(17, 24)
 # how float attention is expressed in the graph batches of two or more take: the standard ONNX
 # `Attention` op (opset >= 23; one ORT kernel per layer that also returns the softmax probabilities the
 # token scores need, qk_matmul_output_mode 3) or the MatMul / Mul / Add / Softmax / MatMul subgraph with
-# its head reshapes (any opset). Outputs are bit-identical in ORT 1.31; the fused op is faster there
-# (benchmarks/results/ort_attention_op_ab_*.md). The batch-of-one branch always spells it out (the
+# its head reshapes (any opset). Outputs are bit-identical in ORT 1.31; the fused op measured faster there
+# (docs/design.md, "Design notes"). The batch-of-one branch always spells it out (the
 # fused op measured slower for one sequence). INT8 attention checkpoints always use MatMulInteger.
 ATTENTION_OPS = ("Attention", "MatMul")
 ATTENTION_OP_MIN_OPSET = 23
@@ -150,15 +145,7 @@ def resolve_attention_op(attention_op: str | None, opset: int, *, int8_attention
         return "Attention" if opset >= ATTENTION_OP_MIN_OPSET else "MatMul"
     return attention_op
 
-# ORT's documented CPU latency settings; the runtime applies them, the export records them
-RECOMMENDED_SESSION_OPTIONS = {"intra_op_num_threads": "threads", "inter_op_num_threads": 1,
-                               "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL"}
-# op types that are integer GEMMs in an optimised ORT graph (the profile shows one of these per int8 GEMM)
-# how an INT8 linear is expressed: standard ONNX MatMulInteger + float epilogue (portable), or ORT's
-# contrib MatMulIntegerToFloat (one kernel incl. scales and bias; onnxruntime only)
-INT8_OPS = ("MatMulInteger", "MatMulIntegerToFloat")
-DEFAULT_INT8_OP = "MatMulIntegerToFloat"  # measured a few % faster in ORT 1.31 (noisy); MatMulInteger for other runtimes
-INTEGER_GEMM_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul")
+DEFAULT_INT8_OP = "MatMulIntegerToFloat"  # (INT8_OPS) measured faster in ORT 1.31 (noisy); MatMulInteger for other runtimes
 
 # sentences used for the export-time parity check when no texts are given
 BUILTIN_PARITY_TEXTS = (
@@ -179,12 +166,6 @@ BUILTIN_PARITY_TEXTS = (
     "the movie never finds its footing and ends up as a series of loosely connected scenes that go nowhere in particular .",
     "funny .",
 )
-
-
-
-
-class ExportError(CheckpointError):
-    """An ONNX export folder that is missing, incomplete, corrupted, or cannot be produced."""
 
 
 # ----------------------------------------------------------------------------- graph builder
@@ -276,7 +257,7 @@ class _Weights:
     int8_layers: set[str]
     fused_gelu: set[str]
     fp_layers: set[str]
-    act_qmin: int = -127  # lower bound of the quantised Linear inputs (kernels/backends.py ACTIVATION_RANGES)
+    act_qmin: int = -QMAX  # lower bound of the quantised Linear inputs (kernels/backends.py ACTIVATION_RANGES)
     gemms: list[dict] = field(default_factory=list)  # one entry per int8 GEMM node, for ltp_onnx.json
     attention_gemms: list[str] = field(default_factory=list)  # the INT8 attention MatMulInteger nodes
 
@@ -325,7 +306,7 @@ class _Builder:
         after a Max so its int8 saturation (-128) never acts."""
         g, key = self.g, f"{p}.attention.self.int8_matmuls"
         shape = [3] + [1] * (rank - 1 - axis)
-        mins = g.shared(f"{key}.qkv_min.r{rank}", lambda: np.asarray([-127.0 * v for v in scales], np.float32).reshape(shape))
+        mins = g.shared(f"{key}.qkv_min.r{rank}", lambda: np.asarray([-float(QMAX) * v for v in scales], np.float32).reshape(shape))
         xs = g.shared(f"{key}.qkv_scale", lambda: np.asarray(scales, np.float32))  # [3]
         zp = g.shared(f"{key}.qkv_zero_point", lambda: np.zeros(3, np.int8))  # [3]
         return g.op("QuantizeLinear", [g.op("Max", [qkv, mins]), xs, zp], axis=axis, name=f"{key}.quantize_qkv")
@@ -446,11 +427,11 @@ class _Builder:
         zp = g.const(128, np.uint8)
         # the FFN output projection reads GELU / ReLU outputs (>= -0.17): there the clamp can never act
         ffn_out = first_name.endswith(".output.dense") and not first_name.endswith("attention.output.dense")
-        bounded = ffn_out and self.act in ("gelu", "relu") and 127.0 * x_scale >= GELU_MIN_BOUND
-        if bounded or self.w.act_qmin == -128:  # the range is QuantizeLinear's own [-128, 127] ('full')
+        bounded = ffn_out and self.act in ("gelu", "relu") and float(QMAX) * x_scale >= GELU_MIN_BOUND
+        if bounded or self.w.act_qmin == -QMAX - 1:  # the range is QuantizeLinear's own [-128, 127] ('full')
             xc = x
         else:
-            x_min = g.shared(f"{tag}.x_min", lambda: np.asarray(-127.0 * x_scale, dtype=np.float32))
+            x_min = g.shared(f"{tag}.x_min", lambda: np.asarray(-float(QMAX) * x_scale, dtype=np.float32))
             xc = g.op("Max", [x, x_min])  # [T, K], never below -127 * x_scale
         return g.op("QuantizeLinear", [xc, xs_name, zp], name=f"{tag}.quantize"), xs_name, zp  # [T, K] uint8
 
@@ -552,14 +533,14 @@ class _Builder:
         b = g.op("Shape", [lay.valid], start=0, end=1)  # [1]
         scales = self.attention_scales(p)
         # with the fused Attention op, Q, K, V come from three GEMMs on one quantised x, each gathered straight
-        # into the grid: no Split copy of the [b, S, 3d] grid (1.02x-1.05x at bs 8 / 32 on SST-2 and MRPC,
-        # benchmarks/results/ort_graph_ab_qkv_*.md); the batch-of-one branch keeps the one QKV GEMM
+        # into the grid: no Split copy of the [b, S, 3d] grid (measured faster at bs 8 / 32 on SST-2 and MRPC:
+        # docs/design.md, "Design notes"); the batch-of-one branch keeps the one QKV GEMM
         parts = self.qkv_parts(x, p) if scales is None and self.attention_op == "Attention" else None
         if parts is None:
             qkv = self.qkv(x, p)  # [T, 3d]
             # packed rows -> the per-layer attention grid by one Gather (a padded slot reads row 0: its key is
             # masked below, its query row never reaches the output or the scores). It replaces ConstantOfShape
-            # zeros + ScatterND, 19% of the old graph's time at bs 32 in ORT 1.31's profile (benchmarks/results/ort_graph_ab.md).
+            # zeros + ScatterND, a large share of the old graph's time at bs 32 in ORT 1.31's profile (docs/design.md, "Design notes").
             grid = g.op("Gather", [qkv, lay.grid_rows], axis=0, name=f"layer{l}.to_grid")  # [b*S, 3d]
         mode = self.pruning.get("mode", "none")
         scores_needed = mode != "none" and l < self.num_layers - 1
@@ -632,7 +613,7 @@ class _Builder:
         p = f"{self.prefix}.encoder.layer.{l}"
         qkv = self.qkv(x, p)  # [T, 3d]
         # the spelled-out subgraph even where the batch graph uses the fused Attention op: for one sequence the
-        # fused op measured slower in ORT 1.31 (0.915x at bs 1, benchmarks/results/design_observations.md); Q, K, V
+        # fused op measured slower in ORT 1.31 (benchmarks/results/design_observations.md); Q, K, V
         # stay one GEMM here (three as in the batch graph measured slower at bs 1: design_observations.md)
         heads = g.op("Transpose", [g.reshape(qkv, [-1, 3, H, dh])], perm=[1, 2, 0, 3])  # [3, H, T, dh]
         scales = self.attention_scales(p)
@@ -645,8 +626,8 @@ class _Builder:
         ctx = g.reshape(g.op("Transpose", [self.attention_context(probs, v, p, scales)], perm=[0, 2, 1, 3]), [-1, d])  # [T, d]
         if self.pruning.get("mode", "none") == "threshold" and l < self.num_layers - 1:
             # Σ_j A_h(j, i) as a [1, T] x [T, T] product per head (a ones row), then Σ_h over the small [1, H, 1, T]:
-            # with Compress for the kept rows below, 1.007x (SST-2) / 1.023x (MRPC) at bs 1 over ReduceSum of the
-            # whole [1, H, T, T] + NonZero + two Gathers (design_observations.md)
+            # with Compress for the kept rows below, measured faster at bs 1 than ReduceSum of the
+            # whole [1, H, T, T] + NonZero + two Gathers (benchmarks/results/design_observations.md)
             ones = g.op("ConstantOfShape", [g.op("Concat", [g.const([1], np.int64), g.op("Shape", [x], start=0, end=1)], axis=0)],
                         value=g.helper.make_tensor("one", 1, [1], [1.0]))  # [1, T]
             colsum = g.op("MatMul", [ones, probs], name=f"prune.{l}.column_sum")  # [1, H, 1, T]
@@ -751,10 +732,10 @@ def num_labels(tensors: dict[str, np.ndarray], config: dict) -> int:
     raise ExportError(f"{WEIGHTS_FILE}: classifier '{name}' missing")
 
 
-def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *, opset: int = DEFAULT_OPSET,
+def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: CheckpointInfo | dict, *, opset: int = DEFAULT_OPSET,
                      fuse_qkv: bool = True, int8_op: str = DEFAULT_INT8_OP, batch_of_one_branch: bool = True,
                      attention_op: str | None = None):
-    """The onnx.ModelProto for a checkpoint's tensors, HF config and ltp.json; also returns the
+    """The onnx.ModelProto for a checkpoint's tensors, HF config and ltp.json (typed, or its parsed JSON); also returns the
     per-GEMM records for ltp_onnx.json and the attention op used (`attention_op`: see ATTENTION_OPS;
     None: the default of `resolve_attention_op`)."""
     import onnx
@@ -762,15 +743,14 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
 
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} not supported (choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1})")
-    q = ltp.get("quantization") or {}
-    if q.get("attention_matmuls", "fp32") not in ("fp32", "int8"):
-        raise ExportError(f"{LTP_FILE}: quantization.attention_matmuls is {q.get('attention_matmuls')!r} (known: fp32, int8)")
-    act_qmin = ACTIVATION_RANGES[activation_range(q, error=ExportError)]
-    w = _Weights(tensors=tensors, int8_layers=set(q.get("int8_layers") or []), fused_gelu=set(q.get("fused_gelu") or []),
-                 fp_layers=set(q.get("fp_layers") or []), act_qmin=act_qmin)
+    ltp = parse_checkpoint_info(ltp, LTP_FILE, ExportError)
+    q = ltp.quantization
+    activation_scales(q, tensors, error=ExportError)  # present, and equal to an older checkpoint's ltp.json copy
+    w = _Weights(tensors=tensors, int8_layers=set(q.int8_layers), fused_gelu=set(q.fused_gelu),
+                 fp_layers=set(q.fp_layers), act_qmin=q.act_qmin)
     if config.get("model_type") not in ("bert", "roberta"):
         raise ExportError(f"{HF_CONFIG_FILE}: model_type {config.get('model_type')!r} not supported (bert, roberta)")
-    pruning = dict(ltp.get("pruning") or {"mode": "none"})
+    pruning = dict(ltp.pruning or {"mode": "none"})
     mode = pruning.get("mode", "none")
     L = int(config["num_hidden_layers"])
     if mode == "threshold" and len(pruning.get("thresholds") or []) < L:
@@ -781,7 +761,7 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
         raise ExportError(f"{LTP_FILE}: unknown pruning mode {mode!r}")
     if int8_op not in INT8_OPS:
         raise ExportError(f"int8_op {int8_op!r} not supported (choose from {INT8_OPS})")
-    attention_op = resolve_attention_op(attention_op, opset, int8_attention=q.get("attention_matmuls", "fp32") == "int8")
+    attention_op = resolve_attention_op(attention_op, opset, int8_attention=q.attention_matmuls == "int8")
     g = _Graph(opset)
     _Builder(g, config, w, pruning, fuse_qkv, int8_op, attention_op).build(batch_of_one_branch)
     dyn = ["batch", "sequence"]
@@ -799,16 +779,6 @@ def build_onnx_model(tensors: dict[str, np.ndarray], config: dict, ltp: dict, *,
     return model, {"linear": w.gemms, "attention": w.attention_gemms, "attention_op": attention_op}
 
 
-# ----------------------------------------------------------------------------- manifest
-
-
-def verify_export(path: str | Path) -> dict:
-    """Check an export folder against its manifest.json (every listed file present with the same
-    size and sha256, no unlisted file); returns the manifest. Raises ExportError naming the file."""
-    return verify_manifest(Path(path), EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_REQUIRED_FILES, error=ExportError,
-                           what="ONNX export")
-
-
 # ----------------------------------------------------------------------------- parity
 
 
@@ -821,9 +791,7 @@ def _parity(checkpoint_dir: Path, onnx_path: Path, texts: Sequence[str], texts_b
     from ltp_compress.modeling.deploy import load_deployable
 
     dm = load_deployable(checkpoint_dir)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_path), session_options(), providers=["CPUExecutionProvider"])
     agree = total = kept_eq = kept_total = 0
     max_diff = 0.0
     for s in range(0, len(texts), batch_size):
@@ -866,11 +834,8 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
     src_manifest = verify_checkpoint(checkpoint_dir)
     if out_dir.resolve() == checkpoint_dir.resolve() or checkpoint_dir.resolve() in out_dir.resolve().parents:
         raise ExportError(f"{out_dir}: the export folder must not be (inside) the checkpoint {checkpoint_dir}")
-    try:
-        ltp = json.loads((checkpoint_dir / LTP_FILE).read_text(encoding="utf-8"))
-        config = json.loads((checkpoint_dir / HF_CONFIG_FILE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ExportError(f"{checkpoint_dir}: {LTP_FILE} or {HF_CONFIG_FILE} is not valid JSON: {e}") from None
+    ltp = parse_checkpoint_info(load_json(checkpoint_dir / LTP_FILE, ExportError), checkpoint_dir / LTP_FILE, ExportError)
+    config = load_json(checkpoint_dir / HF_CONFIG_FILE, ExportError)
     tensors = load_file(str(checkpoint_dir / WEIGHTS_FILE))
     from transformers import AutoConfig
 
@@ -886,7 +851,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
 
     tok_cfg = {}
     if (checkpoint_dir / "tokenizer_config.json").is_file():
-        tok_cfg = json.loads((checkpoint_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok_cfg = load_json(checkpoint_dir / "tokenizer_config.json", ExportError)
     if not (checkpoint_dir / TOKENIZER_FILE).is_file():
         raise ExportError(f"{checkpoint_dir / TOKENIZER_FILE}: missing (the export needs a fast tokenizer file)")
     if parity_texts_b is not None and (not parity_texts or len(parity_texts_b) != len(parity_texts)):
@@ -896,30 +861,30 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
     pad_id = Tokenizer.from_file(str(checkpoint_dir / TOKENIZER_FILE)).token_to_id(pad_token) if pad_token else None
     if pad_id is None:
         pad_id, pad_token = int(config.get("pad_token_id") or 0), pad_token or "[PAD]"
-    q = ltp.get("quantization") or {}
-    info = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "model_type": config["model_type"],
-        "num_labels": num_labels(tensors, config),
-        "id2label": {str(k): v for k, v in hf_config.id2label.items()},  # as the torch runtime names them
-        "max_seq_length": int(ltp.get("max_seq_length", 128)), "pad_token": pad_token, "pad_token_id": int(pad_id),
-        "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES), "opset": opset,
-        "num_layers": int(config["num_hidden_layers"]), "pruning": ltp.get("pruning") or {"mode": "none"},
-        "pruning_rule": "score_l(i) = 1/H * sum_h sum_{j real, present} A_h(j, i); keep iff score > thresholds[l] "
+    q = ltp.quantization
+    info = ExportInfo(
+        format=EXPORT_FORMAT, format_version=EXPORT_FORMAT_VERSION, model_type=config["model_type"],
+        num_labels=num_labels(tensors, config),
+        id2label={str(k): v for k, v in hf_config.id2label.items()},  # as the torch runtime names them
+        max_seq_length=ltp.max_seq_length, pad_token=pad_token, pad_token_id=int(pad_id),
+        inputs=list(INPUT_NAMES), outputs=list(OUTPUT_NAMES), opset=opset,
+        num_layers=int(config["num_hidden_layers"]), pruning=ltp.pruning or {"mode": "none"},
+        pruning_rule="score_l(i) = 1/H * sum_h sum_{j real, present} A_h(j, i); keep iff score > thresholds[l] "
                         "(topk: the ceil(keep_ratios[l] * n0) best); position 0 always kept; the last layer prunes nothing; "
-                        "pruned tokens skip layer l's output projection and FFN",
-        "quantization": {"int8_gemms": gemms, "int8_layers": q.get("int8_layers"), "fused_gelu": q.get("fused_gelu") or [],
-                         "fp_layers": q.get("fp_layers") or [], "weight_qmax": q.get("weight_qmax"),
-                         "activation_range": activation_range(q, checkpoint_dir, ExportError), "int8_op": int8_op,
-                         "scheme": "QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
-                         "attention_matmuls": q.get("attention_matmuls", "fp32"), "int8_attention_gemms": attention_gemms,
-                         "attention_scheme": ("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "
-                                              "MatMulInteger (exact int32) for Q·Kᵀ and P·V") if attention_gemms else
-                                             "float32, one ONNX Attention op per layer (probabilities as its 4th output)"
-                                             if attention_op == "Attention" else "float32 MatMul"},
-        "attention_op": attention_op,
-        "session_options": RECOMMENDED_SESSION_OPTIONS,
-        "source": {"checkpoint": str(checkpoint_dir.resolve()), "weights_sha256": src_manifest["files"][WEIGHTS_FILE]["sha256"]},
-    }
+                     "pruned tokens skip layer l's output projection and FFN",
+        quantization=ExportQuantization(
+            int8_gemms=gemms, int8_layers=q.int8_layers, fused_gelu=q.fused_gelu, fp_layers=q.fp_layers, weight_qmax=q.weight_qmax,
+            activation_range=q.activation_range, int8_op=int8_op,
+            scheme="QuantizeLinear(u8, zp 128) + integer GEMM with int8 per-channel weights, checkpoint scales",
+            attention_matmuls=q.attention_matmuls, int8_attention_gemms=attention_gemms,
+            attention_scheme=("Q, K, V int8 (checkpoint scales, per-axis QuantizeLinear), probabilities uint8 at 1/255; "
+                              "MatMulInteger (exact int32) for Q·Kᵀ and P·V") if attention_gemms else
+                             "float32, one ONNX Attention op per layer (probabilities as its 4th output)"
+                             if attention_op == "Attention" else "float32 MatMul"),
+        attention_op=attention_op,
+        session_options=RECOMMENDED_SESSION_OPTIONS,
+        source=ExportSource(checkpoint=str(checkpoint_dir.resolve()), weights_sha256=src_manifest["files"][WEIGHTS_FILE]["sha256"]),
+    )
     with atomic_folder(out_dir) as tmp:
         import onnx
 
@@ -927,7 +892,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
         for p in sorted(checkpoint_dir.iterdir()):
             if p.is_file() and p.name not in _NOT_COPIED:
                 shutil.copyfile(p, tmp / p.name)
-        (tmp / ONNX_CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        write_export_info(tmp, info)
         texts = list(parity_texts) if parity_texts else list(BUILTIN_PARITY_TEXTS)
         parity = _parity(checkpoint_dir, tmp / ONNX_FILE, texts, parity_texts_b if parity_texts else None, parity_batch_size)
         parity["inputs"] = "given texts" if parity_texts else "built-in sentences (BUILTIN_PARITY_TEXTS)"

@@ -11,12 +11,12 @@ gives the same ids as the checkpoint's Hugging Face fast tokenizer.
 
 The graph's top-level `If` on the batch size (a batch of one sequence takes its own, leaner branch)
 is split at load time into two sessions, one per branch, and the batch size picks the session in
-Python (`branch_sessions`, default on): 1.033x / 1.088x / 1.015x (SST-2) and 1.042x / 1.025x / 0.995x
-(MRPC) at bs 1 / 8 / 32, identical outputs (`benchmarks/results/ort_session_ab_{sst2,mrpc}.md`). The file
-on disk is unchanged (plain onnxruntime runs it as one session). The price is memory: each session holds
-the initializers its branch reads (the embedding table in both), and the graph is parsed in Python to
-split it; the end-to-end benchmark's process, which holds two deployed copies of the MRPC model, peaked at
-1247 MB instead of 907 MB (`e2e_bench_mrpc.json`, `ltp_int8_ort`, vs the file's previous version).
+Python (`branch_sessions`, default on): faster at bs 1 and 8 than the one-session graph, identical outputs
+(measured at b3ddcde on a CPU without AMX, `ort_session_ab_{sst2,mrpc}.md`, since removed as it predates the
+environment block: docs/design.md, "Design notes"). The file on disk is unchanged (plain onnxruntime runs it
+as one session). The price is memory: each session holds the initializers its branch reads (the embedding
+table in both), and the graph is parsed in Python to split it (the end-to-end benchmark's peak RSS rose:
+`benchmarks/results/design_observations.md`).
 Sharing the initializers between the two sessions (`SessionOptions.add_initializer`) did not lower the
 resident memory in a probe (`benchmarks/results/design_observations.md`), so it is not done;
 `branch_sessions=False` loads the one graph.
@@ -29,7 +29,6 @@ OpenVINO's THROUGHPUT hint; one request at a time (`streams` 1) stays the latenc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -37,21 +36,10 @@ import numpy as np
 
 from ltp_compress.errors import SettingError
 from ltp_compress.modeling.prediction import predict_texts
-from ltp_compress.modeling.onnx_export import (BATCH_OF_ONE_IF, INPUT_NAMES, ONNX_CONFIG_FILE, ONNX_FILE, OUTPUT_NAMES,
-                                               TOKENIZER_FILE, ExportError, verify_export)
-
-
-def session_options(threads: int | None):
-    """ONNX Runtime's documented CPU latency settings (RECOMMENDED_SESSION_OPTIONS in onnx_export)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads is not None:
-        so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return so
+from ltp_compress.modeling.export_format import (  # noqa: F401 (session_options re-exported: the one set of ORT settings)
+    ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportError, ExportInfo, read_export_info, session_options,
+)
+from ltp_compress.modeling.onnx_export import BATCH_OF_ONE_IF
 
 
 def concurrent_pass(run_one, workers: int):
@@ -93,7 +81,7 @@ class OnnxDeployedModel:
     """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`. `session` runs
     every batch (the whole graph, or its general branch when `session_one` runs batches of one)."""
 
-    def __init__(self, session, tokenizer, info: dict, path: Path, threads: int | None, providers: list[str], streams: int = 1,
+    def __init__(self, session, tokenizer, info: ExportInfo, path: Path, threads: int | None, providers: list[str], streams: int = 1,
                  session_one=None):
         self.session = session
         self.session_one = session_one
@@ -103,14 +91,14 @@ class OnnxDeployedModel:
         self.info = info
         self.path = path
         self.threads = threads
-        self.max_seq_length = int(info.get("max_seq_length", 128))
-        self.num_labels = int(info["num_labels"])
-        self.id2label = {int(k): v for k, v in (info.get("id2label") or {}).items()}
+        self.max_seq_length = info.max_seq_length
+        self.num_labels = info.num_labels
+        self.id2label = {int(k): v for k, v in info.id2label.items()}
         self.last_kept_tokens: np.ndarray | None = None  # [b, L] of the last logits() call
         import onnxruntime as ort
 
         self.runtime = "onnxruntime"
-        self.backend = (f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info['quantization'].get('int8_op', 'MatMulInteger')})"
+        self.backend = (f"onnxruntime {ort.__version__} {','.join(session.get_providers())} ({info.quantization.int8_op})"
                         + (", batch-of-one branch as its own session" if session_one is not None else "")
                         + (f", {self.streams} concurrent streams" if self.streams > 1 else ""))
         self.notes: list[str] = []
@@ -180,13 +168,7 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
     if streams > 1:
         threads = max(1, (threads or os.cpu_count() or 1) // streams)
     path = Path(path)
-    verify_export(path)  # FIRST: nothing is parsed before the bytes are known to be intact
-    try:
-        info = json.loads((path / ONNX_CONFIG_FILE).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ExportError(f"{path / ONNX_CONFIG_FILE}: not valid JSON: {e}") from None
-    if list(info.get("inputs") or []) != list(INPUT_NAMES) or "quantization" not in info or "num_labels" not in info:
-        raise ExportError(f"{path / ONNX_CONFIG_FILE}: not an ltp-compress ONNX export description")
+    info = read_export_info(path)  # verifies the manifest FIRST: nothing is parsed before the bytes are known to be intact
     so = session_options(threads)
     providers = list(providers) if providers else ["CPUExecutionProvider"]
     try:
@@ -205,15 +187,15 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
         tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
     except Exception as e:
         raise ExportError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {e}") from None
-    tok.enable_truncation(int(info.get("max_seq_length", 128)))
-    tok.enable_padding(pad_id=int(info["pad_token_id"]), pad_token=str(info["pad_token"]))
+    tok.enable_truncation(info.max_seq_length)
+    tok.enable_padding(pad_id=info.pad_token_id, pad_token=info.pad_token)
     return OnnxDeployedModel(session, tok, info, path, threads, providers, streams, session_one=session_one)
 
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
-#: the CPU runtime 'auto' picks for a folder that has an ONNX export: chosen from the committed
-#: end-to-end benchmarks (benchmarks/results/e2e_bench_*.md), where our graph on ONNX Runtime
-#: (`ltp_int8_ort`) ran faster than the torch packed runtime (`ltp_int8`) at every batch size.
+#: the CPU runtime 'auto' picks for a folder that has an ONNX export: chosen from the end-to-end
+#: benchmark at b3ddcde (`e2e_bench_*.md`, since removed: docs/design.md, "Design notes"), where our graph
+#: on ONNX Runtime (`ltp_int8_ort`) ran faster than the torch packed runtime (`ltp_int8`) at every batch size.
 #: A safetensors checkpoint without an export runs on torch (`ltp-compress export` makes one).
 CPU_DEFAULT_RUNTIME = "onnxruntime"
 

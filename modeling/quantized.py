@@ -48,9 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltp_compress.kernels import Int8Linear, act_qmin_of, quantize_per_channel_symmetric, resolve_backend, weight_qmax
+from ltp_compress.kernels import QMAX, Int8Linear, act_qmin_of, quantize_per_channel_symmetric, resolve_backend, weight_qmax
 
-QMAX = 127
 QUANT_FORMAT = "w8a8-symmetric-static"
 
 # ----------------------------------------------------------------------------- observers
@@ -239,7 +238,9 @@ class FakeQuantLinear(nn.Module):
 
 @dataclass
 class QuantInfo:
-    """What the quantiser did (stored in ltp.json by the deployable checkpoint)."""
+    """What the quantiser did (`to_dict`: ltp.json's "quantization" section, written by the deployable
+    checkpoint, modeling/checkpoint_format.py QuantizationSection). `act_scales` stays in memory: the
+    checkpoint stores each scale once, as its Linear's `x_scale` tensor."""
 
     backend: str  # concrete backend the Int8Linear modules were built for
     weight_qmax: int
@@ -259,7 +260,7 @@ class QuantInfo:
             "activation_qmax": QMAX, "activation_range": self.activation_range, "weights": "int8 per-output-channel symmetric",
             "activations": "int8 per-tensor symmetric static", "observer": self.observer,
             "percentile": self.percentile, "calibration_batches": self.calibration_batches,
-            "act_scales": self.act_scales, "fused_gelu": self.fused_gelu, "fp_layers": self.fp_layers,
+            "fused_gelu": self.fused_gelu, "fp_layers": self.fp_layers,
             "attention_matmuls": self.attention_matmuls, "attention_scales": self.attention_scales,
         }
 

@@ -187,12 +187,16 @@ def standalone_int8_rate(model, batches, inp) -> dict:
     import torch
 
     from ltp_compress.kernels import Int8Linear, int8_linear, onednn_qlinear_u8, quantize_u8_zp128
+    from ltp_compress.pipeline.environment import check_same_isa, environment_block
 
     out: dict = {}
     shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8Linear)}
     if inp.gemm_bench_json and Path(inp.gemm_bench_json).is_file():
         try:
             data = json.loads(Path(inp.gemm_bench_json).read_text())
+            # its figures count only when measured on this benchmark's ISA (EnvironmentMismatch otherwise)
+            here = inp.environment or environment_block(inp.threads, None)
+            check_same_isa({"this benchmark": here, inp.gemm_bench_json: data.get("environment")}, speed=True)
             gem = [r for r in data.get("results", []) if r.get("kind") == "int8_gemm"]
             if gem:
                 best = max(gem, key=lambda r: r["gops"])
@@ -202,8 +206,8 @@ def standalone_int8_rate(model, batches, inp) -> dict:
                     bm = max(same, key=lambda r: r["gops"])
                     out["gemm_bench_best_model_shapes"] = {k: bm[k] for k in ("M", "K", "N", "impl", "gops")}
                 out["gemm_bench_file"] = inp.gemm_bench_json
-                out["gemm_bench_loadavg_before"] = data.get("meta", {}).get("loadavg_before")
-        except (ValueError, KeyError, TypeError, OSError) as e:
+                out["gemm_bench_loadavg_before"] = data["environment"]["loadavg_start"]
+        except (ValueError, KeyError, TypeError, OSError) as e:  # EnvironmentMismatch is a ValueError
             out["gemm_bench_error"] = str(e)
     lin = next((m for n, m in model.named_modules() if isinstance(m, Int8Linear) and n.endswith("intermediate.dense")), None)
     lin = lin or next((m for m in model.modules() if isinstance(m, Int8Linear)), None)

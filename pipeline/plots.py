@@ -26,22 +26,22 @@ def plot_run(run_dir: Path) -> list[Path]:
     metas = [r.meta for r in run.finished()]
     out = []
     plt = _plt()
-    pruned = [m for m in metas if m.get("cost") and m["cost"].get("relative_flops", 1.0) < 0.999 and m["cost"].get("sample_tokens_per_layer")]
+    pruned = [m for m in metas if m.cost and m.cost.get("relative_flops", 1.0) < 0.999 and m.cost.get("sample_tokens_per_layer")]
     if pruned:
         fig, axes = plt.subplots(1, len(pruned), figsize=(4.5 * len(pruned), 3.6), squeeze=False)
         for ax, m in zip(axes[0], pruned):
-            for traj in m["cost"]["sample_tokens_per_layer"]:
+            for traj in m.cost["sample_tokens_per_layer"]:
                 ax.plot(range(len(traj)), traj, color="tab:blue", alpha=0.35, lw=1)
-            ax.plot(range(len(m["cost"]["mean_tokens_per_layer"])), m["cost"]["mean_tokens_per_layer"], color="black", lw=2.5, label="dev mean")
-            ax.set_title(f"{m['id']} ({m['stage']}): rel. FLOPs {m['cost']['relative_flops']:.2f}", fontsize=9)
+            ax.plot(range(len(m.cost["mean_tokens_per_layer"])), m.cost["mean_tokens_per_layer"], color="black", lw=2.5, label="dev mean")
+            ax.set_title(f"{m.id} ({m.stage}): rel. FLOPs {m.cost['relative_flops']:.2f}", fontsize=9)
             ax.set_xlabel("layer")
             ax.set_ylabel("tokens entering layer")
             ax.legend(fontsize=8)
         fig.tight_layout()
         out.append(_save(fig, run.plots_dir / "kept_tokens_per_layer.png"))
         plt.close(fig)
-    points = [(m["stage"], m["id"], m["cost"]["by_convention"]["paper"]["relative_flops"], _dev_main(m["metrics"]))
-              for m in metas if (m.get("cost") or {}).get("by_convention") and m.get("metrics")]
+    points = [(m.stage, m.id, m.cost["by_convention"]["paper"]["relative_flops"], _dev_main(m.metrics))
+              for m in metas if (m.cost or {}).get("by_convention") and m.metrics]
     if len(points) >= 2:
         fig, ax = plt.subplots(figsize=(5, 3.8))
         for stage, sid, x, y in points:

@@ -2,7 +2,7 @@
 
 A recipe is YAML (loaded with yaml.safe_load) with a model, a task, data, a seed and an ordered
 list of stages. Each stage has an `id`; later stages refer to earlier ones by id (`init_from`,
-the distill stage's `teacher`). Cross-stage rules are checked once, in `check_stage_graph`.
+a stage's `kd_teacher`). Cross-stage rules are checked once, in `check_stage_graph`.
 """
 
 from __future__ import annotations
@@ -63,11 +63,8 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
     earlier: dict[str, str] = {}
     for i, st in enumerate(recipe.stages):
         key = f"stages[{i}] ({st.id})"
-        refs = [("init_from", st.init_from)]
-        if isinstance(st, DistillStage):
-            refs.append(("teacher", st.teacher))
-        if isinstance(st, PruneTrainStageBase) and st.kd_teacher is not None:
-            refs.append(("kd_teacher", st.kd_teacher))
+        kd_teacher = st.kd_teacher if isinstance(st, (PruneTrainStageBase, DistillStage)) else None
+        refs = [("init_from", st.init_from), ("kd_teacher", kd_teacher)]
         bad_ref = False
         for field_name, ref in refs:
             if ref is None or ref == RECIPE_MODEL:
@@ -88,10 +85,8 @@ def check_stage_graph(recipe: Recipe) -> list[str]:
             continue
         if isinstance(st, LTPHardStage) and not _has_pruning_source(recipe, i):
             problems.append(f"{key}: ltp_hard needs an earlier ltp_soft stage to take thresholds from")
-        if isinstance(st, DistillStage) and st.teacher != RECIPE_MODEL and _stage(recipe, st.teacher).stage == "quantize":
-            problems.append(f"{key}.teacher: the teacher must be a floating-point model, not the quantize stage '{st.teacher}'")
-        if isinstance(st, PruneTrainStageBase) and st.kd_teacher not in (None, RECIPE_MODEL) and _stage(recipe, st.kd_teacher).stage == "quantize":
-            problems.append(f"{key}.kd_teacher: the teacher must be a floating-point model, not the quantize stage '{st.kd_teacher}'")
+        if kd_teacher not in (None, RECIPE_MODEL) and _stage(recipe, kd_teacher).stage == "quantize":
+            problems.append(f"{key}.kd_teacher: the teacher must be a floating-point model, not the quantize stage '{kd_teacher}'")
         if isinstance(st, TrainStageBase) and _quantized_source(recipe, i):
             problems.append(f"{key}: starts from an INT8 model; training stages must come before 'quantize'")
     return problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ltp_compress.fileio import atomic_write_json, atomic_write_text
+from ltp_compress.pipeline.environment import environment_summary
 from ltp_compress.pipeline.run_dir import RunDir
 
 _EXTRA_KEYS = ("pruning", "kernel", "final_lambda", "calibration", "deploy_dir", "flops_target", "learned_something", "refit")
@@ -20,12 +21,12 @@ def collect_report(run_dir: Path) -> dict:
     stages = []
     for rec in run.finished():
         meta = rec.meta
-        extra = meta.get("extra", {})
+        extra = meta.extra
         row = {
             "id": rec.id, "stage": rec.stage, "dir": str(rec.dir.relative_to(run.path)),
-            "metrics": meta.get("metrics"), "cost": meta.get("cost"), "validation_cost": extra.get("validation_cost"),
-            "model_size_bytes": meta.get("model_size_bytes"), "parameter_count": meta.get("parameter_count"),
-            "wall_time_s": meta.get("wall_time_s"),
+            "metrics": meta.metrics, "cost": meta.cost, "validation_cost": extra.get("validation_cost"),
+            "model_size_bytes": meta.model_size_bytes, "parameter_count": meta.parameter_count,
+            "wall_time_s": meta.wall_time_s,
         }
         row.update({k: extra[k] for k in _EXTRA_KEYS if extra.get(k) is not None})
         stages.append(row)
@@ -89,14 +90,22 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     targets = [s for s in report["stages"] if s.get("flops_target")]
     if targets:
-        lines += ["## FLOPs targets", "", "| stage | target | convention | fitted on | validation | dev | within tolerance (validation / dev) |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in targets:
-            t = s["flops_target"]
-            lines.append(f"| {s['id']} | {t['target_flops']:.3f} ± {100 * t['tolerance']:.0f}% | {t['convention']} | {t['calibration_inputs']} | "
-                         f"{t['validation_relative_flops']:.3f} | {t['dev_relative_flops']:.3f} | "
-                         f"{t['validation_within_tolerance']} / {t['dev_within_tolerance']} |")
-        lines.append("")
+        lines += _section("FLOPs targets", ["stage", "target", "convention", "fitted on", "validation", "dev",
+                                            "within tolerance (validation / dev)"], [
+            [s["id"], f"{t['target_flops']:.3f} ± {100 * t['tolerance']:.0f}%", t["convention"], t["calibration_inputs"],
+             f"{t['validation_relative_flops']:.3f}", f"{t['dev_relative_flops']:.3f}",
+             f"{t['validation_within_tolerance']} / {t['dev_within_tolerance']}"]
+            for s in targets for t in [s["flops_target"]]])
+    corrections = [s for s in report["stages"] if (s.get("calibration") or {}).get("correction_cost_points") is not None]
+    if corrections:
+        lines += _section("End-of-stage FLOPs corrections", ["stage", "controller", "FLOPs before (validation)", "reached target before",
+                                                             "offset", "validation main before -> after", "cost (points)"], [
+            [s["id"], c["controller"], f"{c['before']['validation_relative_flops']:.3f}", str(c["reached_target_before_correction"]),
+             f"{c['offset']:+.4f}", f"{c['before']['validation_main']:.4f} -> {c['validation_main_after']:.4f}",
+             f"{c['correction_cost_points']:.2f}"]
+            for s in corrections for c in [s["calibration"]]])
+        warnings = [f"- **WARNING** `{s['id']}`: {w}" for s in corrections for w in s["calibration"]["warnings"]]
+        lines += warnings + ([""] if warnings else [])
     pruned = [s for s in report["stages"] if (s.get("cost") or {}).get("mean_tokens_per_layer")]
     if pruned:
         lines += ["## Tokens entering each layer (dev mean)", ""]
@@ -121,7 +130,15 @@ def render_markdown(report: dict) -> str:
         pk = env.get("packages", {})
         lines += ["## Environment", "", f"python {env.get('python')}, torch {pk.get('torch')}, transformers {pk.get('transformers')}, "
                   f"threads {env.get('torch_threads')}, cuda {env.get('cuda')}", ""]
+        if env.get("cpu_model") is not None or env.get("isa_flags"):  # runs before the environment block have neither
+            lines += [environment_summary(env), ""]
     return "\n".join(lines)
+
+
+def _section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A `## title` Markdown section holding one table."""
+    return [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def _f(v, fmt: str) -> str:

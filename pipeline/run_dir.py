@@ -11,8 +11,9 @@ reports, plots, sweeps, the benchmark) goes through `RunDir`.
                                (training stages, stages/checkpoint.py) lets a rerun resume mid-stage
         report.json, report.md, plots/
 
-A stage folder appears only by renaming its complete temporary folder, with meta.json written
-last (`publish_stage`), so an interrupted stage leaves no finished stage behind. An interrupted
+A stage folder appears only by renaming its complete temporary folder, with meta.json (typed:
+`StageMeta`, its one reader `read_stage_meta` and writer `write_stage_meta`) written last
+(`publish_stage`), so an interrupted stage leaves no finished stage behind. An interrupted
 stage's temporary folder is kept for the rerun only when it holds a checkpoint (everything else in
 it is removed); the checkpoint is deleted just before the finished stage is renamed into place.
 With several processes only rank 0 calls the writing methods (the runner)."""
@@ -23,9 +24,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from ltp_compress.errors import UserError
 from ltp_compress.fileio import atomic_write_json
+from ltp_compress.json_model import read_json_model
 from ltp_compress.stages.context import CHECKPOINT_DIR, MODEL_DIR, has_checkpoint
 
 META_FILE = "meta.json"
@@ -37,6 +42,41 @@ class RunError(UserError, RuntimeError):
     """A run folder that cannot be used as asked (another recipe's run, no finished stages, ...)."""
 
 
+class StageMeta(BaseModel):
+    """A finished stage's meta.json (written by the runner, pipeline/runner.py). The fixed keys are
+    typed; `config`, `metrics`, `cost` and `extra` are open (their content is the stage's). Every key
+    but the last two has been written by every version of the runner; field order is the file's key order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    stage: str  # the stage type (stages/__init__.py STAGE_TYPES)
+    index: int  # position in the recipe (the NN of the folder name)
+    config: dict[str, Any]  # the stage's resolved config (its recipe entry, by alias)
+    source_model: str  # the model folder (or hub id) the stage started from
+    source_stage: str | None  # the id of that stage; None: the recipe's model
+    metrics: dict[str, Any]  # split -> metric dict
+    cost: dict[str, Any] | None  # the accountant's summary (FLOPs / BOPs / kept tokens); None: no cost
+    extra: dict[str, Any]  # stage-specific details
+    wall_time_s: float
+    finished_at: str  # local time, %Y-%m-%dT%H:%M:%S
+    model_size_bytes: int | None = None  # only a stage that wrote a model
+    parameter_count: int | None = None  # only a stage that wrote a model
+
+
+def read_stage_meta(path: Path) -> StageMeta:
+    """A stage's meta.json (`path`: the file or its stage folder); invalid JSON, a missing, unknown or
+    mistyped key raises RunError naming the file and the key."""
+    path = Path(path)
+    return read_json_model(path / META_FILE if path.is_dir() else path, StageMeta, RunError)
+
+
+def write_stage_meta(folder: Path, meta: StageMeta) -> None:
+    """meta.json into `folder`: the keys that were set, in the model's order, their values as the stage
+    gave them (json.dumps, indent 2, str() for anything else: the bytes the untyped writer wrote)."""
+    atomic_write_json(Path(folder) / META_FILE, {k: getattr(meta, k) for k in StageMeta.model_fields if k in meta.model_fields_set})
+
+
 @dataclass
 class StageRecord:
     """A finished stage, as read back from its folder."""
@@ -45,11 +85,11 @@ class StageRecord:
     id: str
     stage: str
     dir: Path
-    meta: dict  # config, metrics, cost, timings (meta.json)
+    meta: StageMeta  # config, metrics, cost, timings (meta.json)
 
     @property
     def metrics(self) -> dict:
-        return self.meta.get("metrics", {})
+        return self.meta.metrics
 
     @property
     def model_dir(self) -> Path | None:
@@ -109,8 +149,8 @@ class RunDir:
             return out
         for d in self.stages_dir.glob("[0-9][0-9]-*"):
             if (d / META_FILE).is_file():
-                meta = json.loads((d / META_FILE).read_text())
-                out.append(StageRecord(int(meta.get("index", d.name[:2])), meta["id"], meta["stage"], d, meta))
+                meta = read_stage_meta(d / META_FILE)
+                out.append(StageRecord(meta.index, meta.id, meta.stage, d, meta))
         return sorted(out, key=lambda r: r.index)
 
     def start_stage(self, index: int, stage_id: str) -> tuple[Path, str | None]:
@@ -130,14 +170,14 @@ class RunDir:
         tmp.mkdir(parents=True)
         return tmp, "removed"
 
-    def publish_stage(self, index: int, stage_id: str, meta: dict) -> StageRecord:
+    def publish_stage(self, index: int, stage_id: str, meta: StageMeta) -> StageRecord:
         """Delete the stage's checkpoint, write meta.json last into the temporary folder, then
         rename it into place."""
         tmp, final = self.tmp_dir(index, stage_id), self.stage_dir(index, stage_id)
         shutil.rmtree(tmp / CHECKPOINT_DIR, ignore_errors=True)
-        atomic_write_json(tmp / META_FILE, meta)
+        write_stage_meta(tmp, meta)
         tmp.rename(final)
-        return StageRecord(index, stage_id, meta["stage"], final, meta)
+        return StageRecord(index, stage_id, meta.stage, final, meta)
 
     # ------------------------------------------------------------------ reading
     def is_run(self) -> bool:

@@ -24,9 +24,9 @@ from pathlib import Path
 from ltp_compress.console import install_known_message_filters
 from ltp_compress.fileio import atomic_write_json
 from ltp_compress.pipeline.recipe import Recipe, RecipeError, load_recipe, source_stage_index
-from ltp_compress.pipeline.run_dir import RunDir, RunError, StageRecord
+from ltp_compress.pipeline.run_dir import RunDir, RunError, StageMeta, StageRecord
 from ltp_compress.stages import MODEL_STAGES
-from ltp_compress.stages.configs import RECIPE_MODEL
+from ltp_compress.stages.configs import RECIPE_MODEL, current_spelling
 from ltp_compress.stages.context import VALIDATION, StageContext, TaskData
 
 __all__ = ["RunError", "preflight", "run_recipe", "load_task_data", "environment_info"]
@@ -121,10 +121,14 @@ def _setup_logger(run: RunDir, rank: int = 0) -> logging.Logger:
     return log
 
 
-def environment_info() -> dict:
+def environment_info(loadavg_start: list[float] | None = None) -> dict:
+    """environment.json (report.json's "environment"): pipeline/environment.py's block (CPU, ISA flags,
+    oneDNN's ISA, versions, threads, load average from `loadavg_start` to now) + the packages, device."""
     import importlib.metadata as md
 
     import torch
+
+    from ltp_compress.pipeline.environment import environment_block, loadavg
 
     versions = {}
     for pkg in ("torch", "transformers", "tokenizers", "datasets", "accelerate", "safetensors", "torchao", "neural-compressor", "ltp-compress"):
@@ -133,7 +137,7 @@ def environment_info() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {
-        "python": platform.python_version(),
+        **environment_block(torch.get_num_threads(), loadavg_start if loadavg_start is not None else loadavg()),
         "platform": platform.platform(),
         "packages": versions,
         "torch_threads": torch.get_num_threads(),
@@ -178,7 +182,7 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
     changed = _changed_keys(old_head, head, recipe)
     for i, (st, st_obj) in enumerate(zip(new["stages"], recipe.stages)):
         rec = finished.get(run.stage_dir(i, st["id"]).name)
-        if rec is not None and _changed_keys(rec.meta["config"], st, st_obj):
+        if rec is not None and _changed_keys(current_spelling(st["stage"], rec.meta.config), st, st_obj):  # renamed keys are not changes
             changed.append(f"stages[{i}] ({st['id']})")
     expected = {run.stage_dir(i, st["id"]).name for i, st in enumerate(new["stages"])}
     changed += [f"{name} (no longer in the recipe)" for name in sorted(set(finished) - expected)]
@@ -284,7 +288,8 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
         torch.set_num_threads(recipe.num_threads)
     if main:
         atomic_write_json(run.recipe_file, json.loads(recipe.model_dump_json(by_alias=True)))
-        atomic_write_json(run.environment_file, environment_info())
+        run_environment = environment_info()
+        atomic_write_json(run.environment_file, run_environment)
 
     task = get_task(recipe.task)
     base_model = resolve_model_source(recipe.model, recipe_path.parent)
@@ -346,23 +351,24 @@ def run_recipe(recipe_path: str | Path, overrides: list[str] = (), *, overwrite:
                 meta["parameter_count"] = parameter_count(ctx.model_out)
             elif st.stage in MODEL_STAGES:
                 raise RunError(f"stage {st.id} ({st.stage}) finished without writing a model")
-            records[st.id] = run.publish_stage(i, st.id, meta)
-            log.info("stage %s finished in %.1f s: %s", st.id, meta["wall_time_s"], _brief(meta))
+            records[st.id] = run.publish_stage(i, st.id, StageMeta(**meta))
+            log.info("stage %s finished in %.1f s: %s", st.id, meta["wall_time_s"], _brief(records[st.id].meta))
             dist.barrier()
         if stop_after == st.id:
             log.info("stopping after stage %s as asked", st.id)
             break
     if main:
+        atomic_write_json(run.environment_file, environment_info(run_environment["loadavg_start"]))  # the load at the end too
         _, report_md = write_report(run.path)
         log.info("report: %s", report_md)
     dist.barrier()
     return run.path
 
 
-def _brief(meta: dict) -> str:
+def _brief(meta: StageMeta) -> str:
     parts = []
-    for split, m in (meta.get("metrics") or {}).items():
+    for split, m in meta.metrics.items():
         parts.append(f"{split} main={m.get('main', float('nan')):.4f}")
-    if meta.get("cost"):
-        parts.append(f"relative FLOPs={meta['cost']['relative_flops']:.3f}")
+    if meta.cost:
+        parts.append(f"relative FLOPs={meta.cost['relative_flops']:.3f}")
     return ", ".join(parts)

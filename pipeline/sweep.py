@@ -21,6 +21,7 @@ from ltp_compress.errors import UserError
 from ltp_compress.pipeline.recipe import RecipeError, load_recipe
 from ltp_compress.pipeline.report import collect_report
 from ltp_compress.fileio import atomic_write_json, atomic_write_text
+from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
 
 
 def _split_top_level(values: str, item: str) -> list[str]:
@@ -83,6 +84,7 @@ def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | No
     for overrides in points:  # validate every point before running any
         load_recipe(recipe_path, overrides)
     out_dir = Path(out_dir) if out_dir else Path(base.output_dir) / f"{base.name}-sweep"
+    load0 = loadavg()
     rows, failures = [], []
     for k, overrides in enumerate(points):
         for seed in seeds:
@@ -101,10 +103,17 @@ def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | No
     plot = plot_sweep([r for r in summary if not r["is_reference"]], reference["dev_main"]["mean"] if reference else None,
                       out_dir / "accuracy_vs_flops.png")
     result = {"recipe": str(recipe_path), "grid": grid, "seeds": seeds, "rows": rows, "summary": summary, "failures": failures,
-              "plot": str(plot)}
+              "plot": str(plot), "environment": environment_block(_threads(base.num_threads), load0)}
     atomic_write_json(out_dir / "sweep.json", result)
     atomic_write_text(out_dir / "sweep.md", render_sweep(result))
     return out_dir
+
+
+def _threads(recipe_threads: int | None) -> int:
+    """The threads the sweep's runs used: the recipe's num_threads, else torch's default."""
+    import torch
+
+    return int(recipe_threads or torch.get_num_threads())
 
 
 #: per-row numbers aggregated over seeds
@@ -154,6 +163,8 @@ def render_sweep(result: dict) -> str:
              f"(mean ± sd over seeds{'' if len(seeds) > 1 else '; one seed, sd not available'})", "",
              "Validation made every choice; dev is the test set. FLOPs/BOPs are measured on dev, in both conventions "
              "(executed: what runs; paper: the official LTP code's count).", ""]
+    if result.get("environment"):
+        lines += [environment_summary(result["environment"]), ""]
     ref = next((r for r in result["summary"] if r["is_reference"]), None)
     if ref is not None:
         lines += [f"unpruned reference: validation {_pm(ref['validation_main'])}, dev {_pm(ref['dev_main'])}", ""]

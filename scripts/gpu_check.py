@@ -307,11 +307,14 @@ def step_bf16_run(work: Path) -> dict:
     else:
         out["ok"] = False
         out["problem"] = f"{rep} not written"
+    from ltp_compress.kernels import KERNEL_COUNTER
+    from ltp_compress.pipeline.run_dir import read_stage_meta
+
     for meta in sorted(run_dir.glob("stages/*-int8/meta.json")):
-        kernel = _find_key(json.loads(meta.read_text()), "kernel")  # quantize: {"backend": resolved, "counters": {...}}
+        kernel = read_stage_meta(meta).extra.get("kernel")  # quantize: {"backend": resolved, "counters": {...}}
         out["int8_kernel"] = kernel
         if not cpu and not (isinstance(kernel, dict) and kernel.get("backend") == "cuda"
-                            and (kernel.get("counters") or {}).get("cuda_int_mm", 0) > 0):
+                            and (kernel.get("counters") or {}).get(KERNEL_COUNTER["cuda"], 0) > 0):
             out["ok"] = False
             out["problem"] = f"quantize stage did not evaluate on the cuda INT8 kernel: {kernel!r}"
     if "int8_kernel" not in out:
@@ -321,20 +324,6 @@ def step_bf16_run(work: Path) -> dict:
     if envf.is_file():
         out["environment"] = json.loads(envf.read_text())
     return out
-
-
-def _find_key(obj, key: str):
-    """The first value stored under `key` anywhere in a JSON document (depth first)."""
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        obj = list(obj.values())
-    if isinstance(obj, list):
-        for v in obj:
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 def step_int8_correct(work: Path) -> dict:

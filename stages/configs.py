@@ -9,12 +9,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ltp_compress.kernels.backends import ACTIVATION_RANGES, BACKENDS, LEGACY_ACTIVATION_RANGE
 
-#: `init_from` / teacher value meaning the recipe's `model` rather than a stage
+#: `init_from` / `kd_teacher` value meaning the recipe's `model` rather than a stage
 RECIPE_MODEL = "model"
+
+#: stage keys retired by a rename, per stage type: old spelling -> the key that replaced it. Every
+#: stage spells knowledge distillation `kd_teacher` / `kd_alpha` / `kd_temperature` (the prefix says
+#: what the key belongs to: ltp_soft also has a sigmoid `temperature` and a `lambda` weight). A recipe
+#: using an old spelling is refused, naming the new key; the config a finished stage stored before
+#: the rename (meta.json) is read in the new spelling by `current_spelling`.
+RENAMED_KEYS: dict[str, dict[str, str]] = {"distill": {"teacher": "kd_teacher", "alpha": "kd_alpha"}}
+
+
+def current_spelling(stage_type: str, config: dict) -> dict:
+    """A stored stage config (JSON dict) with every retired key of its stage type renamed."""
+    renamed = RENAMED_KEYS.get(stage_type, {})
+    return {renamed.get(k, k): v for k, v in config.items()}
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -23,6 +37,18 @@ class StrictModel(BaseModel):
 class StageBase(StrictModel):
     id: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="name later stages use to refer to this one")
     init_from: str | None = Field(None, description="stage id whose output model this stage starts from, or 'model' for the recipe's model (default: the previous model-producing stage, or the recipe's model)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_retired_keys(cls, data):
+        if isinstance(data, dict):
+            renamed = RENAMED_KEYS.get(data.get("stage"), {})
+            old = [k for k in data if k in renamed]
+            if old:
+                raise ValueError(f"stage '{data.get('id')}' ({data.get('stage')}): "
+                                 + "; ".join(f"'{k}' is now spelled '{renamed[k]}'" for k in old)
+                                 + " (every stage spells its distillation keys kd_teacher / kd_alpha / kd_temperature)")
+        return data
 
 
 class TrainStageBase(StageBase):
@@ -92,8 +118,20 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields):
                                                           "un-normalised score is 0.01·n here: 0.25 at n=25 tokens, 1.28 at 128; 0.5 ~ n=50")
     threshold_lr: float = Field(0.002, gt=0, description="Adam learning rate of the thresholds (normalised-score units per step; "
                                                         "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
-    target_flops: float | None = Field(None, gt=0, le=1, description="steer λ so relative FLOPs on the calibration inputs lands at "
-                                                                     "this value, then move the thresholds onto it")
+    target_flops: float | None = Field(None, gt=0, le=1, description="relative FLOPs to reach during training (see flops_controller) "
+                                                                     "and land at the end on the calibration inputs")
+    flops_controller: Literal["annealed_target", "lambda"] = Field(
+        "annealed_target", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
+        description="how training reaches target_flops: 'annealed_target' — a FLOPs schedule falls linearly from the start's "
+                    "FLOPs to the target over the first anneal_until of the steps and is held after; at every probe one "
+                    "offset along the threshold ramp puts the hard-threshold FLOPs on the schedule (the gradient of the "
+                    "task and λ terms decides which layers and tokens prune, the schedule how much), so the target is "
+                    "reached during training on any task; 'lambda' — the first versions' bounded λ steering, which can "
+                    "stall below the target (λ capped at 10·λ0) and leave the end-of-stage offset a large move")
+    anneal_until: float = Field(0.5, gt=0, le=1, description="annealed_target: fraction of the steps by which the schedule reaches the target")
+    max_correction_points: float = Field(1.0, ge=0, description="an end-of-stage offset that costs more than this many validation "
+                                                               "points (main metric x 100) is reported as a warning on the console "
+                                                               "and in the report")
 
 
 class RetargetFields(StrictModel):
@@ -140,12 +178,12 @@ class TopkPruneStage(PruneTrainStageBase, FlopsTargetFields):
 class DistillStage(TrainStageBase, FlopsTargetFields):
     """Knowledge distillation from an unpruned FP teacher into the (pruned) student.
 
-    loss = α·task + (1-α)·(logit_weight·KD_logit + embedding_weight·MSE(embedding outputs)); the
-    student trains under its frozen pruning rule, the teacher runs dense."""
+    loss = kd_alpha·task + (1-kd_alpha)·(logit_weight·KD_logit + embedding_weight·MSE(embedding outputs));
+    the student trains under its frozen pruning rule, the teacher runs dense."""
 
     stage: Literal["distill"]
-    teacher: str = Field(description="stage id of the FP teacher, or 'model' for the recipe's model")
-    alpha: float = Field(0.5, ge=0, le=1, description="loss = α·task + (1-α)·KD")
+    kd_teacher: str = Field(description="stage id of the FP teacher, or 'model' for the recipe's model")
+    kd_alpha: float = Field(0.5, ge=0, le=1, description="loss = kd_alpha·task + (1-kd_alpha)·KD")
     kd_temperature: float = Field(2.0, gt=0, description="softmax temperature T of the logit KD term (KL · T²); unused for regression")
     logit_weight: float = Field(1.0, ge=0, description="weight of the logit KD term inside the KD part")
     embedding_weight: float = Field(1.0, ge=0, description="weight of the MSE between student and teacher embedding-layer outputs (real tokens)")

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ltp_compress.tasks.data import TokenizedSplit
 from ltp_compress.tasks.glue import TaskSpec
 
 #: the subfolder of a stage folder that holds its model (training stages: HF folder + pruning.json;
@@ -32,9 +33,9 @@ class TaskData:
     """Tokenised splits shared by every stage of a run. `validation` makes every choice (best
     checkpoint, λ steering, FLOPs calibration, INT8 fallback); `dev` is evaluated and reported only."""
 
-    train: object  # TokenizedSplit
-    validation: object  # TokenizedSplit, carved from the training file
-    dev: dict[str, object]  # split name -> TokenizedSplit ("dev", and "dev_mismatched" for MNLI)
+    train: TokenizedSplit
+    validation: TokenizedSplit  # carved from the training file
+    dev: dict[str, TokenizedSplit]  # split name -> split ("dev", and "dev_mismatched" for MNLI)
     pad_token_id: int
     trivial_baseline: dict[str, dict] = field(default_factory=dict)  # split -> metrics of the majority-class / mean predictor
 

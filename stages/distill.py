@@ -2,9 +2,9 @@
 
 The student (the model in ctx.source_model, normally the ltp_hard output) trains under its frozen
 pruning rule (binary masks, `forward_masked` mode "hard" / "topk" from its PruningConfig); the
-teacher (model of stage `cfg.teacher`) runs dense, in eval mode, without gradients.
+teacher (model of stage `cfg.kd_teacher`) runs dense, in eval mode, without gradients.
 
-    loss = α·task + (1-α)·(logit_weight·KD_logit + embedding_weight·KD_emb)
+    loss = kd_alpha·task + (1-kd_alpha)·(logit_weight·KD_logit + embedding_weight·KD_emb)
     KD_logit = T² · KL(softmax(t/T) || softmax(s/T))   (batch mean)     classification
              = MSE(s, t)                                                 regression (num_labels 1)
     KD_emb   = mean over real tokens and features of (e_s - e_t)²  (embedding-layer outputs)
@@ -60,7 +60,7 @@ def distill_loss(student_out, teacher_out, labels, attention_mask, num_labels: i
     lk = kd_logit_loss(student_out.logits, teacher_out.logits, cfg.kd_temperature)
     le = embedding_loss(student_out.embeddings, teacher_out.embeddings, attention_mask)
     kd = cfg.logit_weight * weighted(lk, example_weight) + cfg.embedding_weight * weighted(le, token_weight)
-    loss = cfg.alpha * weighted(lt, example_weight) + (1 - cfg.alpha) * kd
+    loss = cfg.kd_alpha * weighted(lt, example_weight) + (1 - cfg.kd_alpha) * kd
     return loss, {"task": lt.item(), "kd_logit": lk.item(), "kd_embedding": le.item()}
 
 
@@ -69,7 +69,7 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
     accelerator = make_accelerator(cfg.mixed_precision)
     check_global_batch(cfg)
     model, tokenizer, pruning = load_stage_model(ctx.source_model, ctx.task)
-    teacher_dir = ctx.model_source_of(cfg.teacher)
+    teacher_dir = ctx.model_source_of(cfg.kd_teacher)
     teacher, _, _ = load_stage_model(teacher_dir, ctx.task)
     teacher.eval().requires_grad_(False)
     mode = pruning.masked_mode
@@ -139,7 +139,7 @@ def run(cfg: DistillStage, ctx: StageContext) -> StageResult:
     final = model
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
-    extra = {"history": history, "train_steps": step, "pruning": pruning.to_dict(), "teacher": cfg.teacher,
+    extra = {"history": history, "train_steps": step, "pruning": pruning.to_dict(), "teacher": cfg.kd_teacher,
              "teacher_dir": str(teacher_dir), "quant_aware": cfg.quant_aware}
     act_scales = None
     if cfg.quant_aware:

@@ -8,24 +8,28 @@ Typical use::
     ts = tokenize_split(train, tokenizer, cfg.max_seq_length)
     batches = length_bucketed_batches(ts, 32, shuffle=True, seed=0, pad_token_id=tokenizer.pad_token_id)
 
-Batches are dynamically padded: each batch is padded to its own longest example (never to
-``max_seq_length``), and examples are grouped by length so little padding is needed.
+A tokenised split is always a :class:`TokenizedSplit` (flat token arrays); the token cache
+(``tasks/token_cache.py``) stores and memory-maps the same arrays, so a cached and a fresh split
+give the same batches. Batches are dynamically padded: each batch is padded to its own longest
+example (never to ``max_seq_length``), and examples are grouped by length so little padding is needed.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ltp_compress.errors import UserError
+from ltp_compress.sequence_length import DEFAULT_MAX_SEQ_LENGTH
 
 from .glue import TaskSpec
 
@@ -85,7 +89,7 @@ class DataConfig(BaseModel):
     train_file: str | None = None
     dev_file: str | None = None
     columns: dict[str, str] | None = None
-    max_seq_length: int = Field(128, ge=8, le=512)
+    max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=8, le=512)
     max_train_examples: int | None = Field(None, ge=1)
     max_dev_examples: int | None = Field(None, ge=1)
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the training rows carved out as the "
@@ -174,25 +178,17 @@ def split_file(cfg: DataConfig, task: TaskSpec, split: str) -> Path | None:
     return Path(cfg.path) / f"{split}.{cfg.source}"
 
 
-def check_data_files(cfg: DataConfig, task: TaskSpec,
-                     splits: Iterable[str] | None = None) -> list[str]:
-    """Human-readable problems (missing folders/files, column mapping vs task) WITHOUT loading.
-
-    ``splits`` defaults to all of the task's splits (train + dev sets). Returns [] when fine.
+def check_data_files(cfg: DataConfig, task: TaskSpec) -> list[str]:
+    """Human-readable problems (missing folders/files, column mapping vs task) WITHOUT loading,
+    for every split of the task (train + dev sets). Returns [] when fine.
     The hub source is not checked (it needs the network at load time).
     """
     problems: list[str] = []
     if cfg.source == "hub":
         return problems
-    splits = list(splits) if splits is not None else list(task.split_keys)
-    for s in splits:
-        if s not in task.split_keys:
-            problems.append(f"task {task.name!r} has no split {s!r} (valid: {', '.join(task.split_keys)})")
     if cfg.path and not Path(cfg.path).is_dir():
         problems.append(f"data folder not found: {cfg.path}")
-    for s in splits:
-        if s not in task.split_keys:
-            continue
+    for s in task.split_keys:
         try:
             f = split_file(cfg, task, s)
         except DataError as e:
@@ -483,23 +479,64 @@ def load_split(cfg: DataConfig, task: TaskSpec, split: str, seed: int = 0) -> Sp
 
 
 # ----------------------------------------------------------------------------- tokenisation
-@dataclass
 class TokenizedSplit:
-    name: str
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-    labels: list[int | float]
-    num_labels: int
+    """A tokenised split: the one representation every consumer uses (batching, evaluation, the
+    token cache, which stores and memory-maps exactly these arrays).
+
+    * ``ids``: int32, every row's token ids concatenated; ``offsets``: int64, ``len + 1`` entries,
+      row i is ``ids[offsets[i]:offsets[i+1]]``; ``types``: int8 token type ids, laid out like ``ids``;
+    * ``labels``: int64 classes, or float64 targets when ``num_labels == 1`` (regression);
+    * ``truncated``: rows cut at ``max_seq_length`` (None when not counted).
+
+    Far smaller than Python lists for big splits such as QQP's 364k pairs (measured in
+    ``benchmarks/results/data_scale.md``)."""
+
+    def __init__(self, name: str, ids: np.ndarray, offsets: np.ndarray, types: np.ndarray,
+                 labels: np.ndarray, num_labels: int, truncated: int | None = None):
+        if offsets.ndim != 1 or len(offsets) != len(labels) + 1:
+            raise ValueError(f"offsets must have len(labels)+1 = {len(labels) + 1} entries, got {offsets.shape}")
+        if ids.shape != types.shape:
+            raise ValueError(f"ids {ids.shape} and token types {types.shape} differ in shape")
+        self.name = name
+        self.ids, self.offsets, self.types, self.labels = ids, offsets, types, labels
+        self.num_labels = int(num_labels)
+        self.truncated = truncated
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.labels)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+        """int64 [n]: tokens per row (special tokens included, no padding)."""
+        return np.diff(self.offsets).astype(np.int64, copy=False)
+
+    def batch(self, idx, pad_token_id: int) -> "Batch":
+        """The :class:`Batch` of rows ``idx`` (in that order), right-padded with ``pad_token_id``
+        to their longest row (attention mask 0 on padding), gathered in one vectorised step."""
+        import torch
+
+        idx = np.asarray(idx, dtype=np.int64)
+        starts = np.asarray(self.offsets[idx])
+        lengths = np.asarray(self.offsets[idx + 1]) - starts
+        width = int(lengths.max()) if len(idx) else 0
+        pos = np.arange(width, dtype=np.int64)
+        mask = pos[None, :] < lengths[:, None]  # [b, width]
+        flat = (starts[:, None] + pos[None, :])[mask]
+        ids = np.full((len(idx), width), int(pad_token_id), dtype=np.int64)
+        ids[mask] = self.ids[flat]
+        tt = np.zeros((len(idx), width), dtype=np.int64)
+        tt[mask] = self.types[flat]
+        labels = np.asarray(self.labels[idx])
+        return Batch(torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(tt),
+                     torch.tensor(labels, dtype=torch.float32 if self.num_labels == 1 else torch.long),
+                     torch.from_numpy(idx.copy()))
+
+    def __repr__(self) -> str:
+        return (f"TokenizedSplit({self.name!r}, {len(self)} rows, {len(self.ids)} tokens, "
+                f"num_labels={self.num_labels})")
 
 
-def encode_in_chunks(examples: list[Example], tokenizer, max_seq_length: int, chunk_size: int = 8192):
+def _encode_in_chunks(examples: list[Example], tokenizer, max_seq_length: int, chunk_size: int):
     """One batched tokenizer call per chunk of examples (truncation at max_seq_length, no padding):
     yields (input_ids, token_type_ids) per chunk, as the tokenizer returns them (sequences of
     ints); tokenizers without type ids (RoBERTa, DistilBERT) give all-zero type ids."""
@@ -515,28 +552,68 @@ def encode_in_chunks(examples: list[Example], tokenizer, max_seq_length: int, ch
         yield ids, (tt if tt is not None else [[0] * len(x) for x in ids])
 
 
-def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *,
-                   num_labels: int | None = None, chunk_size: int = 8192) -> TokenizedSplit:
-    """Tokenise with one batched call per chunk: ``tokenizer(a, b, truncation=True, max_length=...)``.
+def tokenize_split(split: SplitData, tokenizer, max_seq_length: int, *, num_labels: int | None = None,
+                   chunk_size: int = 8192, progress: bool = False) -> TokenizedSplit:
+    """Tokenise with one batched call per chunk, ``tokenizer(a, b, truncation=True, max_length=...)``,
+    straight into flat arrays (only one chunk's Python lists exist at a time; tqdm bar when
+    ``progress``).
 
     No padding here (see :func:`length_bucketed_batches`). Tokenizers that return no
     ``token_type_ids`` (RoBERTa, DistilBERT) get all-zero type ids. ``num_labels`` defaults to 1
     when the labels are floats and to ``max(label)+1`` (at least 2) otherwise; pass
-    ``task.num_labels`` to be explicit.
+    ``task.num_labels`` to be explicit. Also counts the rows truncation cut (``.truncated``): only
+    rows that came out exactly ``max_seq_length`` long can have been cut, and only those are
+    tokenised again without truncation.
     """
+    from tqdm.auto import tqdm
+
     ex = split.examples
-    input_ids: list[list[int]] = []
-    type_ids: list[list[int]] = []
-    for ids, tt in encode_in_chunks(ex, tokenizer, max_seq_length, chunk_size):
-        input_ids.extend(list(x) for x in ids)
-        type_ids.extend(list(x) for x in tt)
+    id_parts: list[np.ndarray] = []
+    type_parts: list[np.ndarray] = []
+    len_parts: list[np.ndarray] = []
+    with tqdm(total=len(ex), desc=f"tokenise {split.name}", unit="ex", unit_scale=True,
+              disable=not progress, mininterval=1.0) as bar:
+        for ids, tt in _encode_in_chunks(ex, tokenizer, max_seq_length, chunk_size):
+            lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            total = int(lens.sum())
+            id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total))
+            t64 = np.fromiter(itertools.chain.from_iterable(tt), dtype=np.int64, count=total)
+            if total and (t64.min() < 0 or t64.max() > 127):
+                raise ValueError(f"token type ids out of int8 range in split {split.name!r}")
+            type_parts.append(t64.astype(np.int8))
+            len_parts.append(lens)
+            bar.update(len(ids))
+    ids64 = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
+    if len(ids64) and (ids64.min() < 0 or ids64.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"token ids out of int32 range in split {split.name!r}")
+    ids32 = ids64.astype(np.int32)
+    del ids64, id_parts
+    types = np.concatenate(type_parts) if type_parts else np.zeros(0, dtype=np.int8)
+    lengths = np.concatenate(len_parts) if len_parts else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     labels = [e.label for e in ex]
     if num_labels is None:
         if labels and isinstance(labels[0], float):
             num_labels = 1
         else:
             num_labels = max(2, (max(labels) + 1) if labels else 2)
-    return TokenizedSplit(split.name, input_ids, type_ids, labels, int(num_labels))
+    num_labels = int(num_labels)
+    labels_array = np.asarray(labels, dtype=np.float64 if num_labels == 1 else np.int64)
+    return TokenizedSplit(split.name, ids32, offsets, types, labels_array, num_labels,
+                          truncated=_count_truncated(ex, lengths, tokenizer, max_seq_length))
+
+
+def _count_truncated(ex: list[Example], lengths: np.ndarray, tokenizer, max_seq_length: int) -> int:
+    is_pair = bool(ex) and ex[0].text_b is not None
+    at_max = np.flatnonzero(lengths >= max_seq_length)
+    cut = 0
+    for s in range(0, len(at_max), 8192):
+        rows = [ex[int(i)] for i in at_max[s:s + 8192]]
+        enc = tokenizer([e.text_a for e in rows], [e.text_b or "" for e in rows] if is_pair else None,
+                        truncation=False, padding=False, return_attention_mask=False, return_token_type_ids=False)
+        cut += sum(1 for ids in enc["input_ids"] if len(ids) > max_seq_length)
+    return cut
 
 
 def mean_tokens(ts: TokenizedSplit) -> float:
@@ -566,35 +643,18 @@ class Batch:
                 "token_type_ids": self.token_type_ids}
 
 
-def _make_batch(ts: TokenizedSplit, idx: np.ndarray, pad_token_id: int) -> Batch:
-    import torch
-
-    if hasattr(ts, "make_batch"):  # array-backed split (tasks/token_cache.py): one vectorised gather
-        return ts.make_batch(idx, pad_token_id)
-    rows = [ts.input_ids[i] for i in idx]
-    width = max(len(r) for r in rows)
-    b = len(rows)
-    ids = torch.full((b, width), int(pad_token_id), dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    tt = torch.zeros((b, width), dtype=torch.long)
-    for j, i in enumerate(idx):
-        n = len(ts.input_ids[i])
-        ids[j, :n] = torch.as_tensor(ts.input_ids[i], dtype=torch.long)
-        tt[j, :n] = torch.as_tensor(ts.token_type_ids[i], dtype=torch.long)
-        mask[j, :n] = 1
-    lab = [ts.labels[i] for i in idx]
-    labels = torch.tensor(lab, dtype=torch.float32 if ts.num_labels == 1 else torch.long)
-    return Batch(ids, mask, tt, labels, torch.as_tensor(np.asarray(idx, dtype=np.int64)))
+#: training batches are length-sorted within chunks of this many batches (``length_bucketed_batches``)
+CHUNK_BATCHES = 50
 
 
 def length_bucketed_batches(ts: TokenizedSplit, batch_size: int, *, shuffle: bool, seed: int,
-                            pad_token_id: int, chunk_batches: int = 50) -> list[Batch]:
+                            pad_token_id: int) -> list[Batch]:
     """Length-bucketed, dynamically padded batches covering every row exactly once.
 
     * ``shuffle=False`` (evaluation): rows sorted by length, longest first (so an
       out-of-memory shows up on the first batch); deterministic.
     * ``shuffle=True`` (training): seeded shuffle of the rows, then sort by length within chunks
-      of ``chunk_batches * batch_size`` rows, cut into batches, then shuffle the batch order.
+      of ``CHUNK_BATCHES * batch_size`` rows, cut into batches, then shuffle the batch order.
       Same seed -> identical batches.
 
     Each batch is padded (right side, ``pad_token_id``; attention mask 0) to its own longest row.
@@ -612,10 +672,10 @@ def length_bucketed_batches(ts: TokenizedSplit, batch_size: int, *, shuffle: boo
     else:
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
-        chunk = max(1, chunk_batches) * batch_size
+        chunk = CHUNK_BATCHES * batch_size
         for s in range(0, n, chunk):
             c = perm[s:s + chunk]
             c = c[np.argsort(-lengths[c], kind="stable")]
             groups.extend(c[t:t + batch_size] for t in range(0, len(c), batch_size))
         groups = [groups[i] for i in rng.permutation(len(groups))]
-    return [_make_batch(ts, g, pad_token_id) for g in groups]
+    return [ts.batch(g, pad_token_id) for g in groups]

@@ -12,17 +12,17 @@ Typical use (what the runner does: every split of a run in one entry)::
 
 On a hit the data files are hashed (to notice a changed file) but never parsed, and the arrays are
 memory-mapped read-only, so a reload costs a sequential read of the files plus the cache and
-almost no Python objects. On a miss the loader runs, each split is tokenised in chunks behind a
-progress bar (the same tokenizer call as :func:`~ltp_compress.tasks.data.tokenize_split`, so the
-token ids are identical) and the entry is written. :func:`load_tokenized_split` does the same for
-one split read with ``load_split``.
+almost no Python objects. On a miss the loader runs, each split is tokenised by
+:func:`~ltp_compress.tasks.data.tokenize_split` behind a progress bar and the entry is written.
+Either way the splits are :class:`~ltp_compress.tasks.data.TokenizedSplit` (this module stores
+and maps its arrays; reading and tokenising live in ``tasks/data.py``).
 
 **Cache key** (sha256 of a canonical JSON document, kept in ``header.json`` for inspection):
 
 * the *content* of the data file: sha256 of its bytes plus its size. A content hash rather than
   path + mtime, because mtimes lie in both directions (``cp -p`` / ``rsync -t`` / unpacking an
   archive keep an mtime across a changed file; a ``touch`` or a fresh checkout changes it
-  without changing a byte), and because it costs ~0.1 s per 50 MB, small next to tokenising.
+  without changing a byte), and because hashing costs little next to tokenising.
   The path is *not* part of the key, so a moved or copied data folder still hits. The hub source
   has no file: there the key hashes the loaded examples' text and labels instead.
 * the tokenizer's identity: sha256 of ``backend_tokenizer.to_str()`` (vocab, normaliser,
@@ -32,10 +32,10 @@ one split read with ``load_split``.
   Slow (Python) tokenizers: the sorted vocabulary and their init kwargs instead.
 * ``max_seq_length``, every ``DataConfig`` field except the file locations and cache settings
   (an extra field that changes nothing only costs a rebuild; a missing one would serve wrong
-  rows), the task spec (columns, label map), the split name, the subset seed and ``num_labels``.
+  rows), the task spec (columns, label map), the entry's label, the subset seed and ``num_labels``.
 * a hash of the loader's source code (every ``tasks/*.py`` but this module and ``metrics.py``:
-  reading, validation carving, subsetting) and the cache format version, so a change in how rows
-  are read or selected can never serve stale rows; plus the caller's ``extra_key``.
+  reading, tokenising, validation carving, subsetting) and the cache format version, so a change in
+  how rows are read, tokenised or selected can never serve stale rows; plus the caller's ``extra_key``.
 
 **Format**: one folder per entry, ``<cache_dir>/<label>-<key[:20]>/`` holding, per split,
 ``<split>.ids.npy`` (int32, all token ids concatenated), ``<split>.offsets.npy`` (int64, n+1: row i
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -65,27 +64,23 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ltp_compress.fileio import atomic_write_json, fsync_dir
 from ltp_compress.manifest import sha256_file
 
-from .data import Batch, DataConfig, DataError, SplitData, TokenizedSplit, encode_in_chunks, load_split, split_file
+from .data import DataConfig, DataError, SplitData, TokenizedSplit, split_file, tokenize_split
 from .glue import TaskSpec
 
 __all__ = [
     "CACHE_FORMAT",
-    "ArrayTokenizedSplit",
     "CacheInfo",
     "CorruptCacheError",
     "file_fingerprint",
     "examples_fingerprint",
     "tokenizer_fingerprint",
-    "tokenize_to_arrays",
-    "tokenize_split_cached",
-    "load_tokenized_split",
     "load_splits_cached",
 ]
 
@@ -100,177 +95,6 @@ _log = logging.getLogger(__name__)
 
 class CorruptCacheError(Exception):
     """A cache entry failed validation (internal: the entry is rebuilt, never used)."""
-
-
-# ----------------------------------------------------------------------------- array-backed split
-class _Ragged:
-    """Read-only sequence of rows over (flat, offsets): ``rows[i]`` is a fresh, writable int64
-    array (the flat arrays are read-only memory maps, which torch refuses to wrap silently)."""
-
-    __slots__ = ("_flat", "_offsets")
-
-    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
-        self._flat, self._offsets = flat, offsets
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, i) -> np.ndarray:
-        n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"row {i} out of range for {n} rows")
-        return self._flat[self._offsets[i]:self._offsets[i + 1]].astype(np.int64)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(len(self)):
-            yield self[i]
-
-
-class ArrayTokenizedSplit:
-    """A tokenised split held as flat arrays (the cache's layout), usable wherever a
-    :class:`~ltp_compress.tasks.data.TokenizedSplit` is: ``len()``, ``.name``, ``.num_labels``,
-    ``.lengths`` (int64 array), ``.input_ids[i]`` / ``.token_type_ids[i]`` (1-D int64 arrays, where the list-backed split
-    has lists),
-    ``.labels`` (1-D array: ``len``, indexing, ``np.asarray``).
-
-    364k QQP pairs take ~60 MB here instead of ~1.5 GB of Python lists (measured in
-    ``benchmarks/results/data_scale.md``)."""
-
-    def __init__(self, name: str, ids: np.ndarray, offsets: np.ndarray, types: np.ndarray,
-                 labels: np.ndarray, num_labels: int):
-        if offsets.ndim != 1 or len(offsets) != len(labels) + 1:
-            raise ValueError(f"offsets must have len(labels)+1 = {len(labels) + 1} entries, got {offsets.shape}")
-        if ids.shape != types.shape:
-            raise ValueError(f"ids {ids.shape} and token types {types.shape} differ in shape")
-        self.name = name
-        self.ids, self.offsets, self.types, self.labels = ids, offsets, types, labels
-        self.num_labels = int(num_labels)
-        self.truncated: int | None = None  # rows cut at max_seq_length (when known)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def input_ids(self) -> _Ragged:
-        return _Ragged(self.ids, self.offsets)
-
-    @property
-    def token_type_ids(self) -> _Ragged:
-        return _Ragged(self.types, self.offsets)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets).astype(np.int64, copy=False)
-
-    def make_batch(self, idx, pad_token_id: int):
-        """The :class:`~ltp_compress.tasks.data.Batch` of rows ``idx``, right-padded to their longest
-        row: the same tensors as ``tasks.data._make_batch`` builds row by row, gathered in one
-        vectorised step (``_make_batch`` calls this when the split has it)."""
-        import torch
-
-        idx = np.asarray(idx, dtype=np.int64)
-        starts = np.asarray(self.offsets[idx])
-        lengths = np.asarray(self.offsets[idx + 1]) - starts
-        width = int(lengths.max()) if len(idx) else 0
-        pos = np.arange(width, dtype=np.int64)
-        mask = pos[None, :] < lengths[:, None]  # [b, width]
-        flat = (starts[:, None] + pos[None, :])[mask]
-        ids = np.full((len(idx), width), int(pad_token_id), dtype=np.int64)
-        ids[mask] = self.ids[flat]
-        tt = np.zeros((len(idx), width), dtype=np.int64)
-        tt[mask] = self.types[flat]
-        labels = np.asarray(self.labels[idx])
-        return Batch(torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(tt),
-                     torch.tensor(labels, dtype=torch.float32 if self.num_labels == 1 else torch.long),
-                     torch.from_numpy(idx.copy()))
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in (self.ids, self.offsets, self.types, self.labels)))
-
-    @classmethod
-    def from_lists(cls, ts: TokenizedSplit) -> "ArrayTokenizedSplit":
-        """Convert a list-backed :class:`TokenizedSplit`."""
-        lengths = np.fromiter((len(x) for x in ts.input_ids), dtype=np.int64, count=len(ts.input_ids))
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        ids = np.fromiter(itertools.chain.from_iterable(ts.input_ids), dtype=np.int32, count=total)
-        types = np.fromiter(itertools.chain.from_iterable(ts.token_type_ids), dtype=np.int8, count=total)
-        return cls(ts.name, ids, offsets, types, _labels_array(ts.labels, ts.num_labels), ts.num_labels)
-
-    def __repr__(self) -> str:
-        return (f"ArrayTokenizedSplit({self.name!r}, {len(self)} rows, {len(self.ids)} tokens, "
-                f"num_labels={self.num_labels})")
-
-
-def _labels_array(labels, num_labels: int) -> np.ndarray:
-    return np.asarray(labels, dtype=np.float64 if int(num_labels) == 1 else np.int64)
-
-
-def _default_num_labels(labels: list) -> int:
-    """Same rule as :func:`~ltp_compress.tasks.data.tokenize_split`."""
-    if labels and isinstance(labels[0], float):
-        return 1
-    return int(max(2, (max(labels) + 1) if labels else 2))
-
-
-# ----------------------------------------------------------------------------- tokenising
-def tokenize_to_arrays(split: SplitData, tokenizer, max_seq_length: int, *, num_labels: int | None = None,
-                       chunk_size: int = 8192, progress: bool = True) -> ArrayTokenizedSplit:
-    """Tokenise in chunks straight into flat arrays, with a tqdm bar.
-
-    The tokenizer call is the one of :func:`~ltp_compress.tasks.data.tokenize_split` (same ids);
-    only one chunk's Python lists exist at a time. Also counts the rows truncation cut
-    (``.truncated``): only rows that came out exactly ``max_seq_length`` long can have been cut,
-    and only those are tokenised again without truncation."""
-    from tqdm.auto import tqdm
-
-    ex = split.examples
-    is_pair = bool(ex) and ex[0].text_b is not None
-    id_parts: list[np.ndarray] = []
-    type_parts: list[np.ndarray] = []
-    len_parts: list[np.ndarray] = []
-    with tqdm(total=len(ex), desc=f"tokenise {split.name}", unit="ex", unit_scale=True,
-              disable=not progress, mininterval=1.0) as bar:
-        for ids, tt in encode_in_chunks(ex, tokenizer, max_seq_length, chunk_size):
-            lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            total = int(lens.sum())
-            id_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total))
-            t64 = np.fromiter(itertools.chain.from_iterable(tt), dtype=np.int64, count=total)
-            if total and (t64.min() < 0 or t64.max() > 127):
-                raise ValueError(f"token type ids out of int8 range in split {split.name!r}")
-            type_parts.append(t64.astype(np.int8))
-            len_parts.append(lens)
-            bar.update(len(ids))
-    ids64 = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
-    if len(ids64) and (ids64.min() < 0 or ids64.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"token ids out of int32 range in split {split.name!r}")
-    ids32 = ids64.astype(np.int32)
-    del ids64, id_parts
-    types = np.concatenate(type_parts) if type_parts else np.zeros(0, dtype=np.int8)
-    lengths = np.concatenate(len_parts) if len_parts else np.zeros(0, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    labels = [e.label for e in ex]
-    nl = _default_num_labels(labels) if num_labels is None else int(num_labels)
-    ts = ArrayTokenizedSplit(split.name, ids32, offsets, types, _labels_array(labels, nl), nl)
-    ts.truncated = _count_truncated(ex, lengths, tokenizer, max_seq_length, is_pair)
-    return ts
-
-
-def _count_truncated(ex: list, lengths: np.ndarray, tokenizer, max_seq_length: int, is_pair: bool) -> int:
-    at_max = np.flatnonzero(lengths >= max_seq_length)
-    cut = 0
-    for s in range(0, len(at_max), 8192):
-        rows = [ex[int(i)] for i in at_max[s:s + 8192]]
-        enc = tokenizer([e.text_a for e in rows], [e.text_b or "" for e in rows] if is_pair else None,
-                        truncation=False, padding=False, return_attention_mask=False, return_token_type_ids=False)
-        cut += sum(1 for ids in enc["input_ids"] if len(ids) > max_seq_length)
-    return cut
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -323,8 +147,8 @@ _NOT_ROW_CODE = frozenset({"token_cache.py", "metrics.py", "__init__.py"})
 
 
 def _code_fingerprint() -> str:
-    """sha256 of the loader code (tasks/*.py but this module and metrics): reading, carving and
-    subsetting rows live there, so any change to them invalidates every entry."""
+    """sha256 of the loader code (tasks/*.py but this module and metrics): reading, tokenising,
+    carving and subsetting rows live there, so any change to them invalidates every entry."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256(f"format={CACHE_FORMAT}".encode())
     for f in sorted(here.glob("*.py")):
@@ -353,14 +177,6 @@ class CacheInfo:
     def split(self, name: str) -> dict:
         return self.splits[name]
 
-    @property
-    def source(self) -> str:  # single-split convenience
-        return next(iter(self.splits.values()))["source"]
-
-    @property
-    def skipped(self) -> int:  # single-split convenience
-        return int(next(iter(self.splits.values()))["skipped"])
-
 
 def _check_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
@@ -368,7 +184,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _write_entry(entry: Path, splits: dict[str, ArrayTokenizedSplit], key: str, key_doc: dict,
+def _write_entry(entry: Path, splits: dict[str, TokenizedSplit], key: str, key_doc: dict,
                  split_meta: dict[str, dict], extra: dict) -> None:
     """Write into a temp folder next to `entry`, then rename it into place (first writer wins)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -407,7 +223,7 @@ def _write_entry(entry: Path, splits: dict[str, ArrayTokenizedSplit], key: str, 
         raise
 
 
-def _read_entry(entry: Path, key: str) -> tuple[dict[str, ArrayTokenizedSplit], dict]:
+def _read_entry(entry: Path, key: str) -> tuple[dict[str, TokenizedSplit], dict]:
     """Load and fully validate an entry; raises CorruptCacheError naming the bad file."""
     hp = entry / "header.json"
     try:
@@ -449,9 +265,8 @@ def _read_entry(entry: Path, key: str) -> tuple[dict[str, ArrayTokenizedSplit], 
                 or int(off[-1]) != len(arrays["ids"]) or len(arrays["types"]) != len(arrays["ids"])
                 or (len(off) > 1 and bool((np.diff(off) < 0).any()))):
             raise CorruptCacheError(f"{entry}: split {name!r}: offsets/rows inconsistent")
-        ts = ArrayTokenizedSplit(name, arrays["ids"], arrays["offsets"], arrays["types"], arrays["labels"], int(sd["num_labels"]))
-        ts.truncated = (sd.get("meta") or {}).get("truncated")
-        out[name] = ts
+        out[name] = TokenizedSplit(name, arrays["ids"], arrays["offsets"], arrays["types"], arrays["labels"],
+                                   int(sd["num_labels"]), truncated=(sd.get("meta") or {}).get("truncated"))
     return out, header
 
 
@@ -464,13 +279,13 @@ def _remove_entry(entry: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _split_info(splits: dict[str, ArrayTokenizedSplit], meta: dict[str, dict]) -> dict[str, dict]:
+def _split_info(splits: dict[str, TokenizedSplit], meta: dict[str, dict]) -> dict[str, dict]:
     return {n: {**meta.get(n, {}), "rows": len(ts), "tokens": int(len(ts.ids)), "truncated": ts.truncated}
             for n, ts in splits.items()}
 
 
 def _cached(cache_dir: Path | None, key_doc: dict, label: str, build, log: logging.Logger,
-            ) -> tuple[dict[str, ArrayTokenizedSplit], CacheInfo]:
+            ) -> tuple[dict[str, TokenizedSplit], CacheInfo]:
     """Serve `key_doc`'s entry from `cache_dir`, or ``build() -> (splits, split_meta, extra)`` and store it."""
     t0 = time.perf_counter()
     if cache_dir is None:
@@ -508,10 +323,10 @@ def _data_fields(cfg: DataConfig) -> dict:
 
 
 def _tokenize_all(raw: dict[str, SplitData], tokenizer, max_seq_length: int, num_labels: int | None,
-                  chunk_size: int, progress: bool) -> tuple[dict[str, ArrayTokenizedSplit], dict[str, dict]]:
+                  chunk_size: int, progress: bool) -> tuple[dict[str, TokenizedSplit], dict[str, dict]]:
     splits, meta = {}, {}
     for name, sd in raw.items():
-        ts = tokenize_to_arrays(sd, tokenizer, max_seq_length, num_labels=num_labels, chunk_size=chunk_size, progress=progress)
+        ts = tokenize_split(sd, tokenizer, max_seq_length, num_labels=num_labels, chunk_size=chunk_size, progress=progress)
         ts.name = name
         splits[name] = ts
         meta[name] = {"source": sd.source, "skipped": int(sd.skipped)}
@@ -522,7 +337,7 @@ def _tokenize_all(raw: dict[str, SplitData], tokenizer, max_seq_length: int, num
 def load_splits_cached(cfg: DataConfig, task: TaskSpec, tokenizer, *, seed: int, cache_dir: Path | str | None,
                        loader, label: str = "data", extra_key: Any = None, progress: bool = True,
                        log: logging.Logger | None = None, chunk_size: int = 8192,
-                       ) -> tuple[dict[str, ArrayTokenizedSplit], CacheInfo]:
+                       ) -> tuple[dict[str, TokenizedSplit], CacheInfo]:
     """Every split a run needs, through one cache entry.
 
     ``loader()`` returns ``(splits, extra)``: ``splits`` maps a split name (``train``,
@@ -533,7 +348,7 @@ def load_splits_cached(cfg: DataConfig, task: TaskSpec, tokenizer, *, seed: int,
     depends on. It is not called on a hit: the data files (all of the task's splits) are hashed,
     never parsed. The hub source has no files, so there the loader always runs and its rows are hashed.
 
-    Returns the tokenised splits (memory-mapped :class:`ArrayTokenizedSplit`; in memory when
+    Returns the tokenised splits (memory-mapped :class:`TokenizedSplit`; in memory when
     ``cache_dir`` is None) and a :class:`CacheInfo` with each split's source, skipped and
     truncated rows."""
     log = log or _log
@@ -573,65 +388,3 @@ def load_splits_cached(cfg: DataConfig, task: TaskSpec, tokenizer, *, seed: int,
                "data": _data_fields(cfg), "task": dataclasses.asdict(task), "seed": int(seed),
                "num_labels": int(task.num_labels), "code": _code_fingerprint(), "extra_key": extra_key}
     return _cached(Path(cache_dir), key_doc, label, build, log)
-
-
-def load_tokenized_split(cfg: DataConfig, task: TaskSpec, split: str, tokenizer, *, seed: int,
-                         cache_dir: Path | str | None, progress: bool = True,
-                         log: logging.Logger | None = None, chunk_size: int = 8192,
-                         ) -> tuple[ArrayTokenizedSplit, CacheInfo]:
-    """One split: ``load_split`` + tokenisation through the cache; on a hit the data file is only
-    hashed. ``cfg`` must already have absolute paths (:func:`~ltp_compress.tasks.data.resolve_paths`)."""
-    log = log or _log
-
-    def loader():
-        return {split: load_split(cfg, task, split, seed=seed)}, {}
-
-    path = split_file(cfg, task, split)
-    if cache_dir is None:
-        splits, info = _cached(None, {}, split, lambda: (*_tokenize_all(loader()[0], tokenizer, cfg.max_seq_length,
-                                                                          task.num_labels, chunk_size, progress), {}), log)
-        return splits[split], info
-    if path is not None:
-        if not path.is_file():
-            load_split(cfg, task, split, seed=seed)  # raises the usual DataError naming the file
-        files = {split: file_fingerprint(path)}
-        build_raw = None
-    else:
-        build_raw = loader()[0]
-        files = {split: examples_fingerprint(build_raw[split])}
-    key_doc = {"format": CACHE_FORMAT, "api": "split", "files": files, "tokenizer": tokenizer_fingerprint(tokenizer),
-               "max_seq_length": int(cfg.max_seq_length), "data": _data_fields(cfg), "task": dataclasses.asdict(task),
-               "split": split, "seed": int(seed), "num_labels": int(task.num_labels), "code": _code_fingerprint()}
-
-    def build():
-        raw = build_raw if build_raw is not None else loader()[0]
-        return (*_tokenize_all(raw, tokenizer, cfg.max_seq_length, task.num_labels, chunk_size, progress), {})
-
-    splits, info = _cached(Path(cache_dir), key_doc, split, build, log)
-    if path is not None:
-        info.splits[split]["source"] = str(path)  # where it is now (the entry may come from a moved copy)
-    return splits[split], info
-
-
-def tokenize_split_cached(split: SplitData, tokenizer, max_seq_length: int, *, num_labels: int | None = None,
-                          cache_dir: Path | str | None, source_fingerprint: str | None = None,
-                          progress: bool = True, log: logging.Logger | None = None,
-                          chunk_size: int = 8192) -> ArrayTokenizedSplit:
-    """Tokenise an already loaded split, through the cache.
-
-    ``source_fingerprint`` must identify everything that decided the rows of ``split`` (file
-    content, data config, subset seed); None hashes the rows themselves (always correct, costs
-    ~1 s per 364k pairs). Prefer :func:`load_splits_cached`, which on a hit reads no data file."""
-    log = log or _log
-    fp = source_fingerprint if source_fingerprint is not None else examples_fingerprint(split)
-    key_doc = {"format": CACHE_FORMAT, "api": "tokenize", "source": fp, "tokenizer": tokenizer_fingerprint(tokenizer),
-               "max_seq_length": int(max_seq_length), "split": split.name, "num_labels": num_labels,
-               "code": _code_fingerprint()}
-
-    def build():
-        ts = tokenize_to_arrays(split, tokenizer, max_seq_length, num_labels=num_labels, chunk_size=chunk_size,
-                                progress=progress)
-        return {split.name: ts}, {split.name: {"source": split.source, "skipped": int(split.skipped)}}, {}
-
-    splits, _ = _cached(Path(cache_dir) if cache_dir is not None else None, key_doc, split.name, build, log)
-    return splits[split.name]

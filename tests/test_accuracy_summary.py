@@ -127,3 +127,24 @@ def test_seeds_sweeps_at_two_levels_each_stand_for_their_level(tmp_path):
     assert row080["methods"]["top-k"] is None  # a method the seeds sweep skipped is not pooled from one seed
     with pytest.raises(SystemExit, match="second seeds sweep at level 0.80"):
         mod.main(common + ["--seeds", str(s080), "--seeds", str(s080)])
+
+
+def test_result_files_from_two_isas_are_refused(tmp_path):
+    """Files with environment blocks (pipeline/environment.py) must share one ISA; one without a block
+    (older sweeps) is read: accuracy does not depend on timing."""
+    mod = _module()
+
+    def with_env(path: Path, impl: str | None) -> Path:
+        doc = json.loads(path.read_text())
+        if impl is not None:
+            doc["environment"] = {"isa_flags": {"amx_int8": "amx" in impl}, "onednn": {"isa": impl, "implementation": impl}}
+        path.write_text(json.dumps(doc))
+        return path
+
+    rows = [_row("finetune", "ft", None, 0.9, 0.9), _row("ltp_hard", "hard", 0.4, 0.88, 0.87)]
+    vnni = with_env(_sweep(tmp_path / "vnni.json", [dict(r) for r in rows]), "brg_matmul:avx512_core_vnni")
+    amx = with_env(_sweep(tmp_path / "amx.json", [dict(r) for r in rows]), "brg_matmul:avx10_1_512_amx")
+    old = with_env(_sweep(tmp_path / "old.json", [dict(r) for r in rows]), None)
+    mod.check_one_isa([vnni, old])
+    with pytest.raises(SystemExit, match="vnni.json and .*amx.json were measured on different ISAs"):
+        mod.check_one_isa([vnni, old, amx])

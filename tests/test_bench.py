@@ -9,6 +9,8 @@ import pytest
 
 from conftest import DEMO_DATA, write_recipe
 
+from ltp_compress.kernels import KERNEL_COUNTER
+
 SYSTEMS = ["hf_fp32_sdpa", "ltp_fp32", "dense_int8", "ltp_int8"]
 
 
@@ -102,8 +104,7 @@ def test_fields_accuracy_and_ratios(bench):
     for s in ("dense_int8", "ltp_int8"):
         kc = res["results"][s]["kernel_counters"]
         backend = res["results"][s]["info"]["backend"]
-        kernel = {"cpu_vnni": "onednn_qlinear_u8s8", "cpu_avx2": "onednn_qlinear_u8s8_w7", "cpu_int_mm": "int_mm_s8s8",
-                  "reference": "reference", "cuda": "cuda_int_mm"}[backend]
+        kernel = KERNEL_COUNTER[backend]
         assert kc.get(kernel, 0) > 0 and set(kc) == {kernel}
     assert "kernel_counters" not in res["results"]["ltp_fp32"]
     prof = res["results"]["ltp_int8"]["profile"]
@@ -128,6 +129,17 @@ def test_fields_accuracy_and_ratios(bench):
     assert saved["results"]["ltp_int8"]["metrics"] == res["results"]["ltp_int8"]["metrics"]
     md = (out / "tiny.md").read_text()
     assert all(s in md for s in SYSTEMS) and "realised speedup vs FLOPs reduction" in md
+
+
+def test_result_names_the_machine_that_made_it(bench):
+    """One environment block (pipeline/environment.py) in the JSON, its one-line summary in the Markdown."""
+    from ltp_compress.pipeline.environment import ENVIRONMENT_KEYS, environment_summary
+
+    res, out = bench
+    env = json.loads((out / "tiny.json").read_text())["environment"]
+    assert set(ENVIRONMENT_KEYS) <= set(env) and env["threads"] == 1
+    assert res["loadavg_before"] == env["loadavg_start"] and res["loadavg_after"] == env["loadavg_end"]
+    assert environment_summary(env) in (out / "tiny.md").read_text()
 
 
 def test_failed_system_is_recorded_not_dropped(tiny_run, tmp_path):

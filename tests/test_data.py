@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from ltp_compress.tasks.data import (
+    CHUNK_BATCHES,
     DataConfig,
     DataError,
     SplitData,
@@ -88,7 +89,8 @@ def test_resolve_paths_and_check_files(tmp_path):
     assert Path(cfg.path) == (tmp_path / "glue").resolve()
     problems = check_data_files(cfg, get_task("sst2"))
     assert len(problems) == 1 and str((tmp_path / "glue" / "dev.tsv").resolve()) in problems[0]
-    assert check_data_files(cfg, get_task("sst2"), splits=["train"]) == []
+    write(tmp_path / "glue" / "dev.tsv", "sentence\tlabel\nbad\t0\n")
+    assert check_data_files(cfg, get_task("sst2")) == []
     # MNLI needs dev_matched / dev_mismatched
     probs = check_data_files(cfg, get_task("mnli"))
     assert any("dev_matched.tsv" in p for p in probs) and any("dev_mismatched.tsv" in p for p in probs)
@@ -371,23 +373,33 @@ def test_tokenize_single_and_pair(tiny_tokenizer):
                        0, "mem")
     ts = tokenize_split(single, tok, max_seq_length=8)
     cls, sep = tok.cls_token_id, tok.sep_token_id
-    assert ts.input_ids[0] == [cls] + tok.convert_tokens_to_ids("the movie is good .".split()) + [sep]
-    assert ts.input_ids[1] == [cls, tok.convert_tokens_to_ids("bad"), sep]
-    assert len(ts.input_ids[2]) == 8 and ts.input_ids[2][-1] == sep  # truncated to max_seq_length
-    assert ts.token_type_ids[0] == [0] * 7 and ts.labels == [1, 0, 0] and ts.num_labels == 2
-    assert tok.unk_token_id not in sum(ts.input_ids, [])
+    assert row_ids(ts, 0) == [cls] + tok.convert_tokens_to_ids("the movie is good .".split()) + [sep]
+    assert row_ids(ts, 1) == [cls, tok.convert_tokens_to_ids("bad"), sep]
+    assert len(row_ids(ts, 2)) == 8 and row_ids(ts, 2)[-1] == sep  # truncated to max_seq_length
+    assert ts.truncated == 1
+    assert row_types(ts, 0) == [0] * 7 and ts.labels.tolist() == [1, 0, 0] and ts.num_labels == 2
+    assert ts.ids.dtype == np.int32 and ts.types.dtype == np.int8 and ts.labels.dtype == np.int64
+    assert tok.unk_token_id not in ts.ids.tolist()
     assert mean_tokens(ts) == pytest.approx((7 + 3 + 8) / 3)
 
     pair = SplitData("train", [Example("a man walks .", "a person walks .", 0)], 0, "mem")
     tp = tokenize_split(pair, tok, max_seq_length=64, num_labels=3)
-    assert tp.token_type_ids[0] == [0] * 6 + [1] * 5 and tp.num_labels == 3
-    assert tp.input_ids[0].count(sep) == 2
+    assert row_types(tp, 0) == [0] * 6 + [1] * 5 and tp.num_labels == 3
+    assert row_ids(tp, 0).count(sep) == 2
 
     reg = SplitData("dev", [Example("a cat", "the cat", 4.5)], 0, "mem")
     tr = tokenize_split(reg, tok, 16)
-    assert tr.num_labels == 1
+    assert tr.num_labels == 1 and tr.labels.dtype == np.float64
     (b,) = length_bucketed_batches(tr, 4, shuffle=False, seed=0, pad_token_id=tok.pad_token_id)
     assert b.labels.dtype == torch.float32 and b.labels.tolist() == [4.5]
+
+
+def row_ids(ts: TokenizedSplit, i: int) -> list[int]:
+    return ts.ids[ts.offsets[i]:ts.offsets[i + 1]].tolist()
+
+
+def row_types(ts: TokenizedSplit, i: int) -> list[int]:
+    return ts.types[ts.offsets[i]:ts.offsets[i + 1]].tolist()
 
 
 # ----------------------------------------------------------------------------- bucketing
@@ -395,32 +407,35 @@ def synthetic(n=237, seed=0, num_labels=2) -> TokenizedSplit:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(3, 120, size=n)
     ids = [[2] + list(rng.integers(5, 30, size=L - 2)) + [3] for L in lengths]
-    ids = [[int(x) for x in r] for r in ids]
     tt = [[0] * (len(r) // 2) + [1] * (len(r) - len(r) // 2) for r in ids]
-    labels = [int(x) for x in rng.integers(0, num_labels, size=n)]
-    return TokenizedSplit("train", ids, tt, labels, num_labels)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    labels = rng.integers(0, num_labels, size=n).astype(np.int64)
+    return TokenizedSplit("train", np.concatenate(ids).astype(np.int32), offsets,
+                          np.concatenate(tt).astype(np.int8), labels, num_labels)
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_batches_padded_to_own_max_and_cover_all(shuffle):
     ts = synthetic()
-    batches = length_bucketed_batches(ts, 16, shuffle=shuffle, seed=3, pad_token_id=0, chunk_batches=4)
+    batch_size = 4  # 237 rows: two chunks of CHUNK_BATCHES batches when shuffled
+    assert len(ts) > CHUNK_BATCHES * batch_size
+    batches = length_bucketed_batches(ts, batch_size, shuffle=shuffle, seed=3, pad_token_id=0)
     seen = torch.cat([b.index for b in batches]).tolist()
     assert sorted(seen) == list(range(len(ts)))  # every row exactly once
-    assert len(batches) == -(-len(ts) // 16)
-    max_len = max(len(r) for r in ts.input_ids)
+    assert len(batches) == -(-len(ts) // batch_size)
+    max_len = int(ts.lengths.max())
     total_cells = 0
     for b in batches:
         rows = b.index.tolist()
-        lens = [len(ts.input_ids[i]) for i in rows]
+        lens = [len(row_ids(ts, i)) for i in rows]
         assert b.input_ids.shape == (len(rows), max(lens))  # padded to its own longest row
         assert b.input_ids.dtype == b.attention_mask.dtype == b.token_type_ids.dtype == torch.long
         assert b.labels.dtype == torch.long and b.index.dtype == torch.long
         assert b.attention_mask.sum(1).tolist() == lens
         for j, i in enumerate(rows):
             n = lens[j]
-            assert b.input_ids[j, :n].tolist() == ts.input_ids[i]
-            assert b.token_type_ids[j, :n].tolist() == ts.token_type_ids[i]
+            assert b.input_ids[j, :n].tolist() == row_ids(ts, i)
+            assert b.token_type_ids[j, :n].tolist() == row_types(ts, i)
             assert (b.input_ids[j, n:] == 0).all() and (b.attention_mask[j, n:] == 0).all()
             assert b.labels[j].item() == ts.labels[i]
         total_cells += b.input_ids.numel()
@@ -443,8 +458,8 @@ def test_batches_seeded():
     e1 = length_bucketed_batches(ts, 8, shuffle=False, seed=1, pad_token_id=0)
     e2 = length_bucketed_batches(ts, 8, shuffle=False, seed=2, pad_token_id=0)
     assert key(e1) == key(e2)  # no shuffle -> seed irrelevant
-    assert length_bucketed_batches(TokenizedSplit("x", [], [], [], 2), 8, shuffle=True,
-                                   seed=0, pad_token_id=0) == []
+    empty = TokenizedSplit("x", np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int8), np.zeros(0, np.int64), 2)
+    assert length_bucketed_batches(empty, 8, shuffle=True, seed=0, pad_token_id=0) == []
     b0 = length_bucketed_batches(ts, 8, shuffle=False, seed=0, pad_token_id=99)[0]
     assert (b0.input_ids[b0.attention_mask == 0] == 99).all()
 
@@ -463,7 +478,7 @@ def test_shipped_sst2_demo_loads(tiny_tokenizer):
         assert labels == {0, 1}
         assert all(e.text_a.strip() and e.text_b is None for e in split.examples)
     ts = tokenize_split(dev, tiny_tokenizer, cfg.max_seq_length, num_labels=task.num_labels)
-    assert len(ts) == 872 and max(len(r) for r in ts.input_ids) <= 128
+    assert len(ts) == 872 and int(ts.lengths.max()) <= 128
     batches = length_bucketed_batches(ts, 32, shuffle=False, seed=0, pad_token_id=tiny_tokenizer.pad_token_id)
     assert sum(len(b) for b in batches) == 872
 

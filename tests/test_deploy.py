@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ltp_compress
-from ltp_compress.kernels import kernel_counters, reset_kernel_counters
+from ltp_compress.kernels import KERNEL_COUNTER, kernel_counters, reset_kernel_counters
 from ltp_compress.modeling.deploy import CheckpointError, load_deployable, save_deployable, verify_checkpoint
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_packed
 from ltp_compress.modeling.quantized import calibrate, convert_to_int8
@@ -149,6 +149,105 @@ def test_corrupted_checkpoint_refused(checkpoint, tmp_path, damage):
     verify_checkpoint(src)  # the original is intact
 
 
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint whose ltp.json went through `edit(ltp dict)`, with a consistent manifest
+    (only the content is wrong, or old)."""
+    from ltp_compress.manifest import write_manifest
+    from ltp_compress.modeling.checkpoint_format import FORMAT, FORMAT_VERSION
+
+    shutil.copytree(src, dst)
+    ltp = json.loads((dst / "ltp.json").read_text())
+    edit(ltp)
+    (dst / "ltp.json").write_text(json.dumps(ltp, indent=2))
+    write_manifest(dst, FORMAT, FORMAT_VERSION)
+    return dst
+
+
+@pytest.mark.parametrize("damage,field", [
+    ("unknown_top", "colour"), ("unknown_quantization", "quantization.observer_kind"),
+    ("wrong_type", "max_seq_length"), ("wrong_list", "quantization.int8_layers"), ("missing", "quantization.int8_layers"),
+    ("attention", "quantization.attention_matmuls"),
+])
+def test_ltp_json_unknown_field_or_wrong_type_refused(checkpoint, tmp_path, damage, field):
+    """The typed reader of ltp.json (checkpoint_format.CheckpointInfo): an unknown key, a wrong type or a
+    missing required key is a CheckpointError naming ltp.json and the field, for the torch loader, the
+    exporter and the CLI alike."""
+    from ltp_compress.modeling.onnx_export import ExportError, export_onnx
+
+    def edit(ltp):
+        q = ltp["quantization"]
+        if damage == "unknown_top":
+            ltp["colour"] = "blue"
+        elif damage == "unknown_quantization":
+            q["observer_kind"] = "minmax"
+        elif damage == "wrong_type":
+            ltp["max_seq_length"] = "long"
+        elif damage == "wrong_list":
+            q["int8_layers"] = "bert.encoder.layer.0.attention.self.query"
+        elif damage == "missing":
+            del q["int8_layers"]
+        else:
+            q["attention_matmuls"] = "int4"
+
+    d = _edited_copy(checkpoint[0], tmp_path / "c", edit)
+    with pytest.raises(CheckpointError) as ei:
+        load_deployable(d)
+    assert f"{d / 'ltp.json'}: " in str(ei.value) and f"'{field}'" in str(ei.value), str(ei.value)
+    with pytest.raises(ExportError) as ei:
+        export_onnx(d, tmp_path / "onnx")
+    assert "ltp.json" in str(ei.value) and f"'{field}'" in str(ei.value), str(ei.value)
+    from ltp_compress.pipeline.cli import main
+
+    assert main(["predict", str(d), "a fine film"]) == 2
+
+
+def test_new_checkpoint_stores_activation_scales_once(checkpoint):
+    """The activation scales live in model.safetensors (`<linear>.x_scale`) only; ltp.json lists the layers."""
+    from safetensors import safe_open
+
+    dst, qmodel, _ = checkpoint
+    ltp = json.loads((dst / "ltp.json").read_text())
+    assert "act_scales" not in ltp["quantization"]
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        stored = {n: float(f.get_tensor(f"{n}.x_scale")) for n in ltp["quantization"]["int8_layers"]}
+    assert stored == {n: float(qmodel.get_submodule(n).x_scale) for n in stored} and len(stored) == 14
+
+
+def test_older_checkpoint_with_both_scale_copies_loads_and_exports_the_same_graph(checkpoint, tmp_path):
+    """A checkpoint written before the scales were stored once (ltp.json quantization.act_scales beside the
+    x_scale tensors; one written between the activation_range setting and 523929d also has
+    activation_qmin) loads with the same logits and exports the byte-identical graph; copies that
+    disagree are refused, naming both."""
+    from safetensors import safe_open
+
+    from ltp_compress.modeling.onnx_export import ONNX_FILE, ExportError, export_onnx
+
+    src = checkpoint[0]
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        names = json.loads((src / "ltp.json").read_text())["quantization"]["int8_layers"]
+        # the calibrated value (float64) the old writer put in ltp.json; its float32 rounding is the tensor
+        scales = {n: float(f.get_tensor(f"{n}.x_scale").double()) * (1 + 2 ** -30) for n in names}
+
+    def old(ltp):
+        ltp["quantization"]["act_scales"] = scales
+        ltp["quantization"]["activation_qmin"] = -128
+
+    legacy = _edited_copy(src, tmp_path / "legacy", old)
+    enc = load_deployable(src).encode(_texts())
+    assert torch.equal(load_deployable(legacy).logits(enc), load_deployable(src).logits(enc))
+    a, b = export_onnx(src, tmp_path / "onnx_new"), export_onnx(legacy, tmp_path / "onnx_legacy")
+    assert (a / ONNX_FILE).read_bytes() == (b / ONNX_FILE).read_bytes()
+
+    bad_name = names[3]
+    bad = _edited_copy(legacy, tmp_path / "bad", lambda ltp: ltp["quantization"]["act_scales"].update({bad_name: scales[bad_name] * 2}))
+    with pytest.raises(CheckpointError) as ei:
+        load_deployable(bad)
+    msg = str(ei.value)
+    assert "ltp.json" in msg and f"'quantization.act_scales.{bad_name}'" in msg and f"'{bad_name}.x_scale'" in msg, msg
+    with pytest.raises(ExportError, match=rf"act_scales\.{bad_name}.*disagree"):
+        export_onnx(bad, tmp_path / "onnx_bad")
+
+
 def test_predict_cli_inputs(checkpoint, tmp_path, capsys, monkeypatch):
     from ltp_compress.pipeline.cli import main
 
@@ -194,7 +293,7 @@ stages:
   - {{id: teacher, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
   - {{id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, lr: 1.0e-3, final_threshold: 1.0}}
   - {{id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, lr: 1.0e-3, kd_teacher: teacher}}
-  - {{id: kd, stage: distill, teacher: teacher, epochs: 1, batch_size: 16, lr: 1.0e-3, quant_aware: true}}
+  - {{id: kd, stage: distill, kd_teacher: teacher, epochs: 1, batch_size: 16, lr: 1.0e-3, quant_aware: true}}
   - {{id: int8, stage: quantize, calibration_batches: 4, calibration_batch_size: 16, observer: percentile, percentile: 99.9}}
 """)
     run_dir = run_recipe(recipe, progress=False)
@@ -202,8 +301,7 @@ stages:
     extra = meta["extra"]
     ckpt = Path(extra["deploy_dir"])
     assert ckpt == run_dir / "stages" / "04-int8" / "model" and (ckpt / "manifest.json").is_file()
-    kernel = {"cpu_vnni": "onednn_qlinear_u8s8", "cpu_avx2": "onednn_qlinear_u8s8_w7", "cpu_int_mm": "int_mm_s8s8",
-              "reference": "reference", "cuda": "cuda_int_mm"}[extra["kernel"]["backend"]]
+    kernel = KERNEL_COUNTER[extra["kernel"]["backend"]]
     assert extra["kernel"]["counters"].get(kernel, 0) > 0  # the real INT8 kernel ran during evaluation
     assert meta["cost"]["precision"]["qkv_proj"] == [8, 8] and meta["cost"]["precision"]["attn_scores"] == [32, 32]
     kd_meta = json.loads((run_dir / "stages" / "03-kd" / "meta.json").read_text())

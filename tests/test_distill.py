@@ -67,7 +67,7 @@ def test_distill_loss_combines_terms():
             self.logits, self.embeddings = logits, emb
 
     class Cfg:
-        alpha, kd_temperature, logit_weight, embedding_weight = 0.3, 2.0, 0.5, 2.0
+        kd_alpha, kd_temperature, logit_weight, embedding_weight = 0.3, 2.0, 0.5, 2.0
 
     g = torch.Generator().manual_seed(0)
     so, to = Out(torch.randn(4, 2, generator=g), torch.randn(4, 5, 8, generator=g)), Out(torch.randn(4, 2, generator=g), torch.randn(4, 5, 8, generator=g))
@@ -146,8 +146,8 @@ def test_distill_stage_trains_pruned_student(tmp_path, quant_aware):
     student = build_tiny_model(tmp_path / "student", seed=2)
     (student / "pruning.json").write_text(json.dumps({"mode": "threshold", "thresholds": [1.0, 1.0], "keep_ratios": None}))
     cfg, ctx = _context(tmp_path, student, teacher,
-                        "{id: kd, stage: distill, teacher: teacher, epochs: 1, batch_size: 16, lr: 1.0e-3, "
-                        f"alpha: 0.5, quant_aware: {str(quant_aware).lower()}}}")
+                        "{id: kd, stage: distill, kd_teacher: teacher, epochs: 1, batch_size: 16, lr: 1.0e-3, "
+                        f"kd_alpha: 0.5, quant_aware: {str(quant_aware).lower()}}}")
     result = distill.run(cfg, ctx)
     out = ctx.out_dir / "model"
     assert (out / "model.safetensors").is_file() and json.loads((out / "pruning.json").read_text())["mode"] == "threshold"
@@ -164,3 +164,37 @@ def test_distill_stage_trains_pruned_student(tmp_path, quant_aware):
         assert "fake_quant_validation" in result.extra
     else:
         assert not (out / "act_scales.json").exists()
+
+
+def test_run_folder_from_before_the_kd_rename_resumes(tmp_path, tiny_bert):
+    """A distill stage finished before `teacher` / `alpha` became `kd_teacher` / `kd_alpha` stored
+    the old keys in its meta.json: the same recipe in the new spelling resumes it (a renamed key is
+    not a change); a really changed value still needs --overwrite."""
+    from ltp_compress.pipeline.run_dir import RunError
+    from ltp_compress.pipeline.runner import run_recipe
+
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "kd.yaml", f"""\
+name: kd
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 32, max_dev_examples: 16, max_seq_length: 32}}
+seed: 0
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: kd, stage: distill, kd_teacher: model, kd_alpha: 0.3, epochs: 1, batch_size: 16}}
+""")
+    run_dir = run_recipe(recipe, progress=False)
+    meta_file = run_dir / "stages" / "00-kd" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    cfg = meta["config"]
+    meta["config"] = {{"kd_teacher": "teacher", "kd_alpha": "alpha"}.get(k, k): v for k, v in cfg.items()}
+    meta_file.write_text(json.dumps(meta))
+    written = meta_file.stat().st_mtime_ns
+    assert run_recipe(recipe, progress=False) == run_dir  # resumed: the finished stage is kept
+    assert meta_file.stat().st_mtime_ns == written
+    assert "stage kd (distill): already finished, skipped" in (run_dir / "logs" / "run.log").read_text()
+    with pytest.raises(RunError, match=r"changed: stages\[0\] \(kd\)"):
+        run_recipe(recipe, ["stages.kd.kd_alpha=0.5"], progress=False)

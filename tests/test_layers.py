@@ -8,6 +8,7 @@ folder and the layers below it (README, "Layout"):
     stages/       one function per stage, stage configs        -> modeling, kernels, tasks, base
     pipeline/     recipe, runner, run folder, reports, CLI, bench, sweep -> everything below
     ltp_compress/__init__.py  the public facade (`ltp_compress.load`) -> anything
+    benchmarks/   scripts (not installed) and their shared _harness.py -> the package; never imported by it
 
 Every import statement counts, also those inside functions (lazy imports are still dependencies).
 """
@@ -21,13 +22,17 @@ import pytest
 
 from conftest import REPO
 
-LAYER = {"base": 0, "kernels": 1, "tasks": 1, "modeling": 2, "stages": 3, "pipeline": 4, "facade": 5}
+LAYER = {"base": 0, "kernels": 1, "tasks": 1, "modeling": 2, "stages": 3, "pipeline": 4, "facade": 5, "benchmarks": 6}
 FOLDERS = ("kernels", "tasks", "modeling", "stages", "pipeline")
+# the scripts import each other by bare name (their folder is on sys.path): `from _harness import ...`
+BENCHMARK_MODULES = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
 
 
 def _unit(module: str) -> str | None:
-    """Layer unit of an ltp_compress module name (None: not ours)."""
+    """Layer unit of a module name (None: not ours)."""
     parts = module.split(".")
+    if parts[0] == "benchmarks" or (len(parts) == 1 and parts[0] in BENCHMARK_MODULES):
+        return "benchmarks"
     if parts[0] != "ltp_compress":
         return None
     if len(parts) == 1:
@@ -45,6 +50,7 @@ def _source_files() -> list[tuple[str, Path]]:
             sub = p.parent.relative_to(REPO / folder).parts
             files.append((".".join(("ltp_compress", folder, *sub)), p))
     files += [("ltp_compress", p) for p in sorted((REPO / "ltp_compress").glob("*.py"))]
+    files += [("benchmarks", p) for p in sorted((REPO / "benchmarks").glob("*.py"))]
     return files
 
 
@@ -70,7 +76,8 @@ def _imports(package: str, path: Path) -> list[tuple[int, str]]:
 
 def test_every_package_folder_is_scanned():
     scanned = {p.relative_to(REPO).parts[0] for _, p in _source_files()}
-    assert scanned == set(FOLDERS) | {"ltp_compress"}
+    assert scanned == set(FOLDERS) | {"ltp_compress", "benchmarks"}
+    assert "_harness" in BENCHMARK_MODULES
     assert len(_source_files()) > 30
 
 
@@ -96,3 +103,14 @@ def test_the_check_catches_an_upward_import(tmp_path):
     names = [n for _, n in _imports("ltp_compress.stages", f)]
     assert names == ["ltp_compress.pipeline.runner"]
     assert LAYER[_unit(names[0])] > LAYER[_unit("ltp_compress.stages.bad")]
+
+
+def test_the_check_catches_the_package_importing_a_benchmark(tmp_path):
+    """Negative control: a pipeline module importing the benchmarks' harness points up; a script
+    importing the package points down."""
+    f = tmp_path / "bad.py"
+    f.write_text("from _harness import dev_feeds\nimport benchmarks.gemm_bench\n")
+    names = [n for _, n in _imports("ltp_compress.pipeline", f)]
+    assert [_unit(n) for n in names] == ["benchmarks", "benchmarks"]
+    assert all(LAYER[_unit(n)] > LAYER[_unit("ltp_compress.pipeline.bad")] for n in names)
+    assert LAYER[_unit("ltp_compress.pipeline.bench")] < LAYER[_unit("benchmarks.gemm_floor")]

@@ -27,9 +27,9 @@ import pytest
 
 import ltp_compress
 from ltp_compress.modeling.deploy import CheckpointError, load_deployable, save_deployable
-from ltp_compress.modeling.onnx_export import (INTEGER_GEMM_OPS, MANIFEST_FILE, ONNX_CONFIG_FILE, ONNX_FILE,
+from ltp_compress.modeling.onnx_export import (INT8_OPS, INTEGER_GEMM_OPS, MANIFEST_FILE, ONNX_CONFIG_FILE, ONNX_FILE,
                                                ExportError, export_onnx)
-from ltp_compress.modeling.onnx_runtime import load_onnx
+from ltp_compress.modeling.onnx_runtime import load_onnx, session_options
 from ltp_compress.modeling.pruned_encoder import PruningConfig
 
 from conftest import DEMO_DATA, REPO
@@ -109,8 +109,7 @@ def _scores(ckpt: Path, feed: dict, layer: int) -> np.ndarray:
     m, _ = build_onnx_model(load_file(str(ckpt / "model.safetensors")), json.loads((ckpt / "config.json").read_text()),
                             json.loads((ckpt / "ltp.json").read_text()), batch_of_one_branch=False)
     m.graph.output.append(onnx.helper.make_tensor_value_info(f"prune.{layer}.score", onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so = session_options(graph_optimization_level="ORT_DISABLE_ALL")  # the score output is fused away otherwise
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run([f"prune.{layer}.score"], feed)[0]
 
 
@@ -220,10 +219,7 @@ def test_graph_activation_scales_are_the_checkpoints(pruned_exports, kind):
 def _profile(export: Path, feed: dict) -> list[dict]:
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.enable_profiling = True
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.profile_file_prefix = str(export.parent / f"profile-{export.name}")
+    so = session_options(profile_prefix=str(export.parent / f"profile-{export.name}"))
     sess = ort.InferenceSession(str(export / ONNX_FILE), so, providers=["CPUExecutionProvider"])
     sess.run(None, feed)
     events = json.loads(Path(sess.end_profiling()).read_text())
@@ -411,6 +407,64 @@ def test_tampered_export_refused(pruned_exports, tmp_path, damage):
             load(d)
         assert expect[0] in str(ei.value) and expect[1] in str(ei.value), str(ei.value)
     assert isinstance(ei.value, CheckpointError)  # the CLI prints it as a user error
+
+
+def _edited_export(src: Path, dst: Path, edit) -> Path:
+    """A copy of the export whose ltp_onnx.json went through `edit(info dict)`, with a consistent manifest."""
+    import shutil
+
+    from ltp_compress.manifest import write_manifest
+    from ltp_compress.modeling.export_format import EXPORT_FORMAT, EXPORT_FORMAT_VERSION
+
+    shutil.copytree(src, dst)
+    info = json.loads((dst / ONNX_CONFIG_FILE).read_text())
+    edit(info)
+    (dst / ONNX_CONFIG_FILE).write_text(json.dumps(info, indent=2))
+    write_manifest(dst, EXPORT_FORMAT, EXPORT_FORMAT_VERSION)
+    return dst
+
+
+@pytest.mark.parametrize("damage,field", [
+    ("unknown_top", "colour"), ("unknown_quantization", "quantization.int8_kernel"), ("wrong_type", "num_labels"),
+    ("wrong_op", "quantization.int8_op"), ("inputs", "inputs"), ("missing", "pad_token_id"),
+])
+def test_ltp_onnx_json_unknown_field_or_wrong_type_refused(pruned_exports, tmp_path, damage, field):
+    """The typed reader of ltp_onnx.json (export_format.ExportInfo): an unknown key, a wrong type or a
+    missing key is an ExportError naming the file and the field."""
+    def edit(info):
+        if damage == "unknown_top":
+            info["colour"] = "blue"
+        elif damage == "unknown_quantization":
+            info["quantization"]["int8_kernel"] = "MatMulInteger"
+        elif damage == "wrong_type":
+            info["num_labels"] = "two"
+        elif damage == "wrong_op":
+            info["quantization"]["int8_op"] = "QGemm"
+        elif damage == "inputs":
+            info["inputs"] = ["input_ids"]
+        else:
+            del info["pad_token_id"]
+
+    d = _edited_export(pruned_exports["bert"][1], tmp_path / "e", edit)
+    for load in (load_onnx, ltp_compress.load):
+        with pytest.raises(ExportError) as ei:
+            load(d)
+        assert f"{d / ONNX_CONFIG_FILE}: " in str(ei.value) and f"'{field}'" in str(ei.value), str(ei.value)
+
+
+def test_older_export_description_still_loads(pruned_exports, tmp_path):
+    """An export written before activation_range, attention_op and the INT8 attention keys existed loads."""
+    ckpt, src, _ = pruned_exports["bert"]
+
+    def old(info):
+        for key in ("activation_range", "attention_matmuls", "int8_attention_gemms", "attention_scheme"):
+            del info["quantization"][key]
+        del info["attention_op"]
+
+    om = load_onnx(_edited_export(src, tmp_path / "old", old), threads=1)
+    assert om.info.quantization.activation_range == "symmetric" and om.info.attention_op is None
+    texts = _dev_texts(5)
+    np.testing.assert_array_equal(om.logits(om.encode(texts)), load_onnx(src, threads=1).logits(om.encode(texts)))
 
 
 def test_load_runtimes_and_predict(pruned_exports):
@@ -664,7 +718,7 @@ def test_gemm_floor_graph_reproduces_the_exports_integer_gemms(pruned_exports, q
     for branch, feed, k, n_gemms in ((many, _feed(enc), kept, 2 * 6 + 2), (one, first, kept_first, 2 * 4 + 2)):
         inst, only, parts = gemm_floor.gemm_parts(branch)
         m = onnx.load_from_string(inst)
-        gemm_nodes = [x for x in m.graph.node if x.op_type in gemm_floor.GEMM_OPS]
+        gemm_nodes = [x for x in m.graph.node if x.op_type in INT8_OPS]
         assert len(gemm_nodes) == sum(len(kn) for _, _, kn in parts) == n_gemms
         m.graph.output.extend(helper.make_tensor_value_info(x.output[0], TensorProto.FLOAT, None) for x in gemm_nodes)
         s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])

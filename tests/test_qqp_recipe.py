@@ -21,7 +21,7 @@ def test_qqp_recipe_validates():
     assert r.model == "roberta-base" and r.task == "qqp" and r.data.source == "hub"
     assert [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize"]
     student = r.stages[3]
-    assert student.teacher == "teacher" and student.quant_aware
+    assert student.kd_teacher == "teacher" and student.quant_aware
     _, problems = preflight(r, QQP)
     assert problems == []  # hub source and hub id: nothing local to check
 

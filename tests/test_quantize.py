@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ltp_compress.kernels import Int8Linear, kernel_counters, quantize_per_channel_symmetric, reset_kernel_counters
+from ltp_compress.kernels import KERNEL_COUNTER, Int8Linear, kernel_counters, quantize_per_channel_symmetric, reset_kernel_counters
 from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_masked, forward_packed
 from ltp_compress.modeling.quantized import (
     FakeQuantLinear, MinMaxObserver, PercentileObserver, QATLinear, calibrate, convert_to_int8,
@@ -23,8 +23,6 @@ from ltp_compress.modeling.quantized import (
 
 from conftest import DEMO_DATA
 
-BACKEND_KERNEL = {"cpu_vnni": "onednn_qlinear_u8s8", "cpu_avx2": "onednn_qlinear_u8s8_w7",
-                  "cpu_int_mm": "int_mm_s8s8", "reference": "reference", "cuda": "cuda_int_mm"}
 
 
 class _B:
@@ -151,7 +149,7 @@ def test_int8_model_removes_tokens_and_runs_int8_kernel(bert):
     assert torch.equal(out.kept_tokens[:, 0], lengths)
     assert int(out.kept_tokens[:, 1].sum()) < int(lengths.sum())  # tokens really removed after layer 0
     counters = kernel_counters()
-    assert counters.get(BACKEND_KERNEL[info.backend], 0) == 14  # 2 layers x 6 Linear + pooler + classifier
+    assert counters.get(KERNEL_COUNTER[info.backend], 0) == 14  # 2 layers x 6 Linear + pooler + classifier
     if info.backend != "reference":
         assert "reference" not in counters  # no silent fallback
     # the hard-masked path (training reference) through the same INT8 modules agrees
@@ -241,7 +239,8 @@ def test_quantize_stage(tmp_path, variant, monkeypatch):
             assert type(dm.model.get_submodule(n)) is nn.Linear  # kept float in the checkpoint too
     else:
         assert res.extra["act_scale_source"].endswith("act_scales.json")
-        assert all(s == pytest.approx(0.05) for s in dm.ltp["quantization"]["act_scales"].values())
+        assert dm.ltp.quantization.act_scales is None  # stored once: the x_scale tensors
+        assert all(float(m.x_scale) == pytest.approx(0.05) for m in dm.model.modules() if isinstance(m, Int8Linear))
     assert len(dm.predict(["a fine film", "dull"])) == 2
 
 
@@ -372,9 +371,9 @@ def test_quantize_stage_with_int8_attention_charges_8_bits_and_round_trips(tmp_p
     assert r8.extra["kernel"]["counters"]["attention_int8_fp32_exact"] > 0
     assert "attention_int8_fp32_exact" not in r32.extra["kernel"]["counters"]
     dm = load_deployable(ctx8.out_dir / "model")
-    q = dm.ltp["quantization"]
-    assert q["attention_matmuls"] == "int8" and len(q["attention_scales"]) == 2
-    for name, sc in q["attention_scales"].items():
+    q = dm.ltp.quantization
+    assert q.attention_matmuls == "int8" and len(q.attention_scales) == 2
+    for name, sc in q.attention_scales.items():
         mod = dm.model.get_submodule(name).int8_matmuls
         assert (float(mod.q_scale), float(mod.k_scale), float(mod.v_scale)) == pytest.approx((sc["q"], sc["k"], sc["v"]), rel=1e-6)
     reset_kernel_counters()

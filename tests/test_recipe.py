@@ -71,7 +71,7 @@ def test_demo_recipe_validates(capsys):
     r = load_recipe(REPO / "recipes" / "demo.yaml")
     assert [s.stage for s in r.stages] == ["finetune", "ltp_soft", "ltp_hard", "distill", "quantize", "quantize"]
     assert r.stages[1].lambda_ == 0.5 and r.stages[1].temperature == 0.1 and r.stages[1].flops_convention == "paper"
-    assert r.stages[3].teacher == "teacher" and r.stages[5].init_from == "hard"  # INT8 without KD, for comparison
+    assert r.stages[3].kd_teacher == "teacher" and r.stages[5].init_from == "hard"  # INT8 without KD, for comparison
     # data path is relative to the recipe file; preflight resolves it
     resolved, problems = preflight(r, REPO / "recipes" / "demo.yaml")
     data_problems = [p for p in problems if p.startswith("data")]
@@ -201,23 +201,33 @@ stages:
 
 
 def test_distill_teacher_unknown_and_later(tmp_path):
-    text = _head() + STAGES + "  - {id: kd, stage: distill, teacher: techer}\n"
+    text = _head() + STAGES + "  - {id: kd, stage: distill, kd_teacher: techer}\n"
     msg = _err(tmp_path, text)
-    assert "stages[3] (kd).teacher: 'techer' is not a stage id of this recipe" in msg
+    assert "stages[3] (kd).kd_teacher: 'techer' is not a stage id of this recipe" in msg
     text = _head() + """\
 stages:
   - {id: soft0, stage: ltp_soft}
-  - {id: kd, stage: distill, teacher: ft}
+  - {id: kd, stage: distill, kd_teacher: ft}
   - {id: ft, stage: finetune}
 """
     msg = _err(tmp_path, text)
-    assert "stages[1] (kd).teacher: 'ft' is a later stage" in msg
+    assert "stages[1] (kd).kd_teacher: 'ft' is a later stage" in msg
 
 
 def test_distill_teacher_valid(tmp_path):
-    r = load_recipe(_write(tmp_path, _head() + STAGES + "  - {id: kd, stage: distill, teacher: ft}\n"))
-    assert r.stages[3].teacher == "ft"
+    r = load_recipe(_write(tmp_path, _head() + STAGES + "  - {id: kd, stage: distill, kd_teacher: ft, kd_alpha: 0.3}\n"))
+    assert r.stages[3].kd_teacher == "ft" and r.stages[3].kd_alpha == 0.3
     assert source_stage_index(r, 3) == 2  # student starts from the previous model stage
+
+
+@pytest.mark.parametrize("old, new", [("teacher: ft", "kd_teacher"), ("kd_teacher: ft, alpha: 0.3", "kd_alpha")])
+def test_distill_retired_spelling_refused_naming_the_new_key(tmp_path, old, new):
+    msg = _err(tmp_path, _head() + STAGES + f"  - {{id: kd, stage: distill, {old}}}\n")
+    retired = new.removeprefix("kd_")
+    assert f"stages[3] (kd): Value error, stage 'kd' (distill): '{retired}' is now spelled '{new}'" in msg
+    # an override with the old spelling is refused the same way
+    msg = _err(tmp_path, _head() + STAGES + "  - {id: kd, stage: distill, kd_teacher: ft}\n", [f"stages.kd.{retired}=ft"])
+    assert f"'{retired}' is now spelled '{new}'" in msg
 
 
 def test_pruning_stage_kd_teacher_rules(tmp_path):
@@ -269,9 +279,9 @@ stages:
 
 
 def test_training_after_quantize_rejected(tmp_path):
-    text = _head() + STAGES + "  - {id: q, stage: quantize}\n  - {id: kd, stage: distill, teacher: q}\n"
+    text = _head() + STAGES + "  - {id: q, stage: quantize}\n  - {id: kd, stage: distill, kd_teacher: q}\n"
     msg = _err(tmp_path, text)
-    assert "stages[4] (kd).teacher: the teacher must be a floating-point model" in msg
+    assert "stages[4] (kd).kd_teacher: the teacher must be a floating-point model" in msg
     assert "stages[4] (kd): starts from an INT8 model" in msg
 
 

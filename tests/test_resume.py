@@ -26,7 +26,7 @@ STAGES = """\
   - {id: ft, stage: finetune, epochs: 2, batch_size: 16, lr: 1.0e-3, checkpoint_every_steps: 2}
   - {id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, final_threshold: 2.0, lambda: 0.5, target_flops: 0.7, checkpoint_every_steps: 2}
   - {id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, target_flops: 0.7, retargets: 2, retarget_until: 0.8, checkpoint_every_steps: 2}
-  - {id: kd, stage: distill, epochs: 1, batch_size: 16, teacher: ft, quant_aware: true, checkpoint_every_steps: 2}
+  - {id: kd, stage: distill, epochs: 1, batch_size: 16, kd_teacher: ft, quant_aware: true, checkpoint_every_steps: 2}
 """
 FOLDERS = ("00-ft", "01-soft", "02-hard", "03-kd")
 #: (stage, step it fails after, the checkpoint step it resumes from)

@@ -70,6 +70,10 @@ def test_full_run_layout(full_run):
     assert run_dir == recipe.parent / "runs" / "t"
     for f in ("recipe.json", "environment.json", "logs/run.log", "report.json", "report.md"):
         assert (run_dir / f).is_file(), f
+    from ltp_compress.pipeline.environment import ENVIRONMENT_KEYS
+
+    env = json.loads((run_dir / "report.json").read_text())["environment"]  # the block, with the load at the run's end
+    assert set(ENVIRONMENT_KEYS) <= set(env) and env["loadavg_end"] is not None and env["packages"]["torch"]
     names = sorted(p.name for p in (run_dir / "stages").iterdir())
     assert names == ["00-ft", "01-soft", "02-hard", "03-ev"]  # no leftover .tmp-* folders
     for name in ("00-ft", "01-soft", "02-hard"):
@@ -270,6 +274,74 @@ def test_rerun_of_finished_run_is_noop(full_run):
 
 
 # ----------------------------------------------------------------------------- changed recipe
+
+
+# ----------------------------------------------------------------------------- meta.json (typed: StageMeta)
+
+SHORT_STAGES = """\
+  - {id: ft, stage: finetune, epochs: 0.5, batch_size: 16}
+  - {id: ev, stage: evaluate}
+"""
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("short_run")
+    return run_recipe(_recipe(tmp, tiny_bert, stages=SHORT_STAGES), progress=False)
+
+
+def test_stage_meta_writer_writes_the_untyped_bytes(short_run, tmp_path):
+    """Reading a meta.json the runner wrote and writing it again gives the same bytes (the typed writer
+    writes what the untyped dict writer did); a stage without a model has no size / parameter keys."""
+    from ltp_compress.pipeline.run_dir import read_stage_meta, write_stage_meta
+
+    for folder in ("00-ft", "01-ev"):
+        f = short_run / "stages" / folder / "meta.json"
+        out = tmp_path / folder
+        out.mkdir()
+        write_stage_meta(out, read_stage_meta(f))
+        assert (out / "meta.json").read_bytes() == f.read_bytes()
+    assert read_stage_meta(short_run / "stages" / "00-ft").parameter_count > 0
+    assert "model_size_bytes" not in _meta(short_run, "01-ev") and read_stage_meta(short_run / "stages" / "01-ev").model_size_bytes is None
+
+
+def test_stage_meta_of_the_first_runner_loads(tmp_path):
+    """meta.json as the first runner (7d0ce03) wrote it, with and without a model: every key since has the same name and type."""
+    from ltp_compress.pipeline.run_dir import read_stage_meta
+
+    first = {"id": "ft", "stage": "finetune", "index": 0, "config": {"id": "ft", "stage": "finetune", "epochs": 1.0},
+             "source_model": "prajjwal1/bert-tiny", "source_stage": None,
+             "metrics": {"validation": {"main": 0.5, "accuracy": 0.5}, "dev": {"main": 0.5}},
+             "cost": {"relative_flops": 1.0}, "extra": {"parameter_count": 4386178},
+             "wall_time_s": 12.5, "finished_at": "2026-11-24T10:00:00", "model_size_bytes": 17549312, "parameter_count": 4386178}
+    (tmp_path / "meta.json").write_text(json.dumps(first, indent=2))
+    meta = read_stage_meta(tmp_path / "meta.json")
+    assert (meta.index, meta.id, meta.stage, meta.source_stage, meta.parameter_count) == (0, "ft", "finetune", None, 4386178)
+    no_model = {k: v for k, v in first.items() if k not in ("model_size_bytes", "parameter_count")}
+    (tmp_path / "meta.json").write_text(json.dumps({**no_model, "stage": "evaluate", "cost": None}, indent=2))
+    assert read_stage_meta(tmp_path / "meta.json").model_size_bytes is None
+
+
+@pytest.mark.parametrize("corrupt,field", [
+    (lambda m: {**m, "metrics": [0.5]}, "'metrics'"),  # wrong type
+    (lambda m: {**m, "index": "first"}, "'index'"),  # wrong type
+    (lambda m: {**m, "surprise": 1}, "'surprise': Extra inputs are not permitted"),  # unknown key
+    (lambda m: {k: v for k, v in m.items() if k != "stage"}, "'stage': Field required"),  # missing key
+    (None, "not valid JSON"),
+])
+def test_corrupted_stage_meta_is_named_on_resume_and_in_report(short_run, tmp_path, tiny_bert, capsys, corrupt, field):
+    import shutil
+
+    run_dir = tmp_path / "runs" / "t"
+    shutil.copytree(short_run, run_dir)
+    meta_file = run_dir / "stages" / "00-ft" / "meta.json"
+    meta_file.write_text("{not json" if corrupt is None else json.dumps(corrupt(_meta(run_dir, "00-ft"))))
+    with pytest.raises(RunError) as e:
+        run_recipe(_recipe(tmp_path, tiny_bert, stages=SHORT_STAGES), progress=False)
+    assert str(meta_file) in str(e.value) and field in str(e.value)
+    assert main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(meta_file) in err and field in err
 
 
 def test_changed_finished_stage_needs_overwrite(tmp_path, tiny_bert):

@@ -51,6 +51,9 @@ def test_sweep_over_seeds_aggregates_mean_and_sd(tmp_path, tiny_bert):
                  "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "sweep.json").read_text())
     assert res["seeds"] == [1, 2] and len(res["rows"]) == 2 * 2 * 2  # points x seeds x stages
+    from ltp_compress.pipeline.environment import ENVIRONMENT_KEYS
+
+    assert set(ENVIRONMENT_KEYS) <= set(res["environment"]) and "environment: CPU" in (out / "sweep.md").read_text()
     assert (tmp_path / "runs" / "sw-p1-s2" / "report.md").is_file()
     for agg in res["summary"]:
         rows = [r for r in res["rows"] if r["point"] == agg["point"] and r["id"] == agg["id"]]

@@ -42,34 +42,35 @@ def cfg_for(d: Path, **kw) -> DataConfig:
     return DataConfig(source="glue_dir", path=str(d), **kw)
 
 
-def load(cfg, cache, tok, split="train", seed=0, **kw):
-    return tc.load_tokenized_split(cfg, MRPC, split, tok, seed=seed, cache_dir=cache, progress=False, **kw)
+def load(cfg, cache, tok, split="train", seed=0, loader=None):
+    """One split through the cache, the runner's entry point (one entry per split: label=split)."""
+    loader = loader or (lambda: ({split: load_split(cfg, MRPC, split, seed=seed)}, {}))
+    splits, info = tc.load_splits_cached(cfg, MRPC, tok, seed=seed, cache_dir=cache, loader=loader, label=split,
+                                         progress=False)
+    return splits[split], info
 
 
 def assert_same_rows(a, b) -> None:
-    """Row-by-row equality of two tokenised splits (list- or array-backed)."""
+    """Equality of two tokenised splits: every array, its dtype, the name, the label count."""
     assert len(a) == len(b) and a.num_labels == b.num_labels and a.name == b.name
-    assert np.array_equal(a.lengths, b.lengths)
-    for i in range(len(a)):
-        assert list(map(int, a.input_ids[i])) == list(map(int, b.input_ids[i])), i
-        assert list(map(int, a.token_type_ids[i])) == list(map(int, b.token_type_ids[i])), i
-    assert np.array_equal(np.asarray(a.labels), np.asarray(b.labels))
+    for name in ("ids", "offsets", "types", "labels"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
 
 
-def test_hit_equals_fresh_tokenisation_and_skips_the_data_file(data, tmp_path, tok, monkeypatch):
+def test_hit_equals_fresh_tokenisation_and_skips_the_data_file(data, tmp_path, tok):
     cfg, cache = cfg_for(data), tmp_path / "cache"
     fresh = tokenize_split(load_split(cfg, MRPC, "train", seed=0), tok, cfg.max_seq_length, num_labels=2)
     cold, info0 = load(cfg, cache, tok)
     assert not info0.hit and info0.path and Path(info0.path).is_dir()
     assert_same_rows(cold, fresh)
-    assert any(fresh.token_type_ids[i][-1] == 1 for i in range(len(fresh)))  # pairs: type ids matter
+    assert (fresh.types == 1).any()  # pairs: type ids matter
 
-    def no_reading(*a, **k):
+    def no_reading():
         raise AssertionError("a cache hit must not parse the data file")
 
-    monkeypatch.setattr(tc, "load_split", no_reading)
-    warm, info1 = load(cfg, cache, tok)
-    assert info1.hit and info1.path == info0.path and info1.source == str(data / "train.tsv")
+    warm, info1 = load(cfg, cache, tok, loader=no_reading)
+    assert info1.hit and info1.path == info0.path and info1.split("train")["source"] == str(data / "train.tsv")
     assert_same_rows(warm, fresh)
     for name in ("ids", "offsets", "types", "labels"):  # memory-mapped, read-only, identical
         assert isinstance(getattr(warm, name), np.memmap)
@@ -79,7 +80,7 @@ def test_hit_equals_fresh_tokenisation_and_skips_the_data_file(data, tmp_path, t
     for f in Path(info1.path).glob("*.npy"):
         np.load(f, allow_pickle=False)
     header = json.loads((Path(info1.path) / "header.json").read_text())
-    assert header["splits"]["train"]["rows"] == len(fresh) and header["key_doc"]["split"] == "train"
+    assert header["splits"]["train"]["rows"] == len(fresh) and header["key_doc"]["label"] == "train"
 
 
 def test_key_inputs_miss_when_changed(data, tmp_path, tok, tiny_roberta):
@@ -162,13 +163,13 @@ def test_damaged_entry_is_detected_and_rebuilt(data, tmp_path, tok, caplog, dama
 
 def test_batches_from_cached_split_equal_uncached(data, tmp_path, tok):
     cfg, cache = cfg_for(data), tmp_path / "cache"
-    lists = tokenize_split(load_split(cfg, MRPC, "train"), tok, 128, num_labels=2)
+    fresh = tokenize_split(load_split(cfg, MRPC, "train"), tok, 128, num_labels=2)
     load(cfg, cache, tok)
-    arrays, info = load(cfg, cache, tok)
-    assert info.hit
+    mapped, info = load(cfg, cache, tok)
+    assert info.hit and isinstance(mapped.ids, np.memmap)
     for shuffle in (True, False):
-        a = length_bucketed_batches(arrays, 8, shuffle=shuffle, seed=3, pad_token_id=0)
-        b = length_bucketed_batches(lists, 8, shuffle=shuffle, seed=3, pad_token_id=0)
+        a = length_bucketed_batches(mapped, 8, shuffle=shuffle, seed=3, pad_token_id=0)
+        b = length_bucketed_batches(fresh, 8, shuffle=shuffle, seed=3, pad_token_id=0)
         assert len(a) == len(b)
         for x, y in zip(a, b):
             for name in ("input_ids", "attention_mask", "token_type_ids", "labels", "index"):
@@ -176,23 +177,29 @@ def test_batches_from_cached_split_equal_uncached(data, tmp_path, tok):
                 assert tx.dtype == ty.dtype and torch.equal(tx, ty), name
 
 
-def test_regression_labels_and_split_api(tmp_path, tok):
-    """STS-B style float labels; the lower-level API (already loaded split) hashes the rows."""
+def test_regression_labels_and_rows_without_a_file(tmp_path, tok):
+    """STS-B style float labels; a source without a file (the hub) is keyed by its rows' hash."""
     from ltp_compress.tasks.data import Example, SplitData
 
+    stsb, cfg = get_task("stsb"), DataConfig(source="hub", max_seq_length=32)
     rows = [Example(f"sentence {i} is here", f"other {i}", float(i) / 7) for i in range(40)]
-    split = SplitData("train", rows, 0, "mem")
-    fresh = tokenize_split(split, tok, 32)
-    a = tc.tokenize_split_cached(split, tok, 32, num_labels=None, cache_dir=tmp_path, progress=False)
-    b = tc.tokenize_split_cached(split, tok, 32, num_labels=None, cache_dir=tmp_path, progress=False)
+
+    def load_rows(rows):
+        splits, _ = tc.load_splits_cached(cfg, stsb, tok, seed=0, cache_dir=tmp_path, progress=False,
+                                          loader=lambda: ({"train": SplitData("train", rows, 0, "mem")}, {}))
+        return splits["train"]
+
+    fresh = tokenize_split(SplitData("train", rows, 0, "mem"), tok, 32)
+    a, b = load_rows(rows), load_rows(rows)
     assert a.num_labels == 1 and a.labels.dtype == np.float64 and isinstance(b.ids, np.memmap)
     assert_same_rows(b, fresh)
-    rows[3] = Example("a changed sentence", "other 3", 3 / 7)
-    c = tc.tokenize_split_cached(SplitData("train", rows, 0, "mem"), tok, 32, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 1  # the second call hit the first call's entry
+    changed = [*rows[:3], Example("a changed sentence", "other 3", 3 / 7), *rows[4:]]
+    c = load_rows(changed)
     assert len(list(tmp_path.iterdir())) == 2 and not np.array_equal(c.ids, b.ids)
-    assert_same_rows(tc.ArrayTokenizedSplit.from_lists(fresh), fresh)
-    nocache, info = tc.load_tokenized_split(cfg_for(MRPC_TINY), MRPC, "dev", tok, seed=0, cache_dir=None, progress=False)
-    assert info.path is None and not info.hit and len(nocache) == 100
+    nocache, info = tc.load_splits_cached(cfg_for(MRPC_TINY), MRPC, tok, seed=0, cache_dir=None, progress=False,
+                                          loader=lambda: ({"dev": load_split(cfg_for(MRPC_TINY), MRPC, "dev")}, {}))
+    assert info.path is None and not info.hit and len(nocache["dev"]) == 100
 
 
 def test_missing_file_names_it(tmp_path, tok):

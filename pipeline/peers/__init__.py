@@ -10,17 +10,20 @@
 and builder (imported lazily: a missing package fails only that system), which model it is built
 from, its FP32 reference (for the INT8-vs-FP32 accuracy check) and the op names its profile must
 show for its fast path to count as confirmed (groups: one of each group, case-insensitive
-substring of an op name)."""
+substring of an op name), and what the benchmark does for it beyond measuring: the project's
+kernel counters (`kernel_counters`), the op-class profile (`op_class_profile`), and, for a pruned
+system, the dense system on the same runtime its token-pruning speedup is measured against
+(`pruning_vs`, `runtime`)."""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 
+from ltp_compress.modeling.export_format import INTEGER_GEMM_OPS
 from ltp_compress.pipeline.peers.common import BenchError, System
 
 TORCH_INT8_OPS = ("qlinear", "quantized", "_int_mm", "int8", "onednn")
-ORT_INTEGER_GEMMS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QAttention", "QGemm")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,10 @@ class Peer:
     fp32_reference: str | None = None
     fast_ops: tuple[tuple[str, ...], ...] = ()
     packages: tuple[str, ...] = ()  # import names the peer needs beyond torch / transformers
+    kernel_counters: bool = False  # runs the project's INT8 kernels: their call counters are recorded
+    op_class_profile: bool = False  # gets bench_profile.profile_int8's op-class profile
+    pruning_vs: str | None = None  # pruned system: the dense system on the same runtime (realised pruning speedup)
+    runtime: str | None = None  # the runtime a pruning pair runs on (torch, onnxruntime)
 
 
 REGISTRY: dict[str, Peer] = {
@@ -55,24 +62,26 @@ REGISTRY: dict[str, Peer] = {
                                          "hf_fp32_sdpa", (TORCH_INT8_OPS,), ("torchao",)),
     "ort_int8_dynamic": Peer("onnxruntime_peers", "build_ort_int8_dynamic", "teacher",
                              "ONNX Runtime INT8 quantize_dynamic (per-channel QInt8) on the optimized graph", "ort_fp32",
-                             (ORT_INTEGER_GEMMS,), ("onnxruntime", "onnx")),
+                             (INTEGER_GEMM_OPS,), ("onnxruntime", "onnx")),
     "ort_int8_static": Peer("onnxruntime_peers", "build_ort_int8_static", "teacher",
                             "ONNX Runtime INT8 quantize_static (QDQ, S8S8, per-channel, MinMax calibration) on the optimized graph",
-                            "ort_fp32", (ORT_INTEGER_GEMMS,), ("onnxruntime", "onnx")),
+                            "ort_fp32", (INTEGER_GEMM_OPS,), ("onnxruntime", "onnx")),
     "openvino_int8": Peer("openvino_peers", "build_openvino_int8", "teacher",
                           "OpenVINO INT8: NNCF quantize (model_type=TRANSFORMER, default preset)", "openvino_fp32",
                           (("FullyConnected/u8", "FullyConnected/i8", "MatMul/u8", "MatMul/i8"),), ("openvino", "nncf")),
     "ltp_fp32": Peer("ours", "build_ltp_fp32", "hard", "ours: hard-pruned FP32, packed token-removing runtime (torch)"),
     "dense_int8": Peer("ours", "build_dense_int8", "teacher",
                        "ours: teacher, static W8A8 (our calibrate + convert_to_int8), packed runtime (torch), no pruning",
-                       "hf_fp32_sdpa"),
-    "ltp_int8": Peer("ours", "build_ltp_int8", "int8", "ours: deployable checkpoint, token removal + INT8 GEMMs (torch)", "ltp_fp32"),
+                       "hf_fp32_sdpa", kernel_counters=True),
+    "ltp_int8": Peer("ours", "build_ltp_int8", "int8", "ours: deployable checkpoint, token removal + INT8 GEMMs (torch)", "ltp_fp32",
+                     kernel_counters=True, op_class_profile=True, pruning_vs="dense_int8", runtime="torch"),
     "dense_int8_ort": Peer("ours", "build_dense_int8_ort", "teacher",
                            "ours: dense_int8 saved as a deployable checkpoint, exported to ONNX, run by ONNX Runtime",
                            "dense_int8", (("MatMulIntegerToFloat", "MatMulInteger"),), ("onnxruntime", "onnx")),
     "ltp_int8_ort": Peer("ours", "build_ltp_int8_ort", "int8",
                          "ours: the deployable checkpoint exported to ONNX (pruning in the graph), run by ONNX Runtime",
-                         "ltp_int8", (("MatMulIntegerToFloat", "MatMulInteger"),), ("onnxruntime", "onnx")),
+                         "ltp_int8", (("MatMulIntegerToFloat", "MatMulInteger"),), ("onnxruntime", "onnx"),
+                         pruning_vs="dense_int8_ort", runtime="onnxruntime"),
 }
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from ltp_compress.manifest import sha256_file
+from ltp_compress.modeling.export_format import INTEGER_CONV_OPS, INTEGER_GEMM_OPS
 from ltp_compress.pipeline.peers.common import INPUT_NAMES, System, hf_logits_module, load_teacher, numpy_feed, version
 
 DOCS = {
@@ -44,27 +45,11 @@ DOCS = {
 THROUGHPUT_PASS = ("one session with intra_op_num_threads=1 whose Run is called from `threads` threads at once "
                    "(ThreadPoolExecutor), batches in order; batch size 1: one request at a time on the latency session")
 ONNX_OPSET = 17
-# op types that do integer GEMM work in an ORT CPU graph
 # ops whose kernel time is the sum of their subgraph's nodes (our export's `If` on the batch size)
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
-INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QAttention", "QGemm",
-               "ConvInteger", "QLinearConv")
+# op types that do integer work in an ORT CPU graph (GEMMs and convolutions)
+INTEGER_OPS = INTEGER_GEMM_OPS + INTEGER_CONV_OPS
 FUSED_FP32_OPS = (("Attention", "MultiHeadAttention"), ("SkipLayerNormalization",), ("BiasGelu", "FastGelu", "Gelu"))
-
-
-def session_options(threads: int, profile_prefix: str | None = None):
-    """The documented CPU settings (the same dict our own export records)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return so
 
 
 def settings_record(threads: int) -> dict:
@@ -79,8 +64,11 @@ def settings_record(threads: int) -> dict:
 def open_session(path: Path, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
+    from ltp_compress.modeling.onnx_runtime import session_options
+
     try:
-        return ort.InferenceSession(str(path), session_options(threads, profile_prefix), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), session_options(int(threads), profile_prefix=profile_prefix),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:
         raise RuntimeError(f"{path}: onnxruntime cannot load it: {type(e).__name__}: {e}") from None
 
