@@ -60,10 +60,10 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
     that learned to be ~0 or negative; see benchmarks/results/design_observations.md.)
     Relative FLOPs is non-increasing in c up to score ties."""
     base = np.asarray(pruning.thresholds, dtype=np.float64)
-    ramp = np.arange(1, len(base) + 1) / len(base)
+    direction = ramp(len(base))
 
     def at(c: float) -> float:
-        return relative_flops_on(model, batches, PruningConfig(mode="threshold", thresholds=(base + c * ramp).tolist()), convention)
+        return relative_flops_on(model, batches, PruningConfig(mode="threshold", thresholds=(base + c * direction).tolist()), convention)
 
     step = 0.25
     if at(0.0) > target:  # prune more: c > 0
@@ -81,9 +81,85 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
         else:
             hi = mid
     offset = hi
-    return (PruningConfig(mode="threshold", thresholds=(base + offset * ramp).tolist()),
+    return (PruningConfig(mode="threshold", thresholds=(base + offset * direction).tolist()),
             {"offset": offset, "direction": "theta_l + offset*(l+1)/L", "relative_flops": at(offset), "convention": convention,
              "sample_examples": sum(b.input_ids.shape[0] for b in batches)})
+
+
+def ramp(n_layers: int) -> np.ndarray:
+    """The direction every offset moves the thresholds along: (l+1)/L, the paper's initial shape."""
+    return np.arange(1, n_layers + 1) / n_layers
+
+
+def annealed_target(start: float, target: float, step: int, total_steps: int, anneal_until: float) -> float:
+    """The FLOPs schedule of `ltp_soft`'s annealed_target controller: linear from `start` (the
+    relative FLOPs before training) to `target` over the first anneal_until of the steps, then flat."""
+    frac = min(1.0, step / max(1.0, anneal_until * total_steps))
+    return start + (target - start) * frac
+
+
+class ScheduleFollower:
+    """One control step of the annealed_target controller, three probe forwards (a few more
+    only on a flat stretch):
+
+        r0 = FLOPs(θ)                     on the probe inputs, hard thresholds
+        if |r0 - t| <= tol·t: no move
+        c1 = (t - r0) / slope             slope = d FLOPs / d offset from the last step (first: a
+                                          0.05 step towards t, widened 4x while FLOPs does not
+                                          move); FLOPs is non-increasing in c; |c1| <= max_move
+        r1 = FLOPs(θ + c1·ramp)
+        c  = secant root of (0, r0), (c1, r1), kept within [c1/4, 4·c1] and |c| <= max_move
+        r  = FLOPs(θ + c·ramp); of 0, c1, c the offset whose FLOPs is nearest t is applied
+             (on a tie the larger move: a flat stretch is crossed towards t)
+
+    Weights move between probes, so a slope is only a local estimate; a step never leaves the
+    FLOPs further from the schedule than it found them, and the end-of-stage calibration (a full
+    bisection on more inputs) removes what is left."""
+
+    #: the largest offset one step applies (normalised-score units; thresholds are O(0.1-1)): a
+    #: slope measured across a flat stretch or a tie can be far off, and one wild move would
+    #: prune (or restore) most tokens at once in the middle of training
+    max_move = 0.25
+
+    def __init__(self, batches: list, convention: str, tolerance: float, slope: float | None = None):
+        self.batches, self.convention, self.tolerance, self.slope = batches, convention, tolerance, slope
+
+    def __call__(self, model, pruning: PruningConfig, target_now: float) -> tuple[list[float] | None, dict]:
+        base = np.asarray(pruning.thresholds, dtype=np.float64)
+        direction = ramp(len(base))
+
+        def at(c: float) -> float:
+            return relative_flops_on(model, self.batches, PruningConfig(mode="threshold", thresholds=(base + c * direction).tolist()),
+                                     self.convention)
+
+        r0 = at(0.0)
+        info = {"schedule": target_now, "relative_flops": r0, "offset": 0.0}
+        if within_target(r0, target_now, self.tolerance):
+            return None, info
+        towards = 1.0 if r0 > target_now else -1.0  # a larger offset prunes more
+        c1 = (target_now - r0) / self.slope if self.slope else 0.05 * towards
+        c1 = float(np.clip(c1, -self.max_move, self.max_move))
+        r1 = at(c1)
+        while r1 == r0 and abs(c1) < self.max_move:  # a flat stretch (no token crosses a threshold): widen, 4x at a time
+            c1 = float(np.clip(4 * c1, -self.max_move, self.max_move))
+            r1 = at(c1)
+        c = c1
+        if r1 != r0:
+            slope = (r1 - r0) / c1
+            if slope < 0:  # FLOPs falls as the offset rises; a positive slope is noise or ties: keep c1
+                self.slope = slope
+                c = float(np.clip((target_now - r0) / slope, *sorted((c1 / 4, 4 * c1))))
+        c = float(np.clip(c, -self.max_move, self.max_move))
+        # measured candidates: the one closest to the schedule is applied (never further from it than
+        # not moving); on a tie the larger move (a flat stretch is crossed towards the schedule)
+        tried = {0.0: r0, c1: r1}
+        if c not in tried:
+            tried[c] = at(c)
+        c = min(tried, key=lambda o: (abs(tried[o] - target_now), -abs(o)))
+        info.update(offset=c, relative_flops_after=tried[c], probe_offset=c1, probe_relative_flops=r1, slope=self.slope)
+        if c == 0.0:
+            return None, info
+        return (base + c * direction).tolist(), info
 
 
 def refit_to_target(model, ctx: StageContext, pruning: PruningConfig, cfg, batch_size: int) -> tuple[PruningConfig, dict | None]:

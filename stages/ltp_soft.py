@@ -8,10 +8,15 @@ learning rate, and the loss is
 
 (with `kd_teacher`, task_loss is kd_alpha·CE + (1-kd_alpha)·logit KD from the unpruned teacher).
 
-With `target_flops`, λ is steered during training towards that relative FLOPs (measured with
-hard thresholds on a fixed input sample, ~16 times per epoch), and at the end one offset along
-the linear ramp, θ_l + c·(l+1)/L, is bisected so the final relative FLOPs lands on the target
-(in the stage's `flops_convention`). Both use inputs only, never labels: by default the
+With `target_flops` the target is reached during training (`flops_controller`; measured with
+hard thresholds on a fixed input sample, ~16 times per epoch): by default (`annealed_target`) a
+FLOPs schedule falls linearly from the start's FLOPs to the target over the first `anneal_until`
+of the steps, and at every probe one offset along the linear ramp, θ_l + c·(l+1)/L, puts the
+FLOPs on the schedule (`flops_target.ScheduleFollower`; λ stays fixed and, with the task loss,
+decides which layers prune); `lambda` is the first versions' bounded λ steering. At the end one
+offset along the ramp is bisected so the final relative FLOPs lands on the target (in the
+stage's `flops_convention`); what that correction cost on validation is reported, with a warning
+above `max_correction_points`, and so is a target training did not reach. Both use inputs only, never labels: by default the
 validation split's inputs (whole sentences, like dev, where SST-2's training phrases are half as
 long), or a training sample, or — as an explicit choice — the dev inputs as unlabelled deployment
 inputs. The saved model runs with the hard rule score > θ_l.
@@ -32,7 +37,9 @@ from ltp_compress.stages.common import (
     PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
     optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
 )
-from ltp_compress.stages.flops_target import calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report
+from ltp_compress.stages.flops_target import (
+    ScheduleFollower, annealed_target, calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report, within_target,
+)
 
 
 def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
@@ -57,6 +64,10 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
 
+    controller = cfg.flops_controller if cfg.target_flops else None
+    follower = ScheduleFollower(probe, cfg.flops_convention, cfg.target_tolerance / 2) if controller == "annealed_target" else None
+    control = {"flops_start": None, "moves": []}  # annealed_target: the schedule's start and every threshold move
+
     history, step, start_epoch = [], 0, 0
     last = {"loss": float("nan"), "task_loss": float("nan"), "mask_mean": float("nan")}
     optimizers = {"weights": opt, "thresholds": th_opt}
@@ -66,11 +77,28 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         with torch.no_grad():
             thresholds.copy_(ckpt.tensors["thresholds"].to(thresholds.device))
         history, lam, last, step, start_epoch = ckpt.state["history"], ckpt.state["lambda"], ckpt.state["last"], ckpt.step, ckpt.epoch
+        control = ckpt.state.get("control", control)
+        if follower is not None:
+            follower.slope = control.get("slope")
         ctx.log.info("%s: resuming from the checkpoint at step %d of %d (epoch %d)", cfg.id, step, total_steps, start_epoch + 1)
 
     def steer(lam: float) -> float:
         rel = relative_flops_on(model, probe, _pruning(thresholds), cfg.flops_convention)
         return _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
+
+    def follow_schedule() -> None:  # annealed_target: thresholds moved onto the FLOPs schedule (rank 0 decides)
+        target_now = annealed_target(control["flops_start"], cfg.target_flops, step, total_steps, cfg.anneal_until)
+        new, info = dist.decide_on_main(follower, model, _pruning(thresholds), target_now)
+        if new is not None:
+            with torch.no_grad():
+                thresholds.copy_(torch.tensor(new, dtype=thresholds.dtype, device=thresholds.device))
+        control["slope"] = follower.slope
+        control["moves"].append({"step": step, **info})
+
+    if controller == "annealed_target" and control["flops_start"] is None:
+        control["flops_start"] = dist.decide_on_main(relative_flops_on, model, probe, _pruning(thresholds), cfg.flops_convention)
+        ctx.log.info("%s: FLOPs schedule %.3f -> %.3f (%s) over the first %.0f%% of %d steps", cfg.id, control["flops_start"],
+                     cfg.target_flops, cfg.flops_convention, 100 * cfg.anneal_until, total_steps)
 
     rec = dist.recorder()
     for epoch in range(start_epoch, n_epochs):
@@ -88,11 +116,14 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             step += 1
             last = {"loss": loss.item(), "task_loss": loss_task.item(), "mask_mean": mask_mean.item()}
             if control_every and step % control_every == 0:
-                lam = dist.decide_on_main(steer, lam)  # λ decided once (rank 0), broadcast
+                if controller == "annealed_target":
+                    follow_schedule()
+                else:
+                    lam = dist.decide_on_main(steer, lam)  # λ decided once (rank 0), broadcast
                 net.train()
             if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < total_steps:
                 save_checkpoint(ctx.out_dir, cfg, step=step, epoch=epoch, model=model, optimizers=optimizers, scheduler=sched,
-                                tensors={"thresholds": thresholds}, state={"history": history, "lambda": lam, "last": last})
+                                tensors={"thresholds": thresholds}, state={"history": history, "lambda": lam, "last": last, "control": control})
             dist.maybe_fail(cfg.id, step)
         if not dist.grad_sync_disabled():
             dist.check_identical(thresholds, f"{cfg.id}: thresholds after epoch {epoch + 1}")
@@ -101,7 +132,8 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         rel = ev.validation_cost["by_convention"][cfg.flops_convention]["relative_flops"]
         history.append({"epoch": epoch + 1, "step": step, "loss": last["loss"], "task_loss": last["task_loss"],
                         "mask_mean": last["mask_mean"], "lambda": lam, "thresholds": pruning.thresholds,
-                        "validation": ev.metrics[VALIDATION], "validation_relative_flops": rel, "flops_convention": cfg.flops_convention})
+                        "validation": ev.metrics[VALIDATION], "validation_main": ev.selection_score,
+                        "validation_relative_flops": rel, "flops_convention": cfg.flops_convention})
         ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, validation main %.4f, relative FLOPs (%s) %.3f, θ %s",
                      cfg.id, epoch + 1, last["loss"], last["mask_mean"], lam, ev.selection_score, cfg.flops_convention, rel,
                      np.round(pruning.thresholds, 3).tolist())
@@ -111,13 +143,22 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     calibration = None
     if cfg.target_flops:
         sample = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 1024, cfg.eval_batch_size)
-        calibration = {"before": {"thresholds": pruning.thresholds}}
+        # what training reached: the last epoch's validation evaluation, before the correction
+        before = {"thresholds": pruning.thresholds, "validation_relative_flops": history[-1]["validation_relative_flops"],
+                  "validation_main": history[-1]["validation_main"]}
+        calibration = {"controller": controller, "before": before,
+                       "reached_target_before_correction": within_target(before["validation_relative_flops"], cfg.target_flops,
+                                                                         cfg.target_tolerance)}
+        if controller == "annealed_target":
+            calibration["schedule"] = control
         # decided once (rank 0), broadcast
         pruning, found = dist.decide_on_main(calibrate_threshold_offset, final, sample, pruning, cfg.target_flops, cfg.flops_convention)
         calibration.update(found, inputs=cfg.flops_calibration_inputs)
         ctx.log.info("%s: thresholds offset by %.4f·(l+1)/L to reach relative FLOPs (%s) %.3f on %s inputs", cfg.id,
                      calibration["offset"], cfg.flops_convention, calibration["relative_flops"], cfg.flops_calibration_inputs)
     ev = evaluate(final, ctx, pruning, cfg.eval_batch_size)
+    if calibration is not None:
+        _report_correction(cfg, ctx, calibration, ev.selection_score)
     if dist.is_main():
         save_stage_model(final, tokenizer, pruning, ctx.model_out)
     result = ev.result({"history": history, "train_steps": step, "final_lambda": lam, "pruning": pruning.to_dict(),
@@ -125,6 +166,26 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     if cfg.target_flops:
         result.extra["flops_target"] = target_report(cfg, result)
     return result
+
+
+def _report_correction(cfg: LTPSoftStage, ctx: StageContext, calibration: dict, validation_main_after: float) -> None:
+    """What the end-of-stage offset cost on validation, and the warnings a user must see: a
+    target training did not reach, a correction above `max_correction_points`."""
+    before = calibration["before"]
+    cost = 100 * (before["validation_main"] - validation_main_after)
+    calibration.update(validation_main_after=validation_main_after, correction_cost_points=cost, warnings=[])
+    if not calibration["reached_target_before_correction"]:
+        calibration["warnings"].append(
+            f"training did not reach the FLOPs target: relative FLOPs {before['validation_relative_flops']:.3f} on validation at the "
+            f"end of training vs target {cfg.target_flops:.3f} ± {100 * cfg.target_tolerance:.0f}% ({calibration['controller']} "
+            f"controller); the end-of-stage offset moved the thresholds the rest of the way")
+    if cost > cfg.max_correction_points:
+        calibration["warnings"].append(
+            f"the end-of-stage FLOPs correction cost {cost:.2f} validation points (> max_correction_points "
+            f"{cfg.max_correction_points:g}): validation main {before['validation_main']:.4f} -> {validation_main_after:.4f}; "
+            f"a longer soft phase (epochs) or an earlier anneal (anneal_until) leaves training closer to the target")
+    for w in calibration["warnings"]:
+        ctx.log.warning("%s: WARNING: %s", cfg.id, w)
 
 
 def _pruning(thresholds: torch.Tensor) -> PruningConfig:

@@ -461,6 +461,70 @@ def test_threshold_offset_calibration_lands_target_along_linear_ramp(deep):
         assert target - 0.08 <= rel <= target + 1e-9
 
 
+def test_annealed_schedule_and_follower_track_a_moving_target(deep):
+    """The annealed_target controller: the schedule falls linearly to the target and is flat after;
+    a few follower steps bring the hard-threshold FLOPs to each schedule point (weights fixed here),
+    every move is one offset along the ramp, and a point already within tolerance moves nothing."""
+    from ltp_compress.stages.flops_target import ScheduleFollower, annealed_target, ramp, relative_flops_on
+    from ltp_compress.tasks.data import Batch
+
+    assert [annealed_target(0.9, 0.4, s, 100, 0.5) for s in (0, 25, 50, 99)] == pytest.approx([0.9, 0.65, 0.4, 0.4])
+    model, (ids, mask, tt) = deep
+    batch = Batch(ids, mask, tt, torch.zeros(len(ids), dtype=torch.long), torch.arange(len(ids)))
+    follower = ScheduleFollower([batch], "executed", tolerance=0.05)
+    pruning = PruningConfig(mode="threshold", thresholds=[0.0, 0.05, 0.1, 0.15])
+    start = relative_flops_on(model, [batch], pruning)
+    for target_now in (start - 0.1, start - 0.2):
+        for _ in range(8):
+            new, info = follower(model, pruning, target_now)
+            if new is None:
+                break
+            moved = [a - b for a, b in zip(new, pruning.thresholds)]
+            assert moved == pytest.approx((info["offset"] * ramp(4)).tolist())
+            pruning = PruningConfig(mode="threshold", thresholds=new)
+        assert new is None and abs(info["relative_flops"] - target_now) <= 0.05 * target_now, info
+    assert follower.slope is not None and follower.slope < 0
+
+
+def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tmp_path, tiny_bert):
+    """With the old λ controller and no pressure (λ 0, thresholds all but frozen) training cannot
+    reach the target: the stage says so on the console and in report.md, and the correction's
+    validation cost is reported; the default controller reaches it during training."""
+    import json
+
+    from ltp_compress.pipeline.runner import run_recipe
+
+    from conftest import DEMO_DATA, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", f"""\
+name: tf
+model: {tiny_bert}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 128, max_dev_examples: 64, max_seq_length: 64}}
+seed: 3
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+  - {{id: stuck, stage: ltp_soft, init_from: ft, epochs: 1, batch_size: 16, target_flops: 0.45, flops_controller: lambda,
+     lambda: 0.0, threshold_lr: 1.0e-7}}
+  - {{id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5}}
+""")
+    run_dir = run_recipe(recipe, progress=False)
+    stuck = json.loads((run_dir / "stages" / "01-stuck" / "meta.json").read_text())["extra"]["calibration"]
+    assert stuck["controller"] == "lambda" and stuck["reached_target_before_correction"] is False
+    assert stuck["before"]["validation_relative_flops"] > 0.45 * 1.05
+    assert any("did not reach the FLOPs target" in w for w in stuck["warnings"])
+    assert stuck["correction_cost_points"] == pytest.approx(100 * (stuck["before"]["validation_main"] - stuck["validation_main_after"]))
+    annealed = json.loads((run_dir / "stages" / "02-annealed" / "meta.json").read_text())["extra"]["calibration"]
+    assert annealed["controller"] == "annealed_target" and annealed["reached_target_before_correction"] is True, annealed["before"]
+    moves = annealed["schedule"]["moves"]
+    assert moves and moves[-1]["schedule"] == pytest.approx(0.45) and moves[0]["schedule"] > moves[-1]["schedule"]
+    report = (run_dir / "report.md").read_text()
+    assert "## End-of-stage FLOPs corrections" in report and "**WARNING** `stuck`: training did not reach" in report
+    assert "**WARNING** `annealed`: training did not reach" not in report
+
+
 def test_soft_stage_reports_and_lands_target_flops(tmp_path, tiny_bert):
     """`target_flops`: λ is steered during training (reported per epoch) and the final calibration
     puts validation relative FLOPs (the inputs it is fitted on) within ±target_tolerance of the target."""
