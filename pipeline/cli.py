@@ -9,7 +9,7 @@ from pathlib import Path
 from ltp_compress.console import install_known_message_filters
 from ltp_compress.errors import UserError
 
-COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep")
+COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep", "serve")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--streams", type=int, default=1,
                     help="onnxruntime: batches run at once, threads // streams each (throughput; 1 = latency)")
     pr.add_argument("--backend", default="auto", help="INT8 GEMM backend of the torch runtime")
+    pr.add_argument("--task", default=None, help="the model's GLUE task (single sentences or pairs), when the checkpoint's run does not say")
     from ltp_compress.pipeline.export_cli import add_export_parser
 
     add_export_parser(sub)
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     from ltp_compress.pipeline.bench_args import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="end-to-end speed and accuracy vs peers on a dev set"))
+    from ltp_compress.pipeline.serve_args import add_serve_parser
+
+    add_serve_parser(sub)
     sw = sub.add_parser("sweep", help="run a recipe over a grid of values and plot accuracy vs relative FLOPs")
     sw.add_argument("recipe", type=Path)
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -115,6 +119,10 @@ def _dispatch(args) -> int:
         from ltp_compress.pipeline.predict import predict_cli
 
         return predict_cli(args)
+    if args.command == "serve":
+        from ltp_compress.pipeline.serve import serve_cli
+
+        return serve_cli(args)
     if args.command == "bench":
         from ltp_compress.pipeline.bench import bench_cli
 
