@@ -19,6 +19,9 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
         ``"onnxruntime"``: an ONNX export (model.onnx, written by ``ltp-compress export``; see
         ltp_compress.modeling.onnx_export), run by ONNX Runtime's CPU provider.
         ``"auto"`` (default): onnxruntime if the folder holds model.onnx, else torch.
+        ``"fused"``: a deployable checkpoint run by the fused C++ extension (one call per batch;
+        ltp_compress.modeling.fused_runtime; needs `ltp_compress.kernels.fused_encoder.build()`,
+        which scripts/setup_env.sh runs). Never chosen by "auto"; `backend` is ignored.
     threads: threads in all (onnxruntime: the session's intra-op threads; torch:
         ``torch.set_num_threads``, which is process-wide). None leaves the runtime's default.
     streams: onnxruntime only: how many batches ``predict`` / ``logits_many`` run at once, each
@@ -29,6 +32,10 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
     The returned object reports what ran: ``.runtime`` ("torch" / "onnxruntime") and ``.backend``.
     Every folder's manifest is verified before anything in it is parsed.
     """
+    if runtime == "fused":
+        from ltp_compress.modeling.fused_runtime import load_fused
+
+        return load_fused(path, threads=threads)
     from ltp_compress.modeling.onnx_runtime import load_model
 
     return load_model(path, runtime=runtime, threads=threads, backend=backend, streams=streams)

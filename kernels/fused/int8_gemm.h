@@ -1,0 +1,314 @@
+// Small-M u8 x s8 -> s32 GEMMs with a fused float epilogue, for the fused pruned encoder.
+//
+//   x_q[m, k] = clamp(round_half_even(x[m, k] / x_scale), act_qmin, 127)      (int8, per-tensor)
+//   acc[m, n] = sum_k x_q[m, k] * w_q[n, k]                                   (exact int32)
+//   y[m, n]   = acc[m, n] * (x_scale * w_scale[n]) + bias[n]   [then erf-GELU]   (float32)
+//
+// Two kernels, chosen explicitly per weight (never by probing in the hot path):
+//   * "avx512_vnni": hand-written vpdpbusd micro-kernel. The activation is fed as u8 = x_q + 128
+//     (vpdpbusd multiplies unsigned by signed bytes) and the 128 * sum_k w[n, k] the offset adds is
+//     subtracted afterwards (`comp`), in int32: exact. Weights are pre-packed once into panels of
+//     up to 64 output channels: [panel][k/4][block of 16 channels][16 x 4 bytes], so one k-step of
+//     a panel is one contiguous 256-byte stream. Register tile: up to 6 rows x 64 columns (24 zmm
+//     accumulators). No AMX path: AMX tiles are not used even where the CPU has them.
+//   * "reference": plain C++ int32 loops over the unpacked w_q (the test oracle next to it).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LTP_HAVE_VNNI 1
+#include <immintrin.h>
+#else
+#define LTP_HAVE_VNNI 0
+#endif
+
+namespace ltp {
+
+constexpr int kPanelBlocks = 4;   // 16-channel blocks per panel (64 channels)
+constexpr int kMaxRows = 6;       // rows per register tile
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ----------------------------------------------------------------------------- scalar math
+
+// erf-GELU of one float, the plain reference the vector version is tested against (in float64).
+inline float gelu_erf_scalar(float x) { return static_cast<float>(0.5 * x * (1.0 + std::erf(x * 0.70710678118654752440))); }
+
+inline float quantize_one(float x, float scale, int qmin) {
+  float v = x / scale;  // IEEE float32 division, as torch.div and ONNX QuantizeLinear
+  v = v < qmin ? static_cast<float>(qmin) : (v > 127.f ? 127.f : v);
+  return std::nearbyint(v);  // round half to even (default rounding mode)
+}
+
+#if LTP_HAVE_VNNI
+// exp(x) for float32 lanes: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial on
+// |r| <= ln2/2, scaled by 2^n (scalef). Relative error ~2 ulp over [-87, 88].
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf-GELU: 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7).
+inline __m512 gelu_erf512(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
+  const __m512 a = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+  __m512 erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));  // 1 - p e
+  __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs),
+      _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(0x80000000))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+#endif
+
+// gelu over n floats in place (vector version where compiled; used by the reference kernel too,
+// so both kernels share one GELU and differ only in the integer GEMM).
+inline void gelu_inplace(float* y, int64_t n) {
+  int64_t i = 0;
+#if LTP_HAVE_VNNI
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, gelu_erf512(_mm512_loadu_ps(y + i)));
+  if (i < n) {
+    __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, gelu_erf512(_mm512_maskz_loadu_ps(m, y + i)));
+  }
+#else
+  for (; i < n; ++i) y[i] = gelu_erf_scalar(y[i]);
+#endif
+}
+
+// ----------------------------------------------------------------------------- weight
+
+enum class Kernel { Vnni, Reference };
+
+inline bool vnni_compiled() { return LTP_HAVE_VNNI != 0; }
+
+struct Int8Weight {
+  Kernel kernel;
+  int64_t N, K, Kp;  // Kp: K rounded up to 4 (zero weights in the padding)
+  float x_scale;
+  int act_qmin;
+  bool gelu;
+  std::vector<int8_t> w_q;        // [N, K] as given
+  std::vector<int32_t> w_q32;     // [N, K] widened (reference kernel only)
+  std::vector<int8_t> packed;     // VNNI panels
+  std::vector<int32_t> comp;      // [N] 128 * sum_k w_q[n, k]
+  std::vector<float> out_scale;   // [N] x_scale * w_scale[n] (float32 product)
+  std::vector<float> bias;        // [N] (zeros when the Linear has none)
+
+  Int8Weight(const at::Tensor& w_q_, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias_, double x_scale_,
+             int64_t act_qmin_, bool gelu_, const std::string& kernel_name) {
+    TORCH_CHECK(w_q_.dim() == 2 && w_q_.scalar_type() == at::kChar, "w_q must be int8 [N, K]");
+    if (kernel_name == "avx512_vnni") {
+      TORCH_CHECK(vnni_compiled(), "kernel 'avx512_vnni' was not compiled in (the build machine's CPU lacks AVX-512 VNNI)");
+      kernel = Kernel::Vnni;
+    } else if (kernel_name == "reference") {
+      kernel = Kernel::Reference;
+    } else {
+      TORCH_CHECK(false, "unknown int8 gemm kernel '", kernel_name, "' (avx512_vnni | reference)");
+    }
+    auto wq = w_q_.contiguous();
+    N = wq.size(0);
+    K = wq.size(1);
+    Kp = round_up(K, 4);
+    x_scale = static_cast<float>(x_scale_);
+    act_qmin = static_cast<int>(act_qmin_);
+    TORCH_CHECK(act_qmin == -127 || act_qmin == -128, "act_qmin must be -127 or -128");
+    gelu = gelu_;
+    w_q.assign(wq.data_ptr<int8_t>(), wq.data_ptr<int8_t>() + N * K);
+    auto ws = w_scale.to(at::kFloat).contiguous();
+    TORCH_CHECK(ws.numel() == N, "w_scale must have N elements");
+    out_scale.resize(N);
+    for (int64_t n = 0; n < N; ++n) out_scale[n] = x_scale * ws.data_ptr<float>()[n];
+    bias.assign(N, 0.f);
+    if (bias_.has_value() && bias_->defined()) {
+      auto b = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(b.numel() == N, "bias must have N elements");
+      std::memcpy(bias.data(), b.data_ptr<float>(), N * sizeof(float));
+    }
+    comp.assign(N, 0);
+    for (int64_t n = 0; n < N; ++n) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += w_q[n * K + k];
+      comp[n] = 128 * s;
+    }
+    if (kernel == Kernel::Vnni) pack();
+    else w_q32.assign(w_q.begin(), w_q.end());
+  }
+
+  int64_t num_blocks() const { return (N + 15) / 16; }
+  int64_t num_panels() const { return (num_blocks() + kPanelBlocks - 1) / kPanelBlocks; }
+  int64_t panel_offset(int64_t p) const { return p * kPanelBlocks * 16 * Kp; }
+  int blocks_in_panel(int64_t p) const { return static_cast<int>(std::min<int64_t>(kPanelBlocks, num_blocks() - p * kPanelBlocks)); }
+
+  void pack() {
+    const int64_t K4 = Kp / 4;
+    packed.assign(num_blocks() * 16 * Kp, 0);
+    for (int64_t p = 0; p < num_panels(); ++p) {
+      const int nb = blocks_in_panel(p);
+      int8_t* dst = packed.data() + panel_offset(p);
+      for (int64_t k4 = 0; k4 < K4; ++k4)
+        for (int b = 0; b < nb; ++b)
+          for (int c = 0; c < 16; ++c)
+            for (int t = 0; t < 4; ++t) {
+              const int64_t n = (p * kPanelBlocks + b) * 16 + c, k = k4 * 4 + t;
+              dst[((k4 * nb + b) * 16 + c) * 4 + t] = (n < N && k < K) ? w_q[n * K + k] : 0;
+            }
+    }
+  }
+};
+
+// ----------------------------------------------------------------------------- quantise
+
+// x [M, K] float (row stride ldx) -> u8 [M, Kp] = x_q + 128 (padding columns 128, i.e. x_q = 0).
+inline void quantize_u8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float scale, int qmin, uint8_t* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    uint8_t* o = out + m * Kp;
+    int64_t k = 0;
+#if LTP_HAVE_VNNI
+    const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(static_cast<float>(qmin)), hi = _mm512_set1_ps(127.f);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (; k + 16 <= K; k += 16) {
+      __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(xr + k), s), lo), hi);
+      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), off);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), _mm512_cvtepi32_epi8(q));
+    }
+#endif
+    for (; k < K; ++k) o[k] = static_cast<uint8_t>(static_cast<int>(quantize_one(xr[k], scale, qmin)) + 128);
+    for (; k < Kp; ++k) o[k] = 128;
+  }
+}
+
+// ----------------------------------------------------------------------------- kernels
+
+#if LTP_HAVE_VNNI
+// One register tile: rows [0, MR) of A (u8, stride lda) x one panel of NB 16-channel blocks.
+template <int MR, int NB>
+static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, const Int8Weight& w, int64_t n0, float* Y,
+                      int64_t ldy) {
+  __m512i acc[MR][NB];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(W + (k4 * NB + b) * 64);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      int32_t a32;
+      std::memcpy(&a32, A + r * lda + k4 * 4, 4);
+      const __m512i av = _mm512_set1_epi32(a32);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < NB; ++b) {
+    const int64_t n = n0 + b * 16;
+    const int64_t left = w.N - n;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i comp = _mm512_maskz_loadu_epi32(mask, w.comp.data() + n);
+    const __m512 scale = _mm512_maskz_loadu_ps(mask, w.out_scale.data() + n);
+    const __m512 bias = _mm512_maskz_loadu_ps(mask, w.bias.data() + n);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], comp));
+      y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
+      if (w.gelu) y = gelu_erf512(y);
+      _mm512_mask_storeu_ps(Y + r * ldy + n, mask, y);
+    }
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const Int8Weight&, int64_t, float*, int64_t);
+
+template <int MR>
+static TileFn tile_for_blocks(int nb) {
+  switch (nb) {
+    case 1: return vnni_tile<MR, 1>;
+    case 2: return vnni_tile<MR, 2>;
+    case 3: return vnni_tile<MR, 3>;
+    default: return vnni_tile<MR, 4>;
+  }
+}
+
+static TileFn tile_for(int mr, int nb) {
+  switch (mr) {
+    case 1: return tile_for_blocks<1>(nb);
+    case 2: return tile_for_blocks<2>(nb);
+    case 3: return tile_for_blocks<3>(nb);
+    case 4: return tile_for_blocks<4>(nb);
+    case 5: return tile_for_blocks<5>(nb);
+    default: return tile_for_blocks<6>(nb);
+  }
+}
+#endif
+
+// y [M, N] (row stride ldy) = epilogue(x_u8 [M, Kp] GEMM w). Parallel over 64-channel panels with
+// at::parallel_for (torch's thread pool) when the GEMM is large enough to pay for it.
+inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, float* Y, int64_t ldy) {
+  if (M == 0) return;
+  if (w.kernel == Kernel::Reference) {
+    // int32 operands on both sides: GCC 12 -O3 -march=native mis-vectorises the mixed
+    // (u8 - 128) x s8 dot-product pattern (seen: wrong sums for negative x_q), int32 x int32 is safe.
+    std::vector<int32_t> a(w.K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < w.K; ++k) a[k] = static_cast<int32_t>(A[m * w.Kp + k]) - 128;
+      for (int64_t n = 0; n < w.N; ++n) {
+        int32_t acc = 0;
+        const int32_t* wr = w.w_q32.data() + n * w.K;
+        for (int64_t k = 0; k < w.K; ++k) acc += a[k] * wr[k];
+        Y[m * ldy + n] = static_cast<float>(acc) * w.out_scale[n] + w.bias[n];
+      }
+      if (w.gelu) gelu_inplace(Y + m * ldy, w.N);
+    }
+    return;
+  }
+#if LTP_HAVE_VNNI
+  const int64_t K4 = w.Kp / 4;
+  const int64_t panels = w.num_panels();
+  const int64_t work_per_panel = M * w.Kp * 64;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 21) / std::max<int64_t>(1, work_per_panel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int nb = w.blocks_in_panel(p);
+      const int8_t* W = w.packed.data() + w.panel_offset(p);
+      const int64_t n0 = p * kPanelBlocks * 16;
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
+        tile_for(mr, nb)(A + m0 * w.Kp, w.Kp, W, K4, w, n0, Y + m0 * ldy, ldy);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "avx512_vnni kernel not compiled in");
+#endif
+}
+
+}  // namespace ltp

@@ -1,0 +1,242 @@
+"""Fused C++ runtime (kernels/fused/, kernels/fused_encoder.py, modeling/fused_runtime.py) against
+the reference torch runtime (modeling/deploy.py, `forward_packed`).
+
+Kernel level: the avx512_vnni GEMM and the C++ reference GEMM give the same int32 accumulators as
+the plain-torch `int8_linear_reference` (outputs within float32 epilogue rounding); the extension's
+activation quantiser is bit-equal to kernels/linear_int8.py's; its vector erf-GELU is within 1e-6
+of float64 erf-GELU (Abramowitz & Stegun 7.1.26, |erf error| <= 1.5e-7).
+
+Model level, tiny BERT / RoBERTa deployable checkpoints (conftest), bs 1 and a bs-7 batch of mixed
+lengths: kept tokens per example and layer equal the reference's; logits within rtol 1e-3,
+atol 1e-5 (logits here are ~1e-2). Why not bit-equal: the integer GEMMs are exact in both
+runtimes, but LayerNorm, softmax, GELU and reductions are float code that rounds differently in
+the last bits, and such a difference can move an activation across a rounding boundary of the
+next quantiser (one int8 step, ~x_scale * |w| downstream); the same tolerance as the ONNX export's
+tests. Thresholds are chosen in the middle of a wide gap of the reference's layer-0 scores, away
+from ties (a score differs by ~1e-7 between the runtimes).
+
+Every test skips, with the reason, when the extension cannot be built here (no compiler, no
+ninja), and the avx512_vnni tests when the CPU lacks AVX-512 VNNI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ltp_compress
+from ltp_compress.kernels import fused_encoder
+from ltp_compress.modeling.deploy import load_deployable, save_deployable
+from ltp_compress.modeling.pruned_encoder import PruningConfig
+
+from conftest import build_tiny_model
+from test_onnx_export import _calibration_batches, _dev_texts
+from test_onnx_export import _mixed_batch as _mixed_texts
+
+RTOL, ATOL = 1e-3, 1e-5
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = fused_encoder.available()
+    if reason is not None:
+        pytest.skip(f"fused encoder extension unavailable: {reason}")
+    return fused_encoder.build()
+
+
+@pytest.fixture(scope="module")
+def vnni(ext):
+    reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
+    if reason is not None:
+        pytest.skip(f"avx512_vnni kernel unavailable: {reason}")
+    return "avx512_vnni"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64)])
+@pytest.mark.parametrize("act_qmin", [-128, -127])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gemm_kernels_match_torch_reference(ext, vnni, shape, act_qmin, gelu):
+    from ltp_compress.kernels import int8_linear_reference, quantize_per_channel_symmetric, quantize_per_tensor_symmetric
+
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    w_q, w_scale = quantize_per_channel_symmetric(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g) * 3
+    x_scale = 0.02  # |x| / x_scale reaches past 127 and -128: both clamps are exercised
+    expected = int8_linear_reference(quantize_per_tensor_symmetric(x, x_scale, act_qmin), x_scale, w_q, w_scale, bias, gelu)
+    got = {kern: ext.Int8Weight(w_q, w_scale, bias, x_scale, act_qmin, gelu, kern).linear(x) for kern in ("avx512_vnni", "reference")}
+    for kern, y in got.items():
+        # exact int32 accumulators; the float32 epilogue (one product scale, then bias) vs float64 in the reference
+        torch.testing.assert_close(y, expected, rtol=2e-6, atol=2e-6 * float(expected.abs().max()), msg=kern)
+    torch.testing.assert_close(got["avx512_vnni"], got["reference"], rtol=1e-6, atol=1e-6)
+
+
+def test_int8_weight_without_bias_and_unknown_kernel(ext, vnni):
+    w_q = torch.randint(-127, 128, (20, 8), dtype=torch.int8)
+    w = ext.Int8Weight(w_q, torch.ones(20), None, 1.0, -128, False, "avx512_vnni")
+    x = torch.randint(-5, 6, (3, 8)).float()
+    assert torch.equal(w.linear(x), (x @ w_q.float().T))  # small integers: exact in float32
+    with pytest.raises(RuntimeError, match="unknown int8 gemm kernel"):
+        ext.Int8Weight(w_q, torch.ones(20), None, 1.0, -128, False, "amx")
+
+
+@pytest.mark.parametrize("act_qmin", [-128, -127])
+def test_quantizer_bit_equal_to_kernels_quantizer(ext, act_qmin):
+    from ltp_compress.kernels import quantize_u8_zp128
+
+    scale = 0.05
+    ties = (torch.arange(-140, 140).float() + 0.5) * scale  # exact .5 multiples: round half to even
+    x = torch.cat([ties, torch.randn(1000) * 5, torch.tensor([0.0, -0.0, 1e-9, -1e9, 1e9])]).reshape(5, 257)  # 257: vector body + scalar tail
+    assert torch.equal(ext.quantize_u8(x, scale, act_qmin), quantize_u8_zp128(x, scale, act_qmin))
+
+
+def test_vector_gelu_close_to_erf_gelu(ext):
+    x = torch.linspace(-12, 12, 200_001)
+    err = (ext.gelu(x).double() - F.gelu(x.double())).abs()
+    assert float(err.max()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _quantise(src, int8_attention: bool = False):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ltp_compress.modeling.quantized import attach_int8_attention, calibrate, calibrate_attention, convert_to_int8
+
+    model = AutoModelForSequenceClassification.from_pretrained(src, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    batches = _calibration_batches(tok)
+    qmodel, info = convert_to_int8(model, calibrate(model, batches, PruningConfig()), "reference")
+    if int8_attention:
+        att = calibrate_attention(model, batches, PruningConfig())
+        attach_int8_attention(qmodel, att)
+        info.attention_matmuls, info.attention_scales = "int8", att
+    return qmodel, tok, info
+
+
+@torch.no_grad()
+def _layer0_scores(qmodel, tok, texts) -> list[torch.Tensor]:
+    """The reference runtime's layer-0 token scores of each text (bs 1; they do not depend on the threshold)."""
+    from ltp_compress.modeling.pruned_encoder import _attention_scores, _qkv, _split_heads, embed, encoder_layers, num_heads
+
+    layer, heads, out = encoder_layers(qmodel)[0], num_heads(qmodel), []
+    for t in texts:
+        enc = tok([t], return_tensors="pt", return_token_type_ids=True)
+        x = embed(qmodel, enc["input_ids"], enc["token_type_ids"])
+        q, k, _ = (_split_heads(v, heads) for v in _qkv(layer, x))
+        probs = _attention_scores(layer, q, k).softmax(-1)
+        out.append(probs.sum(dim=(1, 2))[0] / heads)
+    return out
+
+
+def _threshold_away_from_ties(scores: list[torch.Tensor]) -> tuple[float, float]:
+    """Midpoint of the widest gap in the middle half of the sorted scores (position 0 excluded) and the margin."""
+    real = torch.sort(torch.cat([s[1:] for s in scores])).values
+    lo, hi = len(real) // 4, 3 * len(real) // 4
+    gaps = real[lo + 1:hi + 1] - real[lo:hi]
+    i = int(torch.argmax(gaps))
+    return float((real[lo + i] + real[lo + i + 1]) / 2), float(gaps[i] / 2)
+
+
+def _compare(ckpt, texts, batch_size: int, kernel: str) -> torch.Tensor:
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    ref, fused = load_deployable(ckpt), load_fused(ckpt, kernel=kernel)
+    kept = []
+    for s in range(0, len(texts), batch_size):
+        enc = ref.encode(texts[s:s + batch_size])
+        expected = ref.logits(enc)
+        got = fused.logits(enc)
+        assert torch.equal(fused.last_kept_tokens, ref.last_kept_tokens)
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+        kept.append(fused.last_kept_tokens)
+    return torch.cat(kept)
+
+
+@pytest.fixture(scope="module")
+def threshold_checkpoints(tiny_bert, tiny_roberta, tmp_path_factory) -> dict:
+    """Per architecture and attention precision: a 2-layer checkpoint whose layer-0 threshold sits in
+    a wide gap of the reference's scores of the mixed texts."""
+    out = {}
+    for kind, src in (("bert", tiny_bert), ("roberta", tiny_roberta)):
+        for attention in ("fp32", "int8"):
+            qmodel, tok, info = _quantise(src, int8_attention=attention == "int8")
+            th, margin = _threshold_away_from_ties(_layer0_scores(qmodel, tok, _mixed_texts()))
+            dst = tmp_path_factory.mktemp(f"fused_{kind}_{attention}") / "ckpt"
+            out[(kind, attention)] = (save_deployable(qmodel, tok, PruningConfig(mode="threshold", thresholds=[th, 1.0]), info, dst), margin)
+    return out
+
+
+@pytest.mark.parametrize("attention", ["fp32", "int8"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_threshold_pruning_matches_reference_bs1_and_bs7(threshold_checkpoints, vnni, kind, attention):
+    ckpt, margin = threshold_checkpoints[(kind, attention)]
+    assert margin > 1e-5
+    texts = _mixed_texts()
+    kept7 = _compare(ckpt, texts, 7, vnni)
+    kept1 = _compare(ckpt, texts, 1, vnni)
+    assert torch.equal(kept7, kept1)
+    assert (kept7[:, 1] < kept7[:, 0]).sum() >= 3 and (kept7[:, 1] > 1).all()  # really pruned, not everything
+
+
+def test_reference_gemm_kernel_gives_the_same_model(threshold_checkpoints, ext):
+    """The whole forward with the plain C++ GEMM (exact int32 like the VNNI kernel) matches too."""
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    _compare(ckpt, _mixed_texts(), 7, "reference")
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_topk_three_layers_matches_reference(vnni, tmp_path, kind):
+    """Top-k pruning over three layers (two of them prune), bs 7 mixed and bs 1, plus dev texts at bs 4."""
+    src = build_tiny_model(tmp_path / "src", kind, num_layers=3, seed=1)
+    qmodel, tok, info = _quantise(src)
+    ckpt = save_deployable(qmodel, tok, PruningConfig(mode="topk", keep_ratios=[0.7, 0.4, 0.4]), info, tmp_path / "ckpt")
+    texts = _mixed_texts()
+    kept7 = _compare(ckpt, texts, 7, vnni)
+    assert torch.equal(kept7, _compare(ckpt, texts, 1, vnni))
+    assert (kept7[:, 2] < kept7[:, 1]).all() and (kept7[:, 1] < kept7[:, 0]).all()
+    _compare(ckpt, _dev_texts(12), 4, vnni)
+
+
+def test_no_pruning_and_public_load(threshold_checkpoints, vnni):
+    from ltp_compress.modeling.fused_runtime import FusedDeployedModel
+
+    ckpt, _ = threshold_checkpoints[("roberta", "fp32")]
+    dm = ltp_compress.load(ckpt, runtime="fused", threads=1)
+    assert dm.runtime == "fused" and dm.backend == "fused:avx512_vnni"
+    assert "vpdpbusd" in dm.kernel_path() and "no AMX" in dm.kernel_path()
+    texts = _dev_texts(5)
+    ref = load_deployable(ckpt)
+    for a, b in zip(dm.predict(texts), ref.predict(texts)):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    # pruning "none": every token enters every layer
+    ref.pruning = PruningConfig()
+    dense = FusedDeployedModel(ref)
+    enc = ref.encode(texts)
+    torch.testing.assert_close(dense.logits(enc), ref.logits(enc), rtol=RTOL, atol=ATOL)
+    assert torch.equal(dense.last_kept_tokens, ref.last_kept_tokens)
+    assert torch.equal(dense.last_kept_tokens[:, 1], enc["attention_mask"].sum(1))
+
+
+def test_unavailable_kernel_is_an_error_not_a_fallback(threshold_checkpoints, ext):
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    with pytest.raises(RuntimeError, match="not available"):
+        load_fused(ckpt, kernel="amx")
+
+
+def test_left_padding_refused(threshold_checkpoints, vnni):
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    dm = load_fused(threshold_checkpoints[("bert", "fp32")][0])
+    enc = dm.encode(["a good movie", "a really very good long movie indeed"])
+    enc["attention_mask"] = enc["attention_mask"].flip(1)
+    with pytest.raises(RuntimeError, match="right-padded"):
+        dm.logits(enc)
