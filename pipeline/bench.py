@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 from ltp_compress.pipeline.bench_analysis import (  # noqa: F401 (re-exported)
-    ACCURACY_GAP_POINTS, PRUNING_PAIRS, add_accuracy_gaps, add_pruning_speedup, add_ratios, merge_rounds, throughput)
+    ACCURACY_GAP_POINTS, PRUNING_PAIRS, add_accuracy_gaps, add_best_dense_peer, add_pruning_speedup, add_ratios, merge_rounds,
+    throughput)
 from ltp_compress.pipeline.bench_args import BASELINE, FP32_PEERS, INT8_PEERS, OURS, SYSTEMS  # noqa: F401 (re-exported)
 from ltp_compress.pipeline.bench_inputs import TOKENIZATION, BenchInputs, load_inputs  # noqa: F401 (re-exported)
 from ltp_compress.pipeline.bench_measure import DESCRIPTIONS, NEEDS, measure_system, run_system  # noqa: F401 (re-exported)
@@ -116,6 +117,7 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
     best_peer = add_ratios(results, batch_sizes)
     pruning_speedup = add_pruning_speedup(results, batch_sizes)
     add_accuracy_gaps(results)
+    best_dense = add_best_dense_peer(results, batch_sizes)
     env = environment_block(threads, load0)
     out = {
         "format": "ltp-compress-e2e-bench", "version": 2,
@@ -128,7 +130,7 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
         "work_dir": None if tmp_work is not None else str(work_dir),
         "environment": env,
         "loadavg_before": env["loadavg_start"], "loadavg_after": env["loadavg_end"],
-        "systems": systems, "best_int8_peer": best_peer, "pruning_speedup": pruning_speedup, "results": results,
+        "systems": systems, "best_int8_peer": best_peer, "best_dense_peer": best_dense, "pruning_speedup": pruning_speedup, "results": results,
         "method": ("same tokenised dev examples and the same length-bucketed, dynamically padded batches for every system "
                    "(tokenisation outside the timed region); throughput = examples / median of `repeats` timed passes after "
                    "one warmup pass (warmup includes compilation), median over `rounds` interleaved rounds; bs-1 latency "

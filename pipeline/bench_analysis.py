@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 
-from ltp_compress.pipeline.bench_args import BASELINE, INT8_PEERS
+from ltp_compress.pipeline.bench_args import BASELINE, DEFAULT_PRECISION_PEERS, FP32_PEERS, INT8_PEERS
 from ltp_compress.pipeline.peers import REGISTRY
 
 ACCURACY_GAP_POINTS = 1.0  # an INT8 system more than this many points from its FP32 reference is flagged
@@ -73,6 +73,31 @@ def add_ratios(results: dict[str, dict], batch_sizes) -> dict:
                                "best_int8_peer": bp["system"] if bp else None}
         r["ratios"] = ratios
     return best_peer
+
+
+def add_best_dense_peer(results: dict[str, dict], batch_sizes) -> dict:
+    """Per batch size, the best dense peer of any precision (the HF baseline, the FP32 peers, the
+    default-precision peers such as bf16, the INT8 peers) whose accuracy is within
+    ACCURACY_GAP_POINTS of its FP32 reference (a system without one is its own reference), and each
+    successful system's throughput ratio to it (`ratios[bs]["vs_best_dense_peer"]`). Needs
+    `add_accuracy_gaps` first. Returns {bs: {system, examples_per_s, main_points} | None}."""
+    def eligible(name):
+        gap = results[name].get("accuracy_vs_fp32")
+        return REGISTRY[name].fp32_reference is None or (gap is not None and "gap_points" in gap and not gap["flag"])
+
+    dense = [p for p in (BASELINE, *FP32_PEERS, *DEFAULT_PRECISION_PEERS, *INT8_PEERS) if p in results]
+    best = {}
+    for bs in batch_sizes:
+        cands = [(throughput(results, p, bs), p) for p in dense if throughput(results, p, bs) and eligible(p)]
+        best[str(bs)] = ({"system": max(cands)[1], "examples_per_s": max(cands)[0],
+                          "main_points": 100.0 * results[max(cands)[1]]["metrics"]["main"]} if cands else None)
+    for name, r in results.items():
+        if r.get("status") == "ok":
+            for bs in batch_sizes:
+                t, bp = throughput(results, name, bs), best[str(bs)]
+                r["ratios"][str(bs)].update(vs_best_dense_peer=(t / bp["examples_per_s"]) if (t and bp) else None,
+                                            best_dense_peer=bp["system"] if bp else None)
+    return best
 
 
 def add_accuracy_gaps(results: dict[str, dict]) -> None:

@@ -9,12 +9,14 @@ from pathlib import Path
 BASELINE = "hf_fp32_sdpa"
 # other FP32 systems users deploy
 FP32_PEERS = ("hf_fp32_eager", "ort_fp32", "openvino_fp32")
+# dense systems at the precision users get by default on their CPU (bf16 where the CPU has it)
+DEFAULT_PRECISION_PEERS = ("hf_bf16_sdpa", "openvino_default")
 # the dense INT8 peers ("best dense INT8 peer" = the fastest of these at a batch size)
 INT8_PEERS = ("torch_dynamic_int8", "inc_static_int8", "torchao_static_int8_compiled", "ort_int8_dynamic",
               "ort_int8_static", "openvino_int8")
 # ours, on each runtime (torch, onnxruntime)
-OURS = ("ltp_fp32", "dense_int8", "ltp_int8", "dense_int8_ort", "ltp_int8_ort")
-SYSTEMS = (BASELINE,) + FP32_PEERS + INT8_PEERS + OURS
+OURS = ("ltp_fp32", "dense_int8", "ltp_int8", "dense_int8_ort", "ltp_int8_ort", "dense_int8_fused", "ltp_int8_fused")
+SYSTEMS = (BASELINE,) + FP32_PEERS + DEFAULT_PRECISION_PEERS + INT8_PEERS + OURS
 
 
 def add_bench_arguments(p) -> None:

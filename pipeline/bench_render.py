@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ltp_compress.fileio import atomic_write_text
+from ltp_compress.pipeline.bench_analysis import ACCURACY_GAP_POINTS
 from ltp_compress.pipeline.environment import environment_summary
 from ltp_compress.pipeline.peers import REGISTRY
 
@@ -94,7 +95,8 @@ def render_markdown(res: dict) -> str:
               "each system's info.settings in the JSON): " + ", ".join(overlapped) + "; every other system one batch at a time", ""]
     head = ["system", "main metric", "accuracy"] + [f"bs{b} ex/s" for b in bss] + ["bs1 p50 ms", "bs1 p95 ms", "peak RSS MB"]
     head += ["INT8 vs FP32 (points)", "fast ops"]
-    head += [f"bs{b} vs {res.get('baseline', 'baseline')}" for b in bss] + [f"bs{b} vs best INT8 peer" for b in bss] + ["setup s", "warmup s"]
+    head += [f"bs{b} vs {res.get('baseline', 'baseline')}" for b in bss] + [f"bs{b} vs best INT8 peer" for b in bss]
+    head += [f"bs{b} vs best dense peer" for b in bss] + ["setup s", "warmup s"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in res["systems"]:
         r = res["results"][s]
@@ -114,12 +116,16 @@ def render_markdown(res: dict) -> str:
         row += [gap_s, "-" if not fo else ("confirmed" if fo["confirmed"] else "**NOT confirmed**")]
         row += [_fmt(r["ratios"][str(b)]["vs_baseline"], 2, "x") for b in bss]
         row += [_fmt(r["ratios"][str(b)]["vs_best_int8_peer"], 2, "x") for b in bss]
+        row += [_fmt(r["ratios"][str(b)].get("vs_best_dense_peer"), 2, "x") for b in bss]
         setup = r.get("setup_s")
         row += [_fmt(setup if not isinstance(setup, list) else statistics.median(setup), 1),
                 " / ".join(_fmt(_first(thr[b]["warmup_s"]), 1) for b in bss if b in thr)]
         L.append("| " + " | ".join(row) + " |")
     L += ["", "best dense INT8 peer per batch size: "
-          + ", ".join(f"bs{b}: {(v or {}).get('system', 'none')}" for b, v in res["best_int8_peer"].items()), ""]
+          + ", ".join(f"bs{b}: {(v or {}).get('system', 'none')}" for b, v in res["best_int8_peer"].items()), "",
+          f"best dense peer of any precision within {ACCURACY_GAP_POINTS:g} point(s) of its FP32 reference, per batch size: "
+          + ", ".join(f"bs{b}: {v['system']} ({v['main_points']:.2f})" if v else f"bs{b}: none"
+                      for b, v in (res.get("best_dense_peer") or {}).items()), ""]
     L += render_pruning_speedup(res)
     L += ["## Systems", ""]
     for s in res["systems"]:

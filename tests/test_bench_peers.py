@@ -16,10 +16,17 @@ from conftest import DEMO_DATA, REPO
 from test_bench import tiny_run  # noqa: F401 (module fixture: the tiny run directory)
 
 ORT = ["ort_fp32", "ort_int8_dynamic", "ort_int8_static"]
-OV = ["openvino_fp32", "openvino_int8"]
+OV = ["openvino_fp32", "openvino_default", "openvino_int8"]
 OURS_ORT = ["ltp_int8_ort", "dense_int8_ort"]
-SYSTEMS = [*ORT, *OV, "ltp_int8", *OURS_ORT]  # the HF baseline and dense_int8 (torch): tests/test_bench.py
+FUSED = ["dense_int8_fused", "ltp_int8_fused"]
+SYSTEMS = [*ORT, *OV, "hf_bf16_sdpa", "ltp_int8", *OURS_ORT, *FUSED]  # the HF baseline and dense_int8 (torch): tests/test_bench.py
 INT8 = ["ort_int8_dynamic", "ort_int8_static", "openvino_int8", *OURS_ORT]
+
+
+def _fused_unavailable() -> str | None:
+    from ltp_compress.kernels import fused_encoder
+
+    return fused_encoder.available()
 
 
 def _have(*mods) -> bool:
@@ -61,6 +68,9 @@ def test_every_peer_runs_with_settings_profile_and_predictions(peers):
         pkgs = {"ort": ("onnxruntime", "onnx"), "ope": ("openvino", "nncf")}.get(s[:3], ())
         if r["status"] != "ok" and pkgs and not _have(*pkgs):
             assert "not installed" in r["error"], r["error"]  # recorded, not dropped
+            continue
+        if s in FUSED and _fused_unavailable():
+            assert r["status"] != "ok" and "not available here" in r["error"], r  # the reason, not a silent fallback
             continue
         assert r["status"] == "ok", (s, r.get("error"), r.get("traceback"))
         assert len(r["predictions"]) == 16 and all(p in (0, 1) for p in r["predictions"])
@@ -234,6 +244,27 @@ def test_accuracy_gap_flag_and_round_merge():
     assert m["runs"][0]["examples_per_s"] == 20.0 and m["runs"][0]["rounds_examples_per_s"] == [10.0, 30.0, 20.0]
     assert m["rounds_ok"] == 3 and m["rounds_failed"] == ["boom"] and m["predictions_stable_across_rounds"]
     assert merge_rounds([{"status": "failed", "error": "x"}])["status"] == "failed"
+
+
+def test_best_dense_peer_is_the_fastest_of_any_precision_within_a_point_of_its_fp32():
+    """A bf16 peer 1.5 points below its FP32 reference is fast but not eligible; an INT8 peer within a
+    point is; FP32 systems are their own reference; our systems are never a peer but get the ratio."""
+    from ltp_compress.pipeline.bench import add_accuracy_gaps, add_best_dense_peer, add_ratios
+
+    def ok(main, eps):
+        return {"status": "ok", "metrics": {"main": main}, "predictions": [1, 0],
+                "runs": [{"batch_size": 1, "examples_per_s": eps, "warmup_s": 0.1}]}
+
+    results = {"hf_fp32_sdpa": ok(0.90, 10.0), "ort_fp32": ok(0.90, 30.0), "hf_bf16_sdpa": ok(0.885, 90.0),
+               "ort_int8_dynamic": ok(0.895, 60.0), "ltp_int8_ort": ok(0.89, 240.0)}
+    add_ratios(results, [1])
+    add_accuracy_gaps(results)
+    best = add_best_dense_peer(results, [1])
+    assert best["1"]["system"] == "ort_int8_dynamic" and best["1"]["examples_per_s"] == 60.0
+    assert results["ltp_int8_ort"]["ratios"]["1"]["vs_best_dense_peer"] == pytest.approx(4.0)
+    results["ort_int8_dynamic"]["metrics"]["main"] = 0.88  # 2 points below ort_fp32: out, ort_fp32 is next
+    add_accuracy_gaps(results)
+    assert add_best_dense_peer(results, [1])["1"]["system"] == "ort_fp32"
 
 
 def test_peer_modules_import_downwards_only():

@@ -1,10 +1,11 @@
 """The benchmarked systems, one module per family:
 
-    hf.py                 HF FP32 (sdpa: the baseline; eager)
+    hf.py                 HF FP32 (sdpa: the baseline; eager), HF bf16 (sdpa)
     torch_peers.py        torch.ao dynamic INT8, Neural Compressor PT2E static INT8, torchao static INT8
     onnxruntime_peers.py  ONNX Runtime FP32 (transformer optimizer), INT8 dynamic, INT8 static (QDQ)
-    openvino_peers.py     OpenVINO FP32, OpenVINO INT8 (NNCF)
-    ours.py               LTP FP32, dense INT8, LTP INT8 on torch; LTP INT8 and dense INT8 on ONNX Runtime
+    openvino_peers.py     OpenVINO FP32, OpenVINO at its default precision, OpenVINO INT8 (NNCF)
+    ours.py               LTP FP32, dense INT8, LTP INT8 on torch; LTP INT8 and dense INT8 on ONNX Runtime; LTP INT8 on
+                          the fused C++ runtime
 
 `REGISTRY` says, per system name (the names and groups are `pipeline.bench_args`'s), its module
 and builder (imported lazily: a missing package fails only that system), which model it is built
@@ -51,6 +52,12 @@ REGISTRY: dict[str, Peer] = {
     "openvino_fp32": Peer("openvino_peers", "build_openvino_fp32", "teacher",
                           "OpenVINO FP32 (convert_model from the HF model, INFERENCE_PRECISION_HINT=f32)",
                           fast_ops=(("FullyConnected/f32",),), packages=("openvino",)),
+    "hf_bf16_sdpa": Peer("hf", "build_hf_bf16_sdpa", "teacher",
+                         "HF model, model.to(torch.bfloat16), default attention (sdpa), dense: what a user gets in bf16",
+                         "hf_fp32_sdpa"),
+    "openvino_default": Peer("openvino_peers", "build_openvino_default", "teacher",
+                             "OpenVINO with its default inference precision (bf16 where the CPU supports it, else f32)",
+                             "hf_fp32_sdpa", (("FullyConnected/",),), packages=("openvino",)),
     "torch_dynamic_int8": Peer("torch_peers", "build_torch_dynamic_int8", "teacher",
                                "torch.ao quantize_dynamic (Linear, qint8, dynamic activations), eager",
                                "hf_fp32_sdpa", (TORCH_INT8_OPS,)),
@@ -82,6 +89,11 @@ REGISTRY: dict[str, Peer] = {
                          "ours: the deployable checkpoint exported to ONNX (pruning in the graph), run by ONNX Runtime",
                          "ltp_int8", (("MatMulIntegerToFloat", "MatMulInteger"),), ("onnxruntime", "onnx"),
                          pruning_vs="dense_int8_ort", runtime="onnxruntime"),
+    "dense_int8_fused": Peer("ours", "build_dense_int8_fused", "teacher",
+                             "ours: dense_int8 saved as a deployable checkpoint, run by the fused C++ runtime", "dense_int8"),
+    "ltp_int8_fused": Peer("ours", "build_ltp_int8_fused", "int8",
+                           "ours: the deployable checkpoint on the fused C++ runtime (one call per batch, AVX-512 VNNI GEMMs)",
+                           "ltp_int8", pruning_vs="dense_int8_fused", runtime="fused"),
 }
 
 

@@ -175,6 +175,18 @@ def build_openvino_fp32(inp) -> System:
         "notes": notes})
 
 
+def build_openvino_default(inp) -> System:
+    """OpenVINO as a user gets it: no INFERENCE_PRECISION_HINT, so the CPU plugin's default
+    precision (bf16 on CPUs with AMX / AVX-512 BF16, f32 otherwise; recorded in the settings)."""
+    notes: list = []
+    ov_model = _convert(inp, notes)
+    return _system(ov_model, inp, {"INFERENCE_NUM_THREADS": int(inp.threads)}, {
+        "api": "ov.convert_model(HF model, example_input) -> Core().compile_model('CPU', {PERFORMANCE_HINT, "
+               "INFERENCE_NUM_THREADS}): the default inference precision",
+        "docs": [DOCS["convert_pytorch"], DOCS["performance_hints"], DOCS["threads"], DOCS["precision"], DOCS["throughput_async"]],
+        "notes": notes})
+
+
 def build_openvino_int8(inp) -> System:
     import nncf
 

@@ -82,6 +82,53 @@ def build_ltp_int8(inp) -> System:
                    "_model": dm.model}, kept_tokens=_torch_kept(dm.model, pruning))
 
 
+def _dense_int8_checkpoint(inp, notes: list) -> Path:
+    """dense_int8's model as a deployable checkpoint (pruning none) in the work folder, built once."""
+    from ltp_compress.modeling.deploy import save_deployable
+    from ltp_compress.modeling.model_io import load_tokenizer
+
+    ckpt = Path(inp.work_dir) / "dense_int8_ckpt"
+    if not ckpt.is_dir():
+        qmodel, info, none = _dense_qmodel(inp)
+        save_deployable(qmodel, load_tokenizer(inp.models["teacher"]), none, info, ckpt, max_seq_length=inp.max_seq_length)
+    else:
+        notes.append(f"{ckpt.name} reused from the benchmark work folder")
+    return ckpt
+
+
+def build_ltp_int8_fused(inp) -> System:
+    if not inp.models.get("int8"):
+        raise BenchError("no deployable INT8 checkpoint available")
+    return _fused_system(inp.models["int8"], inp, [])
+
+
+def build_dense_int8_fused(inp) -> System:
+    notes: list = []
+    return _fused_system(_dense_int8_checkpoint(inp, notes), inp, notes)
+
+
+def _fused_system(checkpoint, inp, notes: list) -> System:
+    from ltp_compress.kernels import fused_encoder
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    reason = fused_encoder.available()
+    if reason is not None:
+        raise BenchError(f"the fused runtime is not available here: {reason}")
+    dm = load_fused(checkpoint, threads=inp.threads)
+
+    def fn(ids, mask, tt):
+        return dm.logits({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt})
+
+    def kept(batch):  # the tokens entering each layer as the extension ran this batch
+        fn(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        return dm.last_kept_tokens.cpu().numpy()
+
+    return System(fn, {"api": "ltp_compress.load(path, runtime='fused') -> logits(batch): one call into the extension per batch",
+                       "backend": dm.backend, "kernel_path": dm.kernel_path(), "pruning": dm.pruning.to_dict(),
+                       "settings": {"runtime": "fused C++ extension (kernels/fused), packed token layout", "kernel": dm.kernel_path(),
+                                    "threads": inp.threads}, "notes": notes}, kept_tokens=kept)
+
+
 def _onnx_system(export_dir: Path, inp, info: dict) -> System:
     """Our export folder on ONNX Runtime (load_onnx: manifest verified, documented session options)."""
     import torch
@@ -169,18 +216,9 @@ def build_ltp_int8_ort(inp) -> System:
 
 
 def build_dense_int8_ort(inp) -> System:
-    from ltp_compress.modeling.deploy import save_deployable
-    from ltp_compress.modeling.model_io import load_tokenizer
-
     notes: list = []
-    work = Path(inp.work_dir)
-    ckpt = work / "dense_int8_ckpt"
-    if not ckpt.is_dir():
-        qmodel, info, none = _dense_qmodel(inp)
-        save_deployable(qmodel, load_tokenizer(inp.models["teacher"]), none, info, ckpt, max_seq_length=inp.max_seq_length)
-    else:
-        notes.append(f"{ckpt.name} reused from the benchmark work folder")
-    out = _export(ckpt, work / "dense_int8_onnx", notes)
+    ckpt = _dense_int8_checkpoint(inp, notes)
+    out = _export(ckpt, Path(inp.work_dir) / "dense_int8_onnx", notes)
     return _onnx_system(out, inp, {
         "api": "dense_int8's model -> save_deployable(pruning none) -> export_onnx -> load_onnx(threads)",
         "settings": {"runtime": "onnxruntime", "observer": inp.quant.get("observer", "minmax")}, "notes": notes,
