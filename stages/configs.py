@@ -120,13 +120,17 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields):
                                                         "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
     target_flops: float | None = Field(None, gt=0, le=1, description="relative FLOPs to reach during training (see flops_controller) "
                                                                      "and land at the end on the calibration inputs")
-    flops_controller: Literal["annealed_target", "lambda"] = Field(
-        "annealed_target", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
-        description="how training reaches target_flops: 'annealed_target' — a FLOPs schedule falls linearly from the start's "
+    flops_controller: Literal["annealed_target", "lambda_with_ceiling", "lambda"] = Field(
+        "lambda_with_ceiling", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
+        description="how training reaches target_flops (default chosen on validation: "
+                    "benchmarks/results/controller_study/): 'annealed_target' — a FLOPs schedule falls linearly from the start's "
                     "FLOPs to the target over the first anneal_until of the steps and is held after; at every probe one "
                     "offset along the threshold ramp puts the hard-threshold FLOPs on the schedule (the gradient of the "
                     "task and λ terms decides which layers and tokens prune, the schedule how much), so the target is "
-                    "reached during training on any task; 'lambda' — the first versions' bounded λ steering, which can "
+                    "reached during training on any task; 'lambda_with_ceiling' — λ is steered towards the target "
+                    "(bounded, as 'lambda') and the threshold offset acts only when the FLOPs are above the schedule, so the "
+                    "gradient does the pruning where λ can and the offset guarantees the target where it cannot; "
+                    "'lambda' — the first versions' bounded λ steering, which can "
                     "stall below the target (λ capped at 10·λ0) and leave the end-of-stage offset a large move")
     anneal_until: float = Field(0.5, gt=0, le=1, description="annealed_target: fraction of the steps by which the schedule reaches the target")
     max_correction_points: float = Field(1.0, ge=0, description="an end-of-stage offset that costs more than this many validation "

@@ -121,8 +121,9 @@ class ScheduleFollower:
     #: prune (or restore) most tokens at once in the middle of training
     max_move = 0.25
 
-    def __init__(self, batches: list, convention: str, tolerance: float, slope: float | None = None):
+    def __init__(self, batches: list, convention: str, tolerance: float, slope: float | None = None, ceiling_only: bool = False):
         self.batches, self.convention, self.tolerance, self.slope = batches, convention, tolerance, slope
+        self.ceiling_only = ceiling_only  # move only when the FLOPs are above the schedule (λ handles the rest)
 
     def __call__(self, model, pruning: PruningConfig, target_now: float) -> tuple[list[float] | None, dict]:
         base = np.asarray(pruning.thresholds, dtype=np.float64)
@@ -134,7 +135,7 @@ class ScheduleFollower:
 
         r0 = at(0.0)
         info = {"schedule": target_now, "relative_flops": r0, "offset": 0.0}
-        if within_target(r0, target_now, self.tolerance):
+        if within_target(r0, target_now, self.tolerance) or (self.ceiling_only and r0 < target_now):
             return None, info
         towards = 1.0 if r0 > target_now else -1.0  # a larger offset prunes more
         c1 = (target_now - r0) / self.slope if self.slope else 0.05 * towards

@@ -9,14 +9,17 @@ learning rate, and the loss is
 (with `kd_teacher`, task_loss is kd_alpha·CE + (1-kd_alpha)·logit KD from the unpruned teacher).
 
 With `target_flops` the target is reached during training (`flops_controller`; measured with
-hard thresholds on a fixed input sample, ~16 times per epoch): by default (`annealed_target`) a
-FLOPs schedule falls linearly from the start's FLOPs to the target over the first `anneal_until`
-of the steps, and at every probe one offset along the linear ramp, θ_l + c·(l+1)/L, puts the
-FLOPs on the schedule (`flops_target.ScheduleFollower`; λ stays fixed and, with the task loss,
-decides which layers prune); `lambda` is the first versions' bounded λ steering. At the end one
-offset along the ramp is bisected so the final relative FLOPs lands on the target (in the
-stage's `flops_convention`); what that correction cost on validation is reported, with a warning
-above `max_correction_points`, and so is a target training did not reach. Both use inputs only, never labels: by default the
+hard thresholds on a fixed input sample, ~16 times per epoch). A FLOPs schedule falls linearly
+from the start's FLOPs to the target over the first `anneal_until` of the steps and is flat after.
+By default (`lambda_with_ceiling`) λ is steered towards the target (bounded, as the first
+versions did: the gradient decides which layers and tokens prune) and whenever the FLOPs are
+above the schedule one offset along the linear ramp, θ_l + c·(l+1)/L, puts them back on it
+(`flops_target.ScheduleFollower`), so a task where λ alone stalls still reaches the target;
+`annealed_target` moves the thresholds onto the schedule both ways with λ fixed; `lambda` is λ
+steering alone. At the end one offset along the ramp is bisected so the final relative FLOPs
+lands on the target (in the stage's `flops_convention`); what that correction cost on validation
+is reported, with a warning above `max_correction_points`, and so is a target training did not
+reach. Both use inputs only, never labels: by default the
 validation split's inputs (whole sentences, like dev, where SST-2's training phrases are half as
 long), or a training sample, or — as an explicit choice — the dev inputs as unlabelled deployment
 inputs. The saved model runs with the hard rule score > θ_l.
@@ -65,7 +68,9 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
 
     controller = cfg.flops_controller if cfg.target_flops else None
-    follower = ScheduleFollower(probe, cfg.flops_convention, cfg.target_tolerance / 2) if controller == "annealed_target" else None
+    scheduled = controller in ("annealed_target", "lambda_with_ceiling")  # a FLOPs schedule with threshold moves
+    follower = (ScheduleFollower(probe, cfg.flops_convention, cfg.target_tolerance / 2, ceiling_only=controller == "lambda_with_ceiling")
+                if scheduled else None)
     control = {"flops_start": None, "moves": []}  # annealed_target: the schedule's start and every threshold move
 
     history, step, start_epoch = [], 0, 0
@@ -86,7 +91,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         rel = relative_flops_on(model, probe, _pruning(thresholds), cfg.flops_convention)
         return _steer_lambda(lam, rel, cfg.target_flops, cfg.lambda_)
 
-    def follow_schedule() -> None:  # annealed_target: thresholds moved onto the FLOPs schedule (rank 0 decides)
+    def follow_schedule(lam: float) -> float:  # thresholds moved onto the FLOPs schedule (rank 0 decides); returns λ
         target_now = annealed_target(control["flops_start"], cfg.target_flops, step, total_steps, cfg.anneal_until)
         new, info = dist.decide_on_main(follower, model, _pruning(thresholds), target_now)
         if new is not None:
@@ -94,8 +99,11 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
                 thresholds.copy_(torch.tensor(new, dtype=thresholds.dtype, device=thresholds.device))
         control["slope"] = follower.slope
         control["moves"].append({"step": step, **info})
+        if controller == "lambda_with_ceiling":  # λ steered towards the target (as 'lambda'), from the FLOPs the move left
+            lam = _steer_lambda(lam, info.get("relative_flops_after", info["relative_flops"]), cfg.target_flops, cfg.lambda_)
+        return lam
 
-    if controller == "annealed_target" and control["flops_start"] is None:
+    if scheduled and control["flops_start"] is None:
         control["flops_start"] = dist.decide_on_main(relative_flops_on, model, probe, _pruning(thresholds), cfg.flops_convention)
         ctx.log.info("%s: FLOPs schedule %.3f -> %.3f (%s) over the first %.0f%% of %d steps", cfg.id, control["flops_start"],
                      cfg.target_flops, cfg.flops_convention, 100 * cfg.anneal_until, total_steps)
@@ -116,8 +124,8 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
             step += 1
             last = {"loss": loss.item(), "task_loss": loss_task.item(), "mask_mean": mask_mean.item()}
             if control_every and step % control_every == 0:
-                if controller == "annealed_target":
-                    follow_schedule()
+                if scheduled:
+                    lam = follow_schedule(lam)
                 else:
                     lam = dist.decide_on_main(steer, lam)  # λ decided once (rank 0), broadcast
                 net.train()
@@ -149,7 +157,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         calibration = {"controller": controller, "before": before,
                        "reached_target_before_correction": within_target(before["validation_relative_flops"], cfg.target_flops,
                                                                          cfg.target_tolerance)}
-        if controller == "annealed_target":
+        if scheduled:
             calibration["schedule"] = control
         # decided once (rank 0), broadcast
         pruning, found = dist.decide_on_main(calibrate_threshold_offset, final, sample, pruning, cfg.target_flops, cfg.flops_convention)

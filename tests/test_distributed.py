@@ -46,7 +46,8 @@ TIMEOUT_S = 60  # process-group timeout given to the runs (LTP_DIST_TIMEOUT_S)
 
 TWO_STAGES = """\
   - {id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3, checkpoint_every_steps: 2}
-  - {id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, final_threshold: 2.0, lambda: 0.5, target_flops: 0.7, checkpoint_every_steps: 2}
+  - {id: soft, stage: ltp_soft, epochs: 1, batch_size: 16, final_threshold: 2.0, lambda: 0.5, target_flops: 0.7, checkpoint_every_steps: 2,
+     flops_controller: annealed_target}
 """
 ALL_STAGES = TWO_STAGES + """\
   - {id: hard, stage: ltp_hard, epochs: 1, batch_size: 16, target_flops: 0.7, retargets: 1, retarget_until: 0.4}

@@ -489,7 +489,8 @@ def test_annealed_schedule_and_follower_track_a_moving_target(deep):
 def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tmp_path, tiny_bert):
     """With the old λ controller and no pressure (λ 0, thresholds all but frozen) training cannot
     reach the target: the stage says so on the console and in report.md, and the correction's
-    validation cost is reported; the default controller reaches it during training."""
+    validation cost is reported; annealed_target reaches it during training, and the default (λ with
+    the schedule as a ceiling, here with the same frozen λ) is never above it."""
     import json
 
     from ltp_compress.pipeline.runner import run_recipe
@@ -508,7 +509,10 @@ stages:
   - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
   - {{id: stuck, stage: ltp_soft, init_from: ft, epochs: 1, batch_size: 16, target_flops: 0.45, flops_controller: lambda,
      lambda: 0.0, threshold_lr: 1.0e-7}}
-  - {{id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5}}
+  - {{id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
+     flops_controller: annealed_target}}
+  - {{id: ceiling, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
+     lambda: 0.0, threshold_lr: 1.0e-7}}
 """)
     run_dir = run_recipe(recipe, progress=False)
     stuck = json.loads((run_dir / "stages" / "01-stuck" / "meta.json").read_text())["extra"]["calibration"]
@@ -520,6 +524,12 @@ stages:
     assert annealed["controller"] == "annealed_target" and annealed["reached_target_before_correction"] is True, annealed["before"]
     moves = annealed["schedule"]["moves"]
     assert moves and moves[-1]["schedule"] == pytest.approx(0.45) and moves[0]["schedule"] > moves[-1]["schedule"]
+    # the default: λ steering that cannot move (λ 0, thresholds all but frozen, as `stuck`) and the ceiling still
+    # brings the FLOPs down to (here, with a 2-layer model's coarse steps, below) the target, only ever pruning more:
+    # below the schedule it is λ's job to give tokens back
+    ceiling = json.loads((run_dir / "stages" / "03-ceiling" / "meta.json").read_text())["extra"]["calibration"]
+    assert ceiling["controller"] == "lambda_with_ceiling" and ceiling["before"]["validation_relative_flops"] <= 0.45 * 1.05
+    assert all(m["offset"] >= 0 for m in ceiling["schedule"]["moves"]) and any(m["offset"] > 0 for m in ceiling["schedule"]["moves"])
     report = (run_dir / "report.md").read_text()
     assert "## End-of-stage FLOPs corrections" in report and "**WARNING** `stuck`: training did not reach" in report
     assert "**WARNING** `annealed`: training did not reach" not in report
