@@ -187,7 +187,7 @@ def closed_loop(port: int, bodies: list[bytes], concurrency: int, seconds: float
             "throughput_texts_per_s": statuses.get(200, 0) / wall, "p50_ms": q(0.50), "p99_ms": q(0.99)}
 
 
-def burst(port: int, n: int, text: str) -> dict:
+def burst(port: int, n: int, item) -> dict:
     barrier = threading.Barrier(n)
     out: list = [None] * n
 
@@ -195,7 +195,7 @@ def burst(port: int, n: int, text: str) -> dict:
         conn = connect(port)
         barrier.wait()
         try:
-            s, h, _ = post(conn, json.dumps({"text": f"{text} {i}"}).encode())
+            s, h, _ = post(conn, json.dumps(item(i)).encode())
             out[i] = (s, h.get("retry-after"))
         except OSError as e:
             out[i] = (type(e).__name__, None)
@@ -208,9 +208,9 @@ def burst(port: int, n: int, text: str) -> dict:
             "health_after": get(port, "/health")[0]}
 
 
-def disconnects(port: int, n: int, text: str) -> dict:
+def disconnects(port: int, n: int, item) -> dict:
     before = _metric(get(port, "/metrics")[1].decode(), "ltp_texts_total")
-    body = json.dumps({"text": text}).encode()
+    body = json.dumps(item(0)).encode()
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
@@ -233,7 +233,7 @@ def disconnects(port: int, n: int, text: str) -> dict:
             "next_request_status": status}
 
 
-def shutdown_in_flight(server: Server, n: int, text: str) -> dict:
+def shutdown_in_flight(server: Server, n: int, item) -> dict:
     out: list = [None] * n
     started = threading.Barrier(n + 1)
 
@@ -241,7 +241,7 @@ def shutdown_in_flight(server: Server, n: int, text: str) -> dict:
         conn = connect(server.port)
         started.wait()
         try:
-            out[i] = post(conn, json.dumps({"texts": [f"{text} {i}"] * 8}).encode())[0]
+            out[i] = post(conn, json.dumps({"texts": [item(i)] * 8}).encode())[0]
         except OSError as e:
             out[i] = type(e).__name__
         conn.close()
@@ -260,8 +260,8 @@ def shutdown_in_flight(server: Server, n: int, text: str) -> dict:
             "exit_code": rc}
 
 
-def mixed(server: Server, n: int, workers: int) -> dict:
-    kinds = [(lambda i: json.dumps({"text": f"good {i}"}).encode(), 200, 1), (lambda i: json.dumps({"texts": [f"list {i}", "two"]}).encode(), 200, 2),
+def mixed(server: Server, n: int, workers: int, item) -> dict:
+    kinds = [(lambda i: json.dumps(item(i)).encode(), 200, 1), (lambda i: json.dumps({"texts": [item(i), item(i + 1)]}).encode(), 200, 2),
              (lambda i: b'{"text": ', 400, 0), (lambda i: json.dumps({"text": ""}).encode(), 400, 0)]
     answers: list[list] = [[] for _ in range(n)]
     rss0 = server.rss_mb()
@@ -355,21 +355,24 @@ def main(argv: list[str] | None = None) -> int:
             res["load"][name] = [closed_loop(srv.port, bodies, c, args.seconds) for c in levels]
         finally:
             res["load"][name + "_exit_code"] = srv.stop()
-    text = rows[0][0]
+    def item(i: int) -> dict:  # one well-formed request of the task's kind (a sentence, or a pair)
+        a, b = rows[i % len(rows)]
+        return {"text": a} if b is None else {"text": a, "text_pair": b}
+
     fault_cmd = cli + [str(export), "--port", "0", "--task", args.task, "--max-queue", str(args.fault_max_queue),
                        "--max-texts-per-request", str(min(8, args.fault_max_queue))] + common
     srv = Server(fault_cmd)
     try:
-        res["faults"]["burst"] = burst(srv.port, 4 * args.fault_max_queue, text)
-        res["faults"]["disconnect"] = disconnects(srv.port, 50, text)
+        res["faults"]["burst"] = burst(srv.port, 4 * args.fault_max_queue, item)
+        res["faults"]["disconnect"] = disconnects(srv.port, 50, item)
     finally:
         res["faults"]["exit_code_after_burst_and_disconnects"] = srv.stop()
     srv = Server(servers["ours"])  # a queue that holds what 16 clients send: every answer is 200 or 400
     try:
-        res["faults"]["mixed"] = mixed(srv, args.mixed, 16)
+        res["faults"]["mixed"] = mixed(srv, args.mixed, 16, item)
     finally:
         res["faults"]["mixed"]["exit_code"] = srv.stop()
-    res["faults"]["shutdown"] = shutdown_in_flight(Server(servers["ours"]), 32, text)
+    res["faults"]["shutdown"] = shutdown_in_flight(Server(servers["ours"]), 32, item)
     res["environment"] = environment_block(args.threads, load0)
     atomic_write_json(args.out_dir / f"{args.name}.json", res)
 

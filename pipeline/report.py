@@ -42,7 +42,7 @@ def _conv(cost: dict | None, convention: str, key: str):
 def render_markdown(report: dict) -> str:
     lines = [f"# Run `{report['name']}`", "",
              f"task **{report['task']}**, model `{report['model']}`, seed {report['seed']}", "",
-             "Every choice (best checkpoint, λ steering, FLOPs calibration, INT8 fallback) was made on the **validation** "
+             "Every choice (best checkpoint, the FLOPs controller, FLOPs calibration, INT8 fallback) was made on the **validation** "
              "split carved from train; **dev** is the test set, evaluated only.", ""]
     data = report.get("data") or {}
     if data.get("splits"):

@@ -1,4 +1,4 @@
-"""Landing a relative-FLOPs target with threshold rules: shared by `ltp_soft` (λ steering and the
+"""Landing a relative-FLOPs target with threshold rules: shared by `ltp_soft` (its FLOPs controller and the
 final calibration), `ltp_hard` (re-fits while finetuning), and `distill` / `quantize` (a final
 re-fit, so the deployed model runs at the FLOPs asked for). Inputs only, never labels: by default
 the validation split's inputs; the dev inputs only when a recipe asks for them explicitly
