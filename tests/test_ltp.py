@@ -486,6 +486,23 @@ def test_annealed_schedule_and_follower_track_a_moving_target(deep):
     assert follower.slope is not None and follower.slope < 0
 
 
+def _tiny_target_recipe(tmp_path, model, max_dev: int, stages: str):
+    """A tiny-BERT SST-2 recipe with a finetuned `ft` stage followed by `stages` (YAML list items)."""
+    from conftest import DEMO_DATA, write_recipe
+
+    return write_recipe(tmp_path / "r.yaml", f"""\
+name: tf
+model: {model}
+task: sst2
+data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 128, max_dev_examples: {max_dev}, max_seq_length: 64}}
+seed: 3
+output_dir: {tmp_path / 'runs'}
+num_threads: 1
+stages:
+  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
+""" + stages)
+
+
 def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tmp_path, tiny_bert):
     """With the old λ controller and no pressure (λ 0, thresholds all but frozen) training cannot
     reach the target: the stage says so on the console and in report.md, and the correction's
@@ -495,24 +512,13 @@ def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tm
 
     from ltp_compress.pipeline.runner import run_recipe
 
-    from conftest import DEMO_DATA, write_recipe
-
-    recipe = write_recipe(tmp_path / "r.yaml", f"""\
-name: tf
-model: {tiny_bert}
-task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 128, max_dev_examples: 64, max_seq_length: 64}}
-seed: 3
-output_dir: {tmp_path / 'runs'}
-num_threads: 1
-stages:
-  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
-  - {{id: stuck, stage: ltp_soft, init_from: ft, epochs: 1, batch_size: 16, target_flops: 0.45, flops_controller: lambda,
-     lambda: 0.0, threshold_lr: 1.0e-7}}
-  - {{id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
-     flops_controller: annealed_target}}
-  - {{id: ceiling, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
-     lambda: 0.0, threshold_lr: 1.0e-7}}
+    recipe = _tiny_target_recipe(tmp_path, tiny_bert, 64, """\
+  - {id: stuck, stage: ltp_soft, init_from: ft, epochs: 1, batch_size: 16, target_flops: 0.45, flops_controller: lambda,
+     lambda: 0.0, threshold_lr: 1.0e-7}
+  - {id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
+     flops_controller: annealed_target}
+  - {id: ceiling, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
+     lambda: 0.0, threshold_lr: 1.0e-7}
 """)
     run_dir = run_recipe(recipe, progress=False)
     stuck = json.loads((run_dir / "stages" / "01-stuck" / "meta.json").read_text())["extra"]["calibration"]
@@ -542,20 +548,9 @@ def test_soft_stage_reports_and_lands_target_flops(tmp_path, tiny_bert):
 
     from ltp_compress.pipeline.runner import run_recipe
 
-    from conftest import DEMO_DATA, write_recipe
-
-    recipe = write_recipe(tmp_path / "r.yaml", f"""\
-name: tf
-model: {tiny_bert}
-task: sst2
-data: {{source: glue_dir, path: {DEMO_DATA}, max_train_examples: 128, max_dev_examples: 96, max_seq_length: 64}}
-seed: 3
-output_dir: {tmp_path / 'runs'}
-num_threads: 1
-stages:
-  - {{id: ft, stage: finetune, epochs: 1, batch_size: 16, lr: 1.0e-3}}
-  - {{id: soft, stage: ltp_soft, epochs: 2, batch_size: 16, target_flops: 0.6, kd_teacher: ft}}
-  - {{id: hard, stage: ltp_hard, epochs: 2, batch_size: 16, lr: 1.0e-3, target_flops: 0.5, retargets: 2, retarget_until: 0.9}}
+    recipe = _tiny_target_recipe(tmp_path, tiny_bert, 96, """\
+  - {id: soft, stage: ltp_soft, epochs: 2, batch_size: 16, target_flops: 0.6, kd_teacher: ft}
+  - {id: hard, stage: ltp_hard, epochs: 2, batch_size: 16, lr: 1.0e-3, target_flops: 0.5, retargets: 2, retarget_until: 0.9}
 """)
     run_dir = run_recipe(recipe, progress=False)
     meta = json.loads((run_dir / "stages" / "01-soft" / "meta.json").read_text())
