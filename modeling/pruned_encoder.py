@@ -86,6 +86,7 @@ class ForwardOutput:
     embeddings: torch.Tensor | None = None  # [b, s, d] embedding-layer output (for KD)
     soft_masks: list[torch.Tensor] = field(default_factory=list)  # per layer [b, s], cumulative
     kept_tokens: torch.Tensor | None = None  # [b, L] tokens entering each layer
+    scores: list[torch.Tensor] = field(default_factory=list)  # per layer [b, s] importance score (`return_scores`)
 
 
 def linear_threshold_init(num_layers: int, final_threshold: float) -> list[float]:
@@ -194,10 +195,13 @@ def forward_masked(
     thresholds: torch.Tensor | None = None,  # [L] (learnable in soft mode)
     temperature: float = 0.1,
     keep_ratios: list[float] | None = None,
+    return_scores: bool = False,
 ) -> ForwardOutput:
     """Padded-batch forward. `soft`: mask m = sigmoid((score-θ)/T) multiplies each layer's output
     and (as log m) the attention to that token in later layers — the differentiable relaxation of
-    removal. `hard`/`topk`: binary keep mask; equals `forward_packed` on the same inputs."""
+    removal. `hard`/`topk`: binary keep mask; equals `forward_packed` on the same inputs.
+    `return_scores`: `out.scores[l]` is layer l's importance score [b, s] (differentiable), for every
+    layer including the last (which prunes nothing) — ranking distillation reads them."""
     layers = encoder_layers(model)
     heads = num_heads(model)
     x = embed(model, input_ids, token_type_ids)  # [b, s, d]
@@ -207,6 +211,7 @@ def forward_masked(
     n0 = attention_mask.sum(1)  # [b]
     soft_masks: list[torch.Tensor] = []
     kept = []
+    scores: list[torch.Tensor] = []
     neg = torch.finfo(x.dtype).min
     pos0 = torch.zeros(b, s, dtype=torch.bool, device=x.device)
     pos0[:, 0] = True
@@ -223,11 +228,15 @@ def forward_masked(
         ctx = _attention_context(layer, layer.attention.self.dropout(probs), v)  # [b, H, s, dh]
         ctx = ctx.transpose(1, 2).reshape(b, s, d)
         out = _post_attention(layer, ctx, x)  # [b, s, d]
-        if mode == "dense" or (l == len(layers) - 1 and mode != "soft"):
+        last = l == len(layers) - 1
+        if return_scores or not (mode == "dense" or (last and mode != "soft")):
+            # score_l(i) = 1/H Σ_h Σ_{j present} A_h(j, i)   [b, s]
+            score = (probs * alive[:, None, :, None]).sum(dim=(1, 2)) / heads
+            if return_scores:
+                scores.append(score)
+        if mode == "dense" or (last and mode != "soft"):
             x = out
             continue
-        # score_l(i) = 1/H Σ_h Σ_{j present} A_h(j, i)   [b, s]
-        score = (probs * alive[:, None, :, None]).sum(dim=(1, 2)) / heads
         if mode == "soft":
             m = torch.sigmoid((score - thresholds[l]) / temperature)
             m = torch.where(pos0, torch.ones_like(m), m)
@@ -243,7 +252,8 @@ def forward_masked(
             alive = keep.to(x.dtype)
             x = out
     logits = classifier_head(model, x[:, 0])
-    return ForwardOutput(logits=logits, embeddings=embeddings, soft_masks=soft_masks, kept_tokens=torch.stack(kept, 1))
+    return ForwardOutput(logits=logits, embeddings=embeddings, soft_masks=soft_masks, kept_tokens=torch.stack(kept, 1),
+                         scores=scores)
 
 
 def _topk_keep(score: torch.Tensor, present: torch.Tensor, n0: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -7,19 +7,22 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ltp_compress.modeling.pruned_encoder import PruningConfig, forward_for_pruning, forward_masked
+from ltp_compress.modeling.pruned_encoder import ForwardOutput, PruningConfig, forward_for_pruning, forward_masked
 from ltp_compress.modeling.accounting import EncoderShape, Precision, cost_summary
 from ltp_compress.tasks.data import length_bucketed_batches
 from ltp_compress.tasks.metrics import compute_metrics
 from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.errors import UserError
 from ltp_compress.stages import distributed as dist
+from ltp_compress.stages.rank_distill import pruning_layers, rank_distill_loss
 
 
 def set_seed(seed: int) -> None:
@@ -166,14 +169,41 @@ def load_kd_teacher(cfg, ctx, device):
     return teacher.eval().requires_grad_(False).to(device)
 
 
-def pruning_stage_loss(logits: torch.Tensor, batch, teacher, cfg, num_labels: int) -> torch.Tensor:
-    """Task loss, or with a teacher kd_alpha·task + (1-kd_alpha)·KD_logit (teacher runs dense)."""
-    loss = task_loss(logits, batch.labels, num_labels)
+class StageLoss(NamedTuple):
+    total: torch.Tensor  # what the optimizer steps on (before λ·mask in ltp_soft)
+    rank: torch.Tensor | None  # the ranking-distillation term (unweighted), None when off
+
+
+def check_rank_distill_layers(cfg, num_layers: int) -> None:
+    """Before training: every `rank_distill_layers` index names a layer that prunes (0 .. L-2)."""
+    layers = getattr(cfg, "rank_distill_layers", None)
+    if rank_distill_on(cfg) and layers is not None and max(layers) > num_layers - 2:
+        raise UserError(f"stage '{cfg.id}': rank_distill_layers {layers}: this model has {num_layers} layers; the layers that "
+                        f"prune are 0 .. {num_layers - 2} (the last layer's score decides nothing)")
+
+
+def rank_distill_on(cfg) -> bool:
+    """Whether the stage distils the teacher's token ranking (ltp_soft / ltp_hard / top_prune option)."""
+    return getattr(cfg, "rank_distill_weight", 0.0) > 0
+
+
+def pruning_stage_loss(out: ForwardOutput, batch, teacher, cfg, num_labels: int) -> StageLoss:
+    """Task loss, or with a teacher kd_alpha·task + (1-kd_alpha)·KD_logit (teacher runs dense); with
+    `rank_distill_weight` > 0, + weight · ranking distillation of the teacher's final-layer token
+    order into the student's pruning layers (stages/rank_distill.py; `out` must carry its scores)."""
+    loss = task_loss(out.logits, batch.labels, num_labels)
     if teacher is None:
-        return loss
+        return StageLoss(loss, None)
+    ranking = rank_distill_on(cfg)
     with torch.no_grad():
-        t_logits = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense").logits
-    return cfg.kd_alpha * loss + (1 - cfg.kd_alpha) * kd_logit_loss(logits, t_logits, cfg.kd_temperature)
+        t_out = forward_masked(teacher, batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="dense",
+                               return_scores=ranking)
+    loss = cfg.kd_alpha * loss + (1 - cfg.kd_alpha) * kd_logit_loss(out.logits, t_out.logits, cfg.kd_temperature)
+    if not ranking:
+        return StageLoss(loss, None)
+    layers = pruning_layers(len(t_out.scores), cfg.rank_distill_layers)
+    rank = rank_distill_loss(out.scores, t_out.scores[-1], batch.attention_mask, layers, cfg.rank_distill_topk)
+    return StageLoss(loss + cfg.rank_distill_weight * rank, rank)
 
 
 def predictions_from_logits(logits: torch.Tensor, num_labels: int) -> np.ndarray:

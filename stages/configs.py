@@ -106,7 +106,26 @@ class FlopsTargetFields(StrictModel):
                                   "'dev' = unlabelled deployment inputs (an explicit choice; results say so)")
 
 
-class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields):
+class RankDistillFields(StrictModel):
+    """ToP's ranking distillation (stages/rank_distill.py): the unpruned `kd_teacher`'s final-layer token
+    order taught to each pruning layer's importance scores (a top-k ListMLE loss)."""
+
+    rank_distill_weight: float = Field(0.0, ge=0, description="weight of the ranking-distillation loss added to the stage loss "
+                                                              "(0 = off; needs kd_teacher: the ranking is the unpruned teacher's)")
+    rank_distill_topk: int = Field(20, ge=2, description="length of the teacher's ranked list per example (ToP: the top 20)")
+    rank_distill_layers: list[int] | None = Field(None, description="encoder layers (0-based) whose scores are distilled; "
+                                                                    "default: every layer that prunes (0 .. L-2)")
+
+    @model_validator(mode="after")
+    def _rank_distill_needs_teacher(self):
+        if self.rank_distill_weight > 0 and getattr(self, "kd_teacher", None) is None:
+            raise ValueError("rank_distill_weight > 0 needs kd_teacher: the ranking distilled is the unpruned teacher's")
+        if self.rank_distill_layers is not None and (not self.rank_distill_layers or min(self.rank_distill_layers) < 0):
+            raise ValueError(f"rank_distill_layers must be a non-empty list of layer indices >= 0, got {self.rank_distill_layers}")
+        return self
+
+
+class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields, RankDistillFields):
     """Soft Learned Token Pruning: thresholds and weights train jointly with a sigmoid mask."""
 
     stage: Literal["ltp_soft"]
@@ -145,7 +164,7 @@ class RetargetFields(StrictModel):
     retarget_until: float = Field(0.75, gt=0, le=1, description="fraction of the steps after which the thresholds are frozen")
 
 
-class LTPHardStage(PruneTrainStageBase, FlopsTargetFields, RetargetFields):
+class LTPHardStage(PruneTrainStageBase, FlopsTargetFields, RetargetFields, RankDistillFields):
     """Hard pruning: thresholds frozen, binary mask, weights finetuned again."""
 
     stage: Literal["ltp_hard"]

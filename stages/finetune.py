@@ -18,8 +18,9 @@ from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
-    optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
+    PruningForward, adamw_with_warmup, check_global_batch, check_rank_distill_layers, rank_batches, evaluate, grad_sync,
+    load_kd_teacher, make_accelerator, optimizer_step, pruning_stage_loss, rank_distill_on, set_seed, steps_plan, train_batches,
+    weight_param_groups, weighted,
 )
 
 
@@ -74,6 +75,8 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
     opt, sched = adamw_with_warmup(weight_param_groups(model, cfg.weight_decay), cfg.lr, cfg.weight_decay, max(total_steps, 1), cfg.warmup_ratio)
     net, opt = accelerator.prepare(PruningForward(model), opt)
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
+    ranking = rank_distill_on(cfg)
+    check_rank_distill_layers(cfg, model.config.num_hidden_layers)
 
     history, best, best_state, best_pruning, step, start_epoch, retargets, last_loss = [], None, None, None, 0, 0, [], float("nan")
     ckpt = load_checkpoint(ctx.out_dir, cfg, ctx.log)
@@ -103,8 +106,8 @@ def train_with_fixed_pruning(cfg, ctx: StageContext, model, tokenizer, pruning: 
             with grad_sync(accelerator, net):
                 with accelerator.autocast():
                     out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                              mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios)
-                    loss = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
+                              mode=mode, thresholds=thresholds, keep_ratios=pruning.keep_ratios, return_scores=ranking)
+                    loss = pruning_stage_loss(out, batch, teacher, cfg, ctx.task.num_labels).total
                 optimizer_step(accelerator, net, weighted(loss, local.example_weight), cfg.max_grad_norm, [opt], sched)
             step += 1
             last_loss = loss.item()

@@ -37,8 +37,9 @@ from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.checkpoint import load_checkpoint, save_checkpoint
 from ltp_compress.stages.common import (
-    PruningForward, adamw_with_warmup, check_global_batch, rank_batches, evaluate, grad_sync, load_kd_teacher, make_accelerator,
-    optimizer_step, pruning_stage_loss, set_seed, steps_plan, train_batches, weight_param_groups, weighted,
+    PruningForward, adamw_with_warmup, check_global_batch, check_rank_distill_layers, rank_batches, evaluate, grad_sync,
+    load_kd_teacher, make_accelerator, optimizer_step, pruning_stage_loss, rank_distill_on, set_seed, steps_plan, train_batches,
+    weight_param_groups, weighted,
 )
 from ltp_compress.stages.flops_target import (
     ScheduleFollower, annealed_target, calibrate_threshold_offset, flops_probe_batches, relative_flops_on, target_report, within_target,
@@ -63,6 +64,8 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     net, opt, th_opt = accelerator.prepare(inner, opt, th_opt)
     weights = [p for p in model.parameters()]  # gradient clipping: the weights only, as on one process
     teacher = load_kd_teacher(cfg, ctx, accelerator.device)
+    ranking = rank_distill_on(cfg)
+    check_rank_distill_layers(cfg, L)
 
     probe = flops_probe_batches(ctx, cfg.flops_calibration_inputs, 256, cfg.eval_batch_size) if cfg.target_flops else None
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
@@ -114,15 +117,18 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         for batch, local in rank_batches(ctx, cfg, epoch, step, steps_per_epoch, total_steps, accelerator.device, rec):
             with grad_sync(accelerator, net):
                 with accelerator.autocast():
-                    out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="soft", temperature=cfg.temperature)
-                    loss_task = pruning_stage_loss(out.logits, batch, teacher, cfg, ctx.task.num_labels)
+                    out = net(batch.input_ids, batch.attention_mask, batch.token_type_ids, mode="soft", temperature=cfg.temperature,
+                              return_scores=ranking)
+                    stage_loss = pruning_stage_loss(out, batch, teacher, cfg, ctx.task.num_labels)
+                    loss_task = stage_loss.total
                     real = batch.attention_mask.to(out.soft_masks[0].dtype)  # [b, s]
                     mask_mean = torch.stack([(m * real).sum() / real.sum() for m in out.soft_masks]).mean()
                     # example / token weights: DDP's average is the global batch's loss gradient
                     loss = weighted(loss_task, local.example_weight) + weighted(lam * mask_mean, local.token_weight)
                 optimizer_step(accelerator, net, loss, cfg.max_grad_norm, [opt, th_opt], sched, clip_params=weights)
             step += 1
-            last = {"loss": loss.item(), "task_loss": loss_task.item(), "mask_mean": mask_mean.item()}
+            last = {"loss": loss.item(), "task_loss": loss_task.item(), "mask_mean": mask_mean.item(),
+                    "rank_loss": None if stage_loss.rank is None else stage_loss.rank.item()}
             if control_every and step % control_every == 0:
                 if scheduled:
                     lam = follow_schedule(lam)
@@ -139,7 +145,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
         ev = evaluate(model, ctx, pruning, cfg.eval_batch_size, splits=[VALIDATION])
         rel = ev.validation_cost["by_convention"][cfg.flops_convention]["relative_flops"]
         history.append({"epoch": epoch + 1, "step": step, "loss": last["loss"], "task_loss": last["task_loss"],
-                        "mask_mean": last["mask_mean"], "lambda": lam, "thresholds": pruning.thresholds,
+                        "mask_mean": last["mask_mean"], "rank_loss": last.get("rank_loss"), "lambda": lam, "thresholds": pruning.thresholds,
                         "validation": ev.metrics[VALIDATION], "validation_main": ev.selection_score,
                         "validation_relative_flops": rel, "flops_convention": cfg.flops_convention})
         ctx.log.info("%s epoch %d: loss %.4f, mask %.3f, λ %.4g, validation main %.4f, relative FLOPs (%s) %.3f, θ %s",

@@ -87,7 +87,7 @@ def test_pruning_stage_loss_adds_logit_kd_from_dense_teacher(tiny_bert):
 
     from transformers import AutoModelForSequenceClassification
 
-    from ltp_compress.modeling.pruned_encoder import forward_masked
+    from ltp_compress.modeling.pruned_encoder import ForwardOutput, forward_masked
     from ltp_compress.stages.common import pruning_stage_loss
 
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
@@ -95,12 +95,14 @@ def test_pruning_stage_loss_adds_logit_kd_from_dense_teacher(tiny_bert):
     ids = torch.randint(5, 60, (3, 7), generator=g)
     batch = SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=None, labels=torch.tensor([0, 1, 1]))
     student_logits = torch.randn(3, 2, generator=g)
+    student = ForwardOutput(logits=student_logits)
     cfg = SimpleNamespace(kd_alpha=0.25, kd_temperature=3.0)
     t_logits = forward_masked(teacher, ids, batch.attention_mask, None, mode="dense").logits
     ce = torch.nn.functional.cross_entropy(student_logits, batch.labels)
     expect = 0.25 * ce + 0.75 * kd_logit_loss(student_logits, t_logits, 3.0)
-    assert float(pruning_stage_loss(student_logits, batch, teacher, cfg, 2).detach()) == pytest.approx(float(expect.detach()), rel=1e-6)
-    assert float(pruning_stage_loss(student_logits, batch, None, cfg, 2)) == pytest.approx(float(ce), rel=1e-6)
+    with_kd = pruning_stage_loss(student, batch, teacher, cfg, 2)
+    assert float(with_kd.total.detach()) == pytest.approx(float(expect.detach()), rel=1e-6) and with_kd.rank is None
+    assert float(pruning_stage_loss(student, batch, None, cfg, 2).total) == pytest.approx(float(ce), rel=1e-6)
     assert float(kd_logit_loss(t_logits, t_logits, 3.0).detach()) == pytest.approx(0.0, abs=1e-6)
 
 
