@@ -28,7 +28,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent / "fused"
 SOURCES = ("fused_encoder.cpp",)
-HEADERS = ("int8_gemm.h",)
+HEADERS = ("int8_gemm.h", "attention_ops.h")
 EXTENSION_NAME = "ltp_fused_encoder"
 #: int8 GEMM kernels of the extension, fastest first
 GEMM_KERNELS = ("avx512_vnni", "reference")
@@ -51,6 +51,15 @@ def _cpu_tag() -> str:
     except OSError:
         text = "unknown-cpu"
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _source_hash() -> str:
+    """Hash of every source and header: torch's JIT loader rebuilds when its build flags change,
+    and it does not hash the headers itself."""
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        h.update((SOURCE_DIR / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def build_directory() -> Path:
@@ -78,7 +87,7 @@ def build(verbose: bool = False):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     try:
         _module = load(name=EXTENSION_NAME, sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                       extra_include_paths=[str(SOURCE_DIR)], extra_cflags=list(CFLAGS),
+                       extra_include_paths=[str(SOURCE_DIR)], extra_cflags=[*CFLAGS, f"-DLTP_SOURCE_HASH={_source_hash()}"],
                        build_directory=str(folder), verbose=verbose)
     except Exception as e:  # compiler missing, ninja missing, compile error: say what happened
         _error = f"building the fused encoder extension failed ({type(e).__name__}): {str(e)[-2000:]}"

@@ -14,6 +14,7 @@
 // attention is row-wise (static per-tensor activation scales), so after the last layer's attention
 // only the [CLS] rows go on (and only their attention rows are computed): the logits are the same.
 // The head: BERT pooler dense + tanh + classifier, RoBERTa classifier.dense + tanh + out_proj.
+#include "attention_ops.h"
 #include "int8_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -52,32 +53,9 @@ static LayerNormParams make_ln(const at::Tensor& w, const at::Tensor& b, double 
   return LayerNormParams{to_vec(w), to_vec(b), static_cast<float>(eps)};
 }
 
-// y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a).
+// y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a; res may be null).
 static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
-  std::vector<float> v(d);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* ar = a + m * d;
-    const float* rr = res + m * d;
-    double s = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      v[i] = ar[i] + rr[i];
-      s += v[i];
-    }
-    const double mean = s / d;
-    double ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += (v[i] - mean) * (v[i] - mean);
-    const float rstd = static_cast<float>(1.0 / std::sqrt(ss / d + ln.eps));
-    const float shift = static_cast<float>(-mean) * rstd;
-    float* yr = y + m * d;
-    for (int64_t i = 0; i < d; ++i) yr[i] = (v[i] * rstd + shift) * ln.w[i] + ln.b[i];
-  }
-}
-
-static float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  add_layernorm_rows(a, res, M, d, ln.w.data(), ln.b.data(), ln.eps, y);
 }
 
 struct Layer {
@@ -216,10 +194,7 @@ class FusedEncoder {
         for (int64_t c = 0; c < d; ++c) xr[c] = (we[c] + te[c]) + pe[c];
       }
     }
-    {
-      std::vector<float> zeros(d, 0.f);
-      for (int64_t r = 0; r < T; ++r) add_layernorm(x.data() + r * d, zeros.data(), 1, d, emb_ln_, x.data() + r * d);
-    }
+    add_layernorm(x.data(), nullptr, T, d, emb_ln_, x.data());
 
     auto kept = at::empty({b, L}, at::kLong);
     int64_t* keptp = kept.data_ptr<int64_t>();
@@ -254,7 +229,15 @@ class FusedEncoder {
         for (int64_t r = 0; r < T; ++r)
           for (int part = 0; part < 3; ++part) {
             float* v = qkv.data() + r * 3 * d + part * d;
-            for (int64_t c = 0; c < d; ++c) v[c] = std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / sc[part])));
+            int64_t c = 0;
+#if LTP_HAVE_VNNI
+            const __m512 vsc = _mm512_set1_ps(sc[part]), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+            for (; c + 16 <= d; c += 16) {
+              const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + c), vsc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+              _mm512_storeu_ps(v + c, _mm512_min_ps(_mm512_max_ps(q, lo), hi));
+            }
+#endif
+            for (; c < d; ++c) v[c] = std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / sc[part])));
           }
       }
 
@@ -264,41 +247,13 @@ class FusedEncoder {
       Buf<float> head_scores(score ? H * T : 1);
       if (score) std::fill(head_scores.data(), head_scores.data() + H * T, 0.f);
       at::parallel_for(0, b * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (T / b) * (T / b) * dh)), [&](int64_t t0, int64_t t1) {
-        std::vector<float> p;
+        AttentionScratch scratch;
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = t / H, h = t % H, n = len[i], r0 = start[i];
-          const int64_t nq = last ? 1 : n;
-          p.resize(n);
-          for (int64_t qi = 0; qi < nq; ++qi) {
-            const float* q = qkv.data() + (r0 + qi) * 3 * d + h * dh;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < n; ++j) {
-              p[j] = dot(q, qkv.data() + (r0 + j) * 3 * d + d + h * dh, dh) * ly.score_scale;
-              mx = std::max(mx, p[j]);
-            }
-            float sum = 0.f;
-            for (int64_t j = 0; j < n; ++j) {
-              p[j] = std::exp(p[j] - mx);
-              sum += p[j];
-            }
-            const float inv = 1.f / sum;
-            for (int64_t j = 0; j < n; ++j) p[j] *= inv;
-            if (score) {
-              float* hs = head_scores.data() + h * T + r0;
-              for (int64_t j = 0; j < n; ++j) hs[j] += p[j];
-            }
-            float* c = ctx.data() + (last ? i : r0 + qi) * d + h * dh;
-            std::fill(c, c + dh, 0.f);
-            for (int64_t j = 0; j < n; ++j) {
-              float pj = p[j];
-              if (ly.int8_attention) pj = std::min(255.f, std::max(0.f, std::nearbyint(pj / (1.0f / 255.0f))));
-              const float* v = qkv.data() + (r0 + j) * 3 * d + 2 * d + h * dh;
-#pragma omp simd
-              for (int64_t e = 0; e < dh; ++e) c[e] += pj * v[e];
-            }
-            if (ly.int8_attention)
-              for (int64_t e = 0; e < dh; ++e) c[e] *= ly.ctx_scale;
-          }
+          const int64_t i = t / H, h = t % H;
+          HeadAttention a{qkv.data(), 3 * d, start[i], len[i], last ? 1 : len[i], dh, h * dh, d + h * dh, 2 * d + h * dh,
+                          ly.score_scale, ly.int8_attention, ly.ctx_scale, score ? head_scores.data() + h * T + start[i] : nullptr,
+                          ctx.data(), d, last ? i : start[i], h * dh};
+          head_attention(a, scratch);
         }
       });
 
