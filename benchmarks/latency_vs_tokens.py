@@ -1,7 +1,7 @@
 """Batch-of-one latency of our exported graph against sequence length: what a forward costs before
 any token is processed, and what that leaves of token pruning's FLOPs reduction (not a test).
 
-For one deployable INT8 checkpoint, builds the graph (modeling/onnx_export.py) twice in memory --
+For one deployable INT8 checkpoint, builds the graph (modeling/onnx_export/) twice in memory --
 dense (no pruning) and as the checkpoint prunes -- and runs them on ONNX Runtime with the
 runtime's session options (`--threads`), one sequence at a time:
 

@@ -1,7 +1,7 @@
 """Our exported ONNX graph on OpenVINO vs on ONNX Runtime (not a test): is OpenVINO a runtime we
 should offer for the deployable model?
 
-Builds the graph of a deployable INT8 checkpoint with `modeling/onnx_export.py` in three forms --
+Builds the graph of a deployable INT8 checkpoint with `modeling/onnx_export/` in three forms --
 as `ltp-compress export` writes it (a batch-of-one `If` branch, MatMulIntegerToFloat, the fused
 Attention op), the batch graph alone (`batch_of_one_branch=False`: no `If`, so OpenVINO compiles
 one graph), and the batch graph with only standard ONNX ops (MatMulInteger, spelled-out attention)

@@ -1,6 +1,6 @@
 """Where our exported graph spends its time in ONNX Runtime (not a test).
 
-Exports a deployable INT8 checkpoint with `modeling/onnx_export.py` as it is now, runs the task's
+Exports a deployable INT8 checkpoint with `modeling/onnx_export/` as it is now, runs the task's
 dev set through it once per batch size (length-bucketed batches, the runtime's session options,
 `--threads`) with ONNX Runtime's profiler on, and sums the kernel time per op type and per op class
 (integer GEMMs, attention, token scoring / selection, quantisation, LayerNorm / GELU / residual

@@ -1,7 +1,7 @@
 """Folder manifests: `manifest.json` lists every file of a checkpoint or export folder with its size
 and sha256, so a loader can refuse a truncated, edited, missing or extra file before it parses
 anything. Used by the deployable checkpoint (modeling/deploy.py) and the ONNX export
-(modeling/onnx_export.py). Light (json, hashlib): no torch.
+(modeling/onnx_export/). Light (json, hashlib): no torch.
 
 A manifest detects corruption and accidental edits; it is not a signature: someone who edits a
 file and its manifest entry together is not detected.

@@ -1,7 +1,20 @@
 """The ONNX export folder's format: its files, its ltp_onnx.json (typed: `ExportInfo`, its one reader
-and writer), its verification, the ONNX Runtime session settings every session of ours uses, and the
-ONNX op types that are integer GEMMs. Light (no torch, no onnx); the graph is built by
-modeling/onnx_export.py and run by modeling/onnx_runtime.py."""
+and writer), its verification, the ONNX Runtime session settings every session of ours uses, the
+graph's names the runtime reads, and the ONNX op types that are integer GEMMs. Light (no torch, no
+onnx); the graph is built by modeling/onnx_export/ (the package) and run by modeling/onnx_runtime.py.
+
+An export folder (`export_onnx`, modeling/onnx_export/export.py) runs in plain ``onnxruntime``
+without ltp_compress installed::
+
+    model.onnx        the graph (weights as initializers)
+    ltp_onnx.json     model_type, id2label, max_seq_length, input/output names, pruning rule,
+                      which int8 GEMM node uses which checkpoint layers and scales (typed:
+                      ExportInfo, its one reader and writer)
+    config.json       the Hugging Face config (copied from the checkpoint)
+    tokenizer files   copied from the checkpoint (tokenizer.json is enough for `tokenizers`)
+    manifest.json     {"format": "ltp-compress-onnx", "files": {name: {size, sha256}},
+                       "parity": the export-time check against the torch runtime}
+"""
 
 from __future__ import annotations
 
@@ -13,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ltp_compress.errors import CheckpointError
 from ltp_compress.json_model import load_json, parse_json_model, write_json_model
 from ltp_compress.kernels.backends import LEGACY_ACTIVATION_RANGE
-from ltp_compress.manifest import verify_manifest
-from ltp_compress.modeling.checkpoint_format import ActivationRange, AttentionMatmuls
+from ltp_compress.manifest import MANIFEST_FILE, verify_manifest
+from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, ActivationRange, AttentionMatmuls
 from ltp_compress.sequence_length import DEFAULT_MAX_SEQ_LENGTH
 
 EXPORT_FORMAT = "ltp-compress-onnx"
@@ -26,6 +39,11 @@ TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` file the runtime and the R
 EXPORT_REQUIRED_FILES = (ONNX_FILE, ONNX_CONFIG_FILE)
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAMES = ("logits", "kept_tokens")
+#: checkpoint files that are not copied into the export (everything else is: config + tokenizer)
+NOT_COPIED_FROM_CHECKPOINT = (WEIGHTS_FILE, LTP_FILE, MANIFEST_FILE)
+#: the graph's top-level `If` that sends a batch of one sequence to its own branch (then: batch of one,
+#: else: any batch); the runtime splits the graph there (modeling/onnx_runtime.py branch_models)
+BATCH_OF_ONE_IF = "batch_of_one"
 
 # how an INT8 linear is expressed: standard ONNX MatMulInteger + float epilogue (portable), or ORT's
 # contrib MatMulIntegerToFloat (one kernel incl. scales and bias; onnxruntime only)

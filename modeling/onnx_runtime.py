@@ -37,9 +37,8 @@ import numpy as np
 from ltp_compress.errors import SettingError
 from ltp_compress.modeling.prediction import predict_texts
 from ltp_compress.modeling.export_format import (  # noqa: F401 (session_options re-exported: the one set of ORT settings)
-    ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportError, ExportInfo, read_export_info, session_options,
+    BATCH_OF_ONE_IF, ONNX_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportError, ExportInfo, read_export_info, session_options,
 )
-from ltp_compress.modeling.onnx_export import BATCH_OF_ONE_IF
 
 
 def concurrent_pass(run_one, workers: int):
@@ -151,7 +150,7 @@ def _as_int64(x) -> np.ndarray:
 
 def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
               streams: int = 1, branch_sessions: bool = True) -> OnnxDeployedModel:
-    """Verify, then load an ONNX export folder (see modeling/onnx_export.py).
+    """Verify, then load an ONNX export folder (see modeling/export_format.py; written by modeling/onnx_export/).
 
     `threads`: ONNX Runtime threads in all (None: ORT's default, one per physical core);
     `providers`: execution providers (default CPUExecutionProvider); `streams`: batches run at

@@ -23,7 +23,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="deployable checkpoint folder (the quantize stage's output)")
     p.add_argument("out", type=Path, help="output folder (replaced atomically if it exists)")
     p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default and supported range: modeling/onnx_export.py)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default and supported range: modeling/onnx_export/builder.py)")
     p.add_argument("--int8-op", default=None, metavar="OP",
                    help="MatMulIntegerToFloat (ORT contrib op, one kernel per INT8 linear; default) or "
                         "MatMulInteger (standard ONNX, portable)")

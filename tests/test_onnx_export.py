@@ -1,4 +1,4 @@
-"""ONNX export with in-graph token pruning and INT8 (modeling/onnx_export.py), the onnxruntime
+"""ONNX export with in-graph token pruning and INT8 (modeling/onnx_export/), the onnxruntime
 deployed runtime (modeling/onnx_runtime.py), `ltp_compress.load(runtime=...)` and the export CLI.
 
 Tiny 2-layer d=32 BERT / RoBERTa (conftest), quantised and saved as deployable checkpoints here.
