@@ -54,8 +54,12 @@ static LayerNormParams make_ln(const at::Tensor& w, const at::Tensor& b, double 
 }
 
 // y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a; res may be null).
+// Row-parallel above kRowGrain rows (below, one thread: the pool costs more than the rows).
+constexpr int64_t kRowGrain = 128;
 static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
-  add_layernorm_rows(a, res, M, d, ln.w.data(), ln.b.data(), ln.eps, y);
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    add_layernorm_rows(a + m0 * d, res ? res + m0 * d : nullptr, m1 - m0, d, ln.w.data(), ln.b.data(), ln.eps, y + m0 * d);
+  });
 }
 
 struct Layer {
@@ -72,7 +76,9 @@ enum class PruneMode { None, Threshold, TopK };
 
 static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
   Buf<uint8_t> xq(M * w.Kp);
-  quantize_u8(x, ldx, M, w.K, w.Kp, w.x_scale, w.act_qmin, xq.data());
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    quantize_u8(x + m0 * ldx, ldx, m1 - m0, w.K, w.Kp, w.x_scale, w.act_qmin, xq.data() + m0 * w.Kp);
+  });
   gemm_u8(xq.data(), M, w, y, ldy);
   return M;
 }
