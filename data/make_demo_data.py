@@ -8,7 +8,7 @@ Usage (from the repository root)::
 by GLUE. Rows are copied byte-for-byte (header included, MRPC's UTF-8 BOM dropped); samples
 are drawn with ``numpy.random.default_rng(0)`` and kept in original file order.
 
-* ``sst2_demo/train.tsv``: 2000 random rows of SST-2 train; ``sst2_demo/dev.tsv``: all 872 dev rows.
+* ``sst2_demo/train.tsv``: 4000 random rows of SST-2 train; ``sst2_demo/dev.tsv``: all 872 dev rows.
 * ``mrpc_tiny/train.tsv``: 200 random rows of MRPC train; ``mrpc_tiny/dev.tsv``: 100 random dev rows.
 """
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     jobs = [
-        ("SST-2/train.tsv", "sst2_demo/train.tsv", 2000),
+        ("SST-2/train.tsv", "sst2_demo/train.tsv", 4000),
         ("SST-2/dev.tsv", "sst2_demo/dev.tsv", None),
         ("MRPC/train.tsv", "mrpc_tiny/train.tsv", 200),
         ("MRPC/dev.tsv", "mrpc_tiny/dev.tsv", 100),
