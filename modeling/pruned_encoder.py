@@ -38,7 +38,7 @@ A token pruned at layer l has score 0 at every later layer and stays pruned.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -191,17 +191,23 @@ def forward_masked(
     attention_mask: torch.Tensor,  # [b, s] 1 = real token
     token_type_ids: torch.Tensor | None = None,
     *,
-    mode: Literal["dense", "soft", "hard", "topk"] = "dense",
+    mode: Literal["dense", "soft", "hard", "topk", "gated"] = "dense",
     thresholds: torch.Tensor | None = None,  # [L] (learnable in soft mode)
     temperature: float = 0.1,
     keep_ratios: list[float] | None = None,
     return_scores: bool = False,
+    token_masks: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> ForwardOutput:
     """Padded-batch forward. `soft`: mask m = sigmoid((score-θ)/T) multiplies each layer's output
     and (as log m) the attention to that token in later layers — the differentiable relaxation of
     removal. `hard`/`topk`: binary keep mask; equals `forward_packed` on the same inputs.
     `return_scores`: `out.scores[l]` is layer l's importance score [b, s] (differentiable), for every
-    layer including the last (which prunes nothing) — ranking distillation reads them."""
+    layer including the last (which prunes nothing) — ranking distillation reads them.
+    `gated` (ToP's gates, stages/top_prune.py): layer l's mask m_l = token_masks(l, score_l, alive)
+    [b, s] in [0, 1] is computed outside and applied exactly as `soft` applies its sigmoid masks
+    (cumulative, output × mask, log-mask key bias in later layers), except that a token whose
+    cumulative mask is exactly 0 is removed from attention like a `hard` one; position 0 is never
+    pruned and the last layer prunes nothing."""
     layers = encoder_layers(model)
     heads = num_heads(model)
     x = embed(model, input_ids, token_type_ids)  # [b, s, d]
@@ -221,6 +227,8 @@ def forward_masked(
         att = _attention_scores(layer, q, k)  # [b, H, s, s]
         if mode == "soft":
             key_bias = torch.log(alive.clamp_min(1e-30))
+        elif mode == "gated":  # as soft; an exact 0 (a closed gate) removes the key like hard
+            key_bias = torch.log(alive.clamp_min(1e-30)).masked_fill(alive <= 0, neg)
         else:
             key_bias = torch.zeros_like(alive).masked_fill(alive <= 0, neg)
         att = att + key_bias[:, None, None, :]
@@ -237,8 +245,8 @@ def forward_masked(
         if mode == "dense" or (last and mode != "soft"):
             x = out
             continue
-        if mode == "soft":
-            m = torch.sigmoid((score - thresholds[l]) / temperature)
+        if mode in ("soft", "gated"):
+            m = torch.sigmoid((score - thresholds[l]) / temperature) if mode == "soft" else token_masks(l, score, alive)
             m = torch.where(pos0, torch.ones_like(m), m)
             alive = alive * m
             soft_masks.append(alive)

@@ -7,7 +7,8 @@ from pathlib import Path
 from ltp_compress.pipeline.run_dir import RunDir
 
 STYLE = {"ltp_hard": ("LTP (ours)", "o-"), "ltp_soft": ("LTP soft", "o:"), "manual_prune": ("manual thresholds", "s--"),
-         "topk_prune": ("top-k (SpAtten-style)", "^--"), "distill": ("LTP + KD", "D-"), "quantize": ("LTP + KD + INT8", "*-")}
+         "topk_prune": ("top-k (SpAtten-style)", "^--"), "top_prune": ("ToP (L0 gates)", "v--"), "distill": ("LTP + KD", "D-"),
+         "quantize": ("LTP + KD + INT8", "*-")}
 
 
 def _plt():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ltp_compress.stages.configs import (
     DistillStage, EvaluateStage, FinetuneStage, LTPHardStage, LTPSoftStage, ManualPruneStage, QuantizeStage, TopkPruneStage,
+    TopPruneStage,
 )
 
 
@@ -35,6 +36,7 @@ STAGE_TYPES: dict[str, StageType] = {_stage_name(t.config): t for t in (
     StageType(LTPHardStage, "ltp_hard:run", True),
     StageType(ManualPruneStage, "prune_baselines:run_manual", True),
     StageType(TopkPruneStage, "prune_baselines:run_topk", True),
+    StageType(TopPruneStage, "top_prune:run", True),
     StageType(DistillStage, "distill:run", True),
     StageType(QuantizeStage, "quantize:run", True),
 )}

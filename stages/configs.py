@@ -198,6 +198,36 @@ class TopkPruneStage(PruneTrainStageBase, FlopsTargetFields):
                                                                      "there while finetuning). None: final_keep_ratio as given")
 
 
+class TopPruneStage(PruneTrainStageBase, FlopsTargetFields, RankDistillFields):
+    """Baseline (ToP, Li et al. KDD'23): hard-concrete L0 gates trained to a FLOPs target under a
+    Lagrangian constraint, coarse-to-fine (a gate per layer: does it prune; gates over relative-rank
+    bins: which ranked tokens it keeps), optionally with ranking distillation; deployed as a top-k
+    rule (stages/top_prune.py). Defaults: sized for MiniLM-L6 on GLUE (a few thousand steps); a
+    tiny model needs a larger reg_lr for the gates to move in a few steps."""
+
+    stage: Literal["top_prune"]
+    epochs: float = Field(2.0, gt=0, description="passes over the training set of the gate phase (weights, gates and "
+                                                 "Lagrange multipliers train jointly)")
+    target_flops: float = Field(gt=0, le=1, description="relative FLOPs (flops_convention) the Lagrangian constraint trains the "
+                                                        "gates' expected FLOPs to, and the deployed top-k rule lands on the "
+                                                        "calibration inputs within ±0.01")
+    rank_bins: int = Field(20, ge=2, description="token gates per pruning layer, one per bin of relative rank: a present token "
+                                                 "ranked r-th (0 = best) of n is in bin floor(r·rank_bins/n) (ToP's bin_num)")
+    droprate_init: float = Field(0.01, gt=0, lt=1, description="initial token-bin gates: log α = log((1-p)/p) (Louizos et al.), "
+                                                               "clamped to ±log 100 like every log α; 0.01 = ToP's start, every bin open")
+    layer_droprate_init: float = Field(0.99, gt=0, lt=1, description="initial layer gates, the same formula; 0.99 = ToP's start, "
+                                                                     "every layer gate closed (no layer prunes until the constraint opens it)")
+    gate_temperature: float = Field(2.0 / 3.0, gt=0, description="hard-concrete temperature β (Louizos et al. 2018; ToP: 2/3)")
+    reg_lr: float = Field(0.02, gt=0, description="Adam learning rate of the gates' log α (descent) and of the Lagrange multipliers "
+                                                  "λ1, λ2 (ascent); each moves about reg_lr per step")
+    lagrangian_warmup: float = Field(0.5, ge=0, le=1, description="fraction of the gate phase's steps over which the constraint's "
+                                                                 "target falls linearly from 1.0 to target_flops (0: the target from "
+                                                                 "the first step)")
+    finetune_epochs: float = Field(1.0, ge=0, description="after the gates are fixed and the top-k rule is landed on the target, "
+                                                          "finetune the weights under that rule for this many epochs (the stage's "
+                                                          "lr, batch size and KD settings; keep_best); 0 = none")
+
+
 class DistillStage(TrainStageBase, FlopsTargetFields):
     """Knowledge distillation from an unpruned FP teacher into the (pruned) student.
 
