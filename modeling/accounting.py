@@ -145,6 +145,24 @@ def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: Enc
     return float(encoder_flops(tokens_per_layer, shape, convention).sum() / encoder_flops(dense, shape, convention).sum())
 
 
+def relative_flops_by_group(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape,
+                            groups: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per group of examples (row indices into the split): `relative_flops` of its rows in both
+    conventions, and `dense_flops_share` = its share of the whole split's unpruned FLOPs (the same in
+    both conventions: unpruned, they agree). Because each relative FLOPs is a ratio of sums, groups that
+    partition the split recombine exactly: split relative FLOPs = Σ_g dense_flops_share_g · relative_flops_g,
+    per convention. An empty group: relative_flops None, share 0."""
+    tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    dense = encoder_flops(_dense_tokens(lengths, shape), shape)
+    out = {}
+    for name, rows in groups.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        rel = {c: (relative_flops(tokens_per_layer[rows], lengths[rows], shape, c) if len(rows) else None) for c in CONVENTIONS}
+        out[name] = {"relative_flops": rel, "dense_flops_share": float(dense[rows].sum() / dense.sum())}
+    return out
+
+
 def cost_summary(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, precision: Precision) -> dict:
     """Cost report of one evaluated split: the top-level FLOPs/BOPs keys use the "executed"
     convention (what runs); `by_convention` has them for both conventions. Relative FLOPs are vs the

@@ -12,7 +12,7 @@ from ltp_compress.pipeline.environment import environment_summary
 from ltp_compress.pipeline.run_dir import RunDir
 
 _EXTRA_KEYS = ("pruning", "kernel", "final_lambda", "calibration", "deploy_dir", "flops_target", "learned_something", "refit")
-_NOT_METRICS = ("examples_per_s", "mean_tokens", "num_examples")
+_NOT_METRICS = ("examples_per_s", "mean_tokens", "num_examples", "by_length")
 
 
 def collect_report(run_dir: Path) -> dict:
@@ -55,6 +55,11 @@ def render_markdown(report: dict) -> str:
         if carve:
             lines += ["", f"validation: {carve.get('method')}; {carve.get('dropped_from_train_as_overlapping')} overlapping training rows "
                       f"dropped; seed {carve.get('seed')}"]
+        lf = data.get("train_length_filter")
+        if lf:
+            lines += ["", f"train: only examples shorter than {lf['threshold_tokens']:g} tokens, the {lf['quantile']:g} quantile of the "
+                      f"validation token counts (`{lf['key']}`): {lf['train_examples_after']} of {lf['train_examples_before']} kept "
+                      f"(mean tokens {lf['mean_tokens_before']:.1f} -> {lf['mean_tokens_after']:.1f}); validation and dev not filtered"]
         lines.append("")
     flagged = [s for s in report["stages"] if s.get("learned_something") and not s["learned_something"]["ok"]]
     for s in flagged:
@@ -106,6 +111,7 @@ def render_markdown(report: dict) -> str:
             for s in corrections for c in [s["calibration"]]])
         warnings = [f"- **WARNING** `{s['id']}`: {w}" for s in corrections for w in s["calibration"]["warnings"]]
         lines += warnings + ([""] if warnings else [])
+    lines += _by_length_section(report["stages"])
     pruned = [s for s in report["stages"] if (s.get("cost") or {}).get("mean_tokens_per_layer")]
     if pruned:
         lines += ["## Tokens entering each layer (dev mean)", ""]
@@ -133,6 +139,36 @@ def render_markdown(report: dict) -> str:
         if env.get("cpu_model") is not None or env.get("isa_flags"):  # runs before the environment block have neither
             lines += [environment_summary(env), ""]
     return "\n".join(lines)
+
+
+#: the length slices of an evaluated split (stages/length_slices.py SLICES), shortest first
+_SLICES = ("short", "q2_q3", "long")
+
+
+def _by_length_section(stages: list[dict]) -> list[str]:
+    """The first dev set's results by input length (its own token-length quartiles): per stage and
+    slice the main metric and the relative FLOPs (paper convention); none when no stage has them."""
+    rows, head = [], None
+    for s in stages:
+        dev = next((m for k, m in (s.get("metrics") or {}).items() if k != "validation"), None)
+        bl = (dev or {}).get("by_length")
+        if not bl:
+            continue
+        head = head or bl
+        cells = [s["id"]]
+        for name in _SLICES:
+            sl = bl["slices"][name]
+            cells += [_f((sl.get("metrics") or {}).get("main"), "{:.4f}"), _f(sl["relative_flops"]["paper"], "{:.3f}")]
+        rows.append(cells)
+    if head is None:
+        return []
+    b, sl = head["boundaries"], head["slices"]
+    note = (f"short: n ≤ Q2 = {b['q2_tokens']:g} tokens ({sl['short']['num_examples']} examples); q2_q3: Q2 < n ≤ Q3 = "
+            f"{b['q3_tokens']:g} ({sl['q2_q3']['num_examples']}); long: n > Q3 ({sl['long']['num_examples']}); n counts special "
+            "tokens. From the stage's own dev evaluation; main metric and relative FLOPs (paper convention) of each slice's rows.")
+    header = ["stage"] + [f"{name} {what}" for name in _SLICES for what in ("main", "rel. FLOPs paper")]
+    section = _section("Dev by input length (quartiles of dev token counts)", header, rows)
+    return section[:2] + [note, ""] + section[2:]  # the note under the title
 
 
 def _section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:

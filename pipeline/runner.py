@@ -198,12 +198,13 @@ def _check_resume(run: RunDir, recipe: Recipe, overwrite: bool) -> Path | None:
 
 
 def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger, *, progress: bool = False) -> tuple[TaskData, dict]:
-    """The tokenised splits (through the token cache unless `data.cache: false`), and a summary of
-    them for the report (sizes, mean tokens, truncated inputs, how validation was carved, the
-    trivial baseline on each evaluated split, the cache entry)."""
+    """The tokenised splits (through the token cache unless `data.cache: false`; the training split then
+    cut to `data.train_shorter_than_quantile` when set), and a summary of them for the report (sizes, mean
+    tokens, truncated inputs, how validation was carved, the length filter, the trivial baseline on each
+    evaluated split, the cache entry)."""
     from ltp_compress.tasks.data import load_split, mean_tokens
     from ltp_compress.tasks.metrics import trivial_baseline
-    from ltp_compress.tasks.splits import load_train_and_validation
+    from ltp_compress.tasks.splits import load_train_and_validation, train_shorter_than
     from ltp_compress.tasks.token_cache import load_splits_cached
 
     seed = recipe.data.row_seed(recipe.seed)
@@ -225,10 +226,19 @@ def load_task_data(recipe: Recipe, task, tokenizer, log: logging.Logger, *, prog
     summary = {"validation_carving": carve, "max_seq_length": max_len, "splits": {},
                "token_cache": {"path": info.path, "hit": info.hit, "seconds": info.seconds}}
     log.info("token cache: %s (%s, %.1f s)", info.path or "off", "reused" if info.hit else "built", info.seconds)
+    quantile = recipe.data.train_shorter_than_quantile
+    if quantile is not None:  # after the cache (which holds the whole training split), before any training
+        tokenized["train"], summary["train_length_filter"] = train_shorter_than(tokenized["train"], tokenized[VALIDATION], quantile, max_len)
+        f = summary["train_length_filter"]
+        log.info("train: only examples shorter than %g tokens (the %g quantile of validation token counts): %d of %d kept",
+                 f["threshold_tokens"], quantile, f["train_examples_after"], f["train_examples_before"])
     for name, ts in tokenized.items():
         meta = info.split(name)
+        truncated = meta["truncated"]
+        if name == "train" and quantile is not None and ts.truncated is not None:
+            truncated = ts.truncated  # the filter keeps rows shorter than max_seq_length only: none was cut
         row = {"examples": len(ts), "source": meta["source"], "malformed_rows_skipped": meta["skipped"],
-               "mean_tokens": mean_tokens(ts), "truncated": meta["truncated"]}
+               "mean_tokens": mean_tokens(ts), "truncated": truncated}
         if name != "train":
             row["trivial_baseline"] = trivial_baseline(task, tokenized["train"].labels, ts.labels)
         summary["splits"][name] = row

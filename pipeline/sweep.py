@@ -98,6 +98,7 @@ def run_sweep(recipe_path: str | Path, grid: list[str], *, seeds: list[int] | No
                 if not (run_dir / "recipe.json").is_file():
                     continue
             rows += sweep_rows(collect_report(run_dir), point=k, overrides=overrides, seed=seed, run_dir=run_dir)
+    rows = add_slice_drops(rows)
     summary = aggregate_over_seeds(rows)
     reference = next((r for r in summary if r["is_reference"]), None)
     plot = plot_sweep([r for r in summary if not r["is_reference"]], reference["dev_main"]["mean"] if reference else None,
@@ -119,6 +120,10 @@ def _threads(recipe_threads: int | None) -> int:
 #: per-row numbers aggregated over seeds
 _VALUES = ("validation_main", "dev_main", "relative_flops_executed", "relative_flops_paper",
            "relative_bops_vs_fp16_executed", "relative_bops_vs_fp16_paper")
+#: dev's length slices (stages/length_slices.py), shortest first; rows of runs that have them carry
+#: dev_<slice>_main / _relative_flops_paper / _drop and dev_q2_tokens / dev_q3_tokens, aggregated like _VALUES
+_SLICES = ("short", "q2_q3", "long")
+_SLICE_VALUES = ("dev_q2_tokens", "dev_q3_tokens", *(f"dev_{s}_{v}" for s in _SLICES for v in ("main", "relative_flops_paper", "drop")))
 
 
 def sweep_rows(report: dict, *, point: int, overrides: list[str], seed: int, run_dir) -> list[dict]:
@@ -138,6 +143,28 @@ def sweep_rows(report: dict, *, point: int, overrides: list[str], seed: int, run
                      "relative_bops_vs_fp16_paper": conv["paper"]["relative_bops_vs_fp16_dense"],
                      "is_reference": s["stage"] in ("finetune", "evaluate") and conv["executed"]["relative_flops"] > 0.999,
                      "run_dir": str(run_dir)})
+        bl = dev.get("by_length")
+        if bl:
+            rows[-1].update(dev_q2_tokens=bl["boundaries"]["q2_tokens"], dev_q3_tokens=bl["boundaries"]["q3_tokens"])
+            for name in _SLICES:
+                sl = bl["slices"][name]
+                rows[-1][f"dev_{name}_main"] = (sl.get("metrics") or {}).get("main")
+                rows[-1][f"dev_{name}_relative_flops_paper"] = sl["relative_flops"]["paper"]
+    return rows
+
+
+def add_slice_drops(rows: list[dict]) -> list[dict]:
+    """Each non-reference row with dev length slices gains dev_<slice>_drop = the same seed's and point's
+    unpruned reference's slice main minus its own (positive: below the reference), where both have it."""
+    refs = {(r["point"], r["seed"]): r for r in rows if r["is_reference"]}
+    for r in rows:
+        ref = refs.get((r["point"], r["seed"]))
+        if r["is_reference"] or ref is None:
+            continue
+        for name in _SLICES:
+            a, b = ref.get(f"dev_{name}_main"), r.get(f"dev_{name}_main")
+            if a is not None and b is not None:
+                r[f"dev_{name}_drop"] = a - b
     return rows
 
 
@@ -150,7 +177,7 @@ def aggregate_over_seeds(rows: list[dict]) -> list[dict]:
     for (point, sid), rs in sorted(groups.items()):
         agg = {"point": point, "id": sid, "stage": rs[0]["stage"], "overrides": rs[0]["overrides"],
                "seeds": [r["seed"] for r in rs], "is_reference": rs[0]["is_reference"]}
-        for key in _VALUES:
+        for key in _VALUES + tuple(k for k in _SLICE_VALUES if all(r.get(k) is not None for r in rs)):
             v = np.array([r[key] for r in rs], dtype=np.float64)
             agg[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
         out.append(agg)
@@ -187,12 +214,34 @@ def render_sweep(result: dict) -> str:
                 ref = refs.get((point, seed))
                 cells.append("-" if r is None else f"{100 * r['dev_main']:.2f}" + (f" ({100 * (r['dev_main'] - ref):+.2f})" if ref is not None else ""))
             lines.append(f"| {point} | {sid} | " + " | ".join(cells) + " |")
+    lines += _by_length_tables(result["summary"])
     if result.get("failures"):
         lines += ["", "Runs that stopped on a user error (the stages they finished are in the tables above):", "",
                   "| point | seed | settings | error |", "|---|---|---|---|"]
         lines += [f"| {f['point']} | {f['seed']} | `{' '.join(f['overrides'])}` | {' '.join(f['error'].replace('|', '/').split())} |" for f in result["failures"]]
     lines += ["", f"![accuracy vs FLOPs]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
+
+
+def _by_length_tables(summary: list[dict]) -> list[str]:
+    """One table per dev length slice (only when the rows have them): dev main and its drop vs the
+    same seed's unpruned reference (mean ± sd over seeds), and the slice's relative FLOPs (paper)."""
+    rows = [r for r in summary if "dev_short_main" in r]
+    if not rows:
+        return []
+    lines = ["", "## Dev by input length (quartiles of dev token counts)", "",
+             f"Each run's dev set cut by its own token-length quartiles (Q2 {_pm(rows[0]['dev_q2_tokens'], 1, 1)}, "
+             f"Q3 {_pm(rows[0]['dev_q3_tokens'], 1, 1)} tokens, special tokens included). Drop: the same seed's unpruned "
+             "reference minus the stage, in points (positive = below the reference), then mean ± sd over seeds."]
+    for name, what in (("short", "n ≤ Q2"), ("q2_q3", "Q2 < n ≤ Q3"), ("long", "n > Q3")):
+        lines += ["", f"### {name} ({what})", "", "| method (stage) | point | settings | dev main (%) | drop vs unpruned (points) | "
+                  "rel. FLOPs paper |", "|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (not r["is_reference"], r["stage"], r["point"])):
+            main, drop = r.get(f"dev_{name}_main"), r.get(f"dev_{name}_drop")
+            lines.append(f"| {r['id']} ({r['stage']}{', unpruned' if r['is_reference'] else ''}) | {r['point']} | "
+                         f"`{' '.join(r['overrides'])}` | {_pm(main) if main else '-'} | {_pm(drop) if drop else '-'} | "
+                         f"{_pm(r[f'dev_{name}_relative_flops_paper'], 1, 3) if r.get(f'dev_{name}_relative_flops_paper') else '-'} |")
+    return lines
 
 
 def _pm(v: dict, scale: float = 100, digits: int = 2) -> str:

@@ -6,7 +6,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ from ltp_compress.tasks.data import length_bucketed_batches
 from ltp_compress.tasks.metrics import compute_metrics
 from ltp_compress.modeling.model_io import load_stage_model
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
+from ltp_compress.stages.length_slices import BY_LENGTH, length_slices
 from ltp_compress.errors import UserError
 from ltp_compress.stages import distributed as dist
 from ltp_compress.stages.rank_distill import pruning_layers, rank_distill_loss
@@ -217,6 +218,7 @@ class EvalResult:
     metrics: dict  # task metrics + throughput + mean tokens
     kept_tokens: np.ndarray  # [N, L] tokens entering each layer, in split order
     lengths: np.ndarray  # [N]
+    predictions: np.ndarray | None = None  # [N] class ids (int64) / regression outputs (float64), in split order
 
 
 @torch.no_grad()
@@ -256,7 +258,8 @@ def evaluate_split(model, ctx: StageContext, split: str, pruning: PruningConfig,
     metrics["mean_tokens"] = float(lengths.mean())
     metrics["num_examples"] = n
     dist.recorder().eval(split, mine, metrics)
-    return EvalResult(metrics=metrics, kept_tokens=kept, lengths=lengths)
+    return EvalResult(metrics=metrics, kept_tokens=kept, lengths=lengths,
+                      predictions=preds if ts.num_labels == 1 else preds.astype(np.int64))
 
 
 @dataclass
@@ -265,6 +268,8 @@ class Evaluation:
 
     metrics: dict[str, dict]  # split -> task metrics (+ throughput, mean tokens)
     costs: dict[str, dict]  # split -> cost summary (FLOPs / BOPs / kept tokens, both conventions)
+    by_length: dict[str, dict] = field(default_factory=dict)  # split -> its length slices (stages/length_slices.py)
+    per_example: dict[str, EvalResult] = field(default_factory=dict)  # split -> the evaluation pass's per-example arrays
 
     @property
     def selection_score(self) -> float:
@@ -276,10 +281,11 @@ class Evaluation:
         return self.costs[VALIDATION]
 
     def result(self, extra: dict | None = None) -> StageResult:
-        """A stage's result: metrics on every split; `cost` of the first dev set (the reported
-        number), the validation cost (what targets were fitted on) in extra."""
+        """A stage's result: metrics on every split, each with its length slices (`by_length`); `cost` of the
+        first dev set (the reported number), the validation cost (what targets were fitted on) in extra."""
         dev = next(s for s in self.costs if s != VALIDATION)
-        return StageResult(metrics=self.metrics, cost=self.costs[dev], extra={"validation_cost": self.costs[VALIDATION], **(extra or {})})
+        metrics = {split: {**m, BY_LENGTH: self.by_length[split]} if split in self.by_length else m for split, m in self.metrics.items()}
+        return StageResult(metrics=metrics, cost=self.costs[dev], extra={"validation_cost": self.costs[VALIDATION], **(extra or {})})
 
 
 def evaluate(model, ctx: StageContext, pruning: PruningConfig, batch_size: int, *, splits: list[str] | None = None,
@@ -287,10 +293,15 @@ def evaluate(model, ctx: StageContext, pruning: PruningConfig, batch_size: int, 
     """Evaluate on `splits` (default: validation and every dev set; during training pass
     [VALIDATION] only: dev is evaluated once, for the model a stage returns)."""
     precision = precision or Precision.uniform(32, 32)
-    metrics, costs = {}, {}
+    shape = EncoderShape.from_config(model.config)
+    ev = Evaluation({}, {})
     for split in splits or ctx.data.eval_names:
         res = evaluate_split(model, ctx, split, pruning, batch_size, desc=f"eval {split}", forward=forward)
-        metrics[split] = res.metrics
-        costs[split] = cost_summary(res.kept_tokens, res.lengths, EncoderShape.from_config(model.config), precision)
-        costs[split]["precision"] = precision.bits
-    return Evaluation(metrics, costs)
+        ev.metrics[split] = res.metrics
+        ev.costs[split] = cost_summary(res.kept_tokens, res.lengths, shape, precision)
+        ev.costs[split]["precision"] = precision.bits
+        # the same pass, cut by the split's length quartiles (the stage result carries them: Evaluation.result)
+        ev.by_length[split] = length_slices(ctx.task, res.predictions, np.asarray(ctx.data.eval_split(split).labels),
+                                            res.kept_tokens, res.lengths, shape)
+        ev.per_example[split] = res
+    return ev

@@ -99,6 +99,12 @@ class DataConfig(BaseModel):
     split_seed: int | None = Field(None, description="seed of the validation carving and of the row subsets (default: the "
                                    "recipe's seed). Pin it to the seed of the run that trained the recipe's model, so that a "
                                    "seed sweep starting from that model never validates on rows it trained on")
+    train_shorter_than_quantile: float | None = Field(
+        None, gt=0, le=1, description="train only on examples shorter than this quantile of the validation split's token counts "
+        "(tokens as the model sees them: special tokens included, after truncation; numpy's linear quantile; rows with "
+        "count < threshold are kept). 0.5: train on examples shorter than the validation median (the LTP paper's length-"
+        "robustness protocol, Table III). Applied after the validation carving and max_train_examples; validation and dev "
+        "are not filtered; the threshold and the train counts before / after are in data.json. None (default): off")
     on_bad_row: Literal["error", "skip"] = "error"
     cache: bool = Field(True, description="cache the tokenised splits (memory-mapped arrays, reused by reruns and sweeps; "
                                           "keyed by the data files' content, the tokenizer and these settings)")
@@ -530,6 +536,18 @@ class TokenizedSplit:
         return Batch(torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(tt),
                      torch.tensor(labels, dtype=torch.float32 if self.num_labels == 1 else torch.long),
                      torch.from_numpy(idx.copy()))
+
+    def subset(self, rows, truncated: int | None = None) -> "TokenizedSplit":
+        """A new split holding rows `rows` (indices, in that order), arrays copied into memory;
+        `truncated` is the new split's count of truncated rows (the caller knows it; None: unknown)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = np.asarray(self.offsets[rows], dtype=np.int64)
+        lengths = np.asarray(self.offsets[rows + 1], dtype=np.int64) - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
+        return TokenizedSplit(self.name, np.asarray(self.ids[flat]), offsets, np.asarray(self.types[flat]),
+                              np.asarray(self.labels[rows]), self.num_labels, truncated=truncated)
 
     def __repr__(self) -> str:
         return (f"TokenizedSplit({self.name!r}, {len(self)} rows, {len(self.ids)} tokens, "

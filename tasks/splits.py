@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import DataConfig, DataError, Example, SplitData, load_split, seeded_subset
+from .data import DataConfig, DataError, Example, SplitData, TokenizedSplit, load_split, seeded_subset
 from .glue import TaskSpec
 
 _MAX_PAIR_GROUP = 50
@@ -156,3 +156,36 @@ def load_train_and_validation(cfg: DataConfig, task: TaskSpec, seed: int) -> tup
     info = {**split.info, "train_examples_used": len(train)}
     return (SplitData("train", train, full.skipped, full.source),
             SplitData("validation", split.validation, 0, f"{full.source} (carved: {split.info['method']})"), info)
+
+
+#: the recipe key of `train_shorter_than` (named in its errors)
+SHORTER_THAN_KEY = "data.train_shorter_than_quantile"
+
+
+def train_shorter_than(train: TokenizedSplit, validation: TokenizedSplit, quantile: float,
+                       max_seq_length: int | None = None) -> tuple[TokenizedSplit, dict]:
+    """The training rows whose token count (special tokens included, after truncation: the arrays'
+    lengths) is below `quantile` of the validation split's token counts (numpy's linear quantile:
+    0.5 is the usual median), in their order, and what was done (the threshold, counts and mean
+    tokens before / after). Train on short inputs, evaluate on all lengths: the LTP paper's
+    length-robustness protocol (Table III). No row left is a DataError naming the recipe key.
+
+    `max_seq_length`: a kept row shorter than it cannot have been cut, so the filtered split's
+    truncated count is 0 when every kept row is (None otherwise: unknown)."""
+    val_lengths = validation.lengths
+    if not len(val_lengths):
+        raise DataError(f"{SHORTER_THAN_KEY}: the validation split is empty")
+    threshold = float(np.quantile(val_lengths, quantile))
+    lengths = train.lengths
+    keep = np.flatnonzero(lengths < threshold)
+    if not len(keep):
+        raise DataError(f"{SHORTER_THAN_KEY}: {quantile:g} leaves no training example: the {quantile:g} quantile of the validation "
+                        f"token counts is {threshold:g} tokens and the shortest of the {len(lengths)} training examples has "
+                        f"{int(lengths.min())} (raise the quantile)")
+    truncated = 0 if max_seq_length is not None and int(lengths[keep].max()) < max_seq_length else None
+    info = {"key": SHORTER_THAN_KEY, "quantile": float(quantile), "of": "validation", "quantile_method": "numpy linear",
+            "threshold_tokens": threshold, "rule": "tokens < threshold (special tokens included, after truncation)",
+            "train_examples_before": int(len(lengths)), "train_examples_after": int(len(keep)),
+            "mean_tokens_before": float(lengths.mean()), "mean_tokens_after": float(lengths[keep].mean()),
+            "max_tokens_after": int(lengths[keep].max())}
+    return train.subset(keep, truncated=truncated), info

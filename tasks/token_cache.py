@@ -88,7 +88,9 @@ __all__ = [
 CACHE_FORMAT = 1
 _FILES = ("ids", "offsets", "types", "labels")
 #: DataConfig fields that do not change a split's rows (locations are covered by the content hash)
-_NOT_ROW_FIELDS = frozenset({"path", "train_file", "dev_file", "split_seed"})  # split_seed: enters the key as `seed`
+#: (train_shorter_than_quantile filters the tokenised train split after the cache: the runner's load_task_data)
+_NOT_ROW_FIELDS = frozenset({"path", "train_file", "dev_file", "split_seed",  # split_seed: enters the key as `seed`
+                             "train_shorter_than_quantile"})
 
 _log = logging.getLogger(__name__)
 

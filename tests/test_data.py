@@ -471,7 +471,7 @@ def test_shipped_sst2_demo_loads(tiny_tokenizer):
     assert check_data_files(cfg, task) == []
     train = load_split(cfg, task, "train")
     dev = load_split(cfg, task, "dev")
-    assert len(train.examples) == 2000 and len(dev.examples) == 872
+    assert len(train.examples) == 4000 and len(dev.examples) == 872
     assert train.skipped == 0 and dev.skipped == 0
     for split in (train, dev):
         labels = {e.label for e in split.examples}
