@@ -113,13 +113,22 @@ inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
     // scores, 16 keys at a time; the padding lanes (j >= n) are masked out of max / sum
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     const __m512 vscale = _mm512_set1_ps(a.score_scale);
-    for (int64_t j = 0; j < n16; j += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t e = 0; e < dh; ++e) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[e]), _mm512_loadu_ps(kt + e * n16 + j), acc);
-      acc = _mm512_mul_ps(acc, vscale);
-      const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-      _mm512_storeu_ps(p + j, acc);
-      vmax = _mm512_mask_max_ps(vmax, live, vmax, acc);
+    // four key blocks per pass: four independent FMA chains over dh (one chain is latency-bound)
+    for (int64_t j0 = 0; j0 < n16; j0 += 64) {
+      const int nb = static_cast<int>(std::min<int64_t>(4, (n16 - j0) / 16));
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t e = 0; e < dh; ++e) {
+        const __m512 qe = _mm512_set1_ps(q[e]);
+        const float* row = kt + e * n16 + j0;
+        for (int bl = 0; bl < nb; ++bl) acc[bl] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(row + 16 * bl), acc[bl]);
+      }
+      for (int bl = 0; bl < nb; ++bl) {
+        const int64_t j = j0 + 16 * bl;
+        const __m512 sc = _mm512_mul_ps(acc[bl], vscale);
+        const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+        _mm512_storeu_ps(p + j, sc);
+        vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
+      }
     }
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
@@ -143,12 +152,18 @@ inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
       }
       _mm512_storeu_ps(p + j, v);
     }
-    // context, 16 output columns at a time
+    // context, 16 output columns at a time, even and odd keys in two chains (p[j] = 0 beyond n)
     for (int64_t e0 = 0; e0 < dh; e0 += 16) {
       const __mmask16 cols = dh - e0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (dh - e0)) - 1);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; ++j)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(cols, a.qkv + (a.r0 + j) * a.ld + a.vc + e0), acc);
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      const float* vcol = a.qkv + a.r0 * a.ld + a.vc + e0;
+      int64_t j = 0;
+      for (; j + 2 <= n; j += 2) {
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(cols, vcol + j * a.ld), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), _mm512_maskz_loadu_ps(cols, vcol + (j + 1) * a.ld), acc1);
+      }
+      if (j < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(cols, vcol + j * a.ld), acc0);
+      __m512 acc = _mm512_add_ps(acc0, acc1);
       if (a.int8_attention) acc = _mm512_mul_ps(acc, _mm512_set1_ps(a.ctx_scale));
       _mm512_mask_storeu_ps(c + e0, cols, acc);
     }

@@ -20,6 +20,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -82,6 +86,26 @@ static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int6
   gemm_u8(xq.data(), M, w, y, ldy);
   return M;
 }
+
+// Wall time per phase of forward(), summed over calls until reset (the runtime's own profile:
+// which part of a layer the time goes to). Phases: embed, qkv (quantise + QKV GEMM), attention,
+// select (keep decision + gather), out (output projection + LayerNorm), ffn, head.
+constexpr int kPhases = 7;
+static const char* const kPhaseNames[kPhases] = {"embed", "qkv", "attention", "select", "out", "ffn", "head"};
+
+class PhaseClock {
+ public:
+  explicit PhaseClock(std::array<double, kPhases>* acc) : acc_(acc), t_(std::chrono::steady_clock::now()) {}
+  void lap(int phase) {
+    const auto now = std::chrono::steady_clock::now();
+    (*acc_)[phase] += std::chrono::duration<double>(now - t_).count();
+    t_ = now;
+  }
+
+ private:
+  std::array<double, kPhases>* acc_;
+  std::chrono::steady_clock::time_point t_;
+};
 
 class FusedEncoder {
  public:
@@ -179,6 +203,8 @@ class FusedEncoder {
       T += n;
     }
 
+    std::array<double, kPhases> phases{};  // this call's, added to the totals at the end (calls may run concurrently)
+    PhaseClock clock(&phases);
     // embeddings [T, d]
     Buf<float> x(T * d);
     for (int64_t i = 0; i < b; ++i) {
@@ -201,6 +227,7 @@ class FusedEncoder {
       }
     }
     add_layernorm(x.data(), nullptr, T, d, emb_ln_, x.data());
+    clock.lap(0);
 
     auto kept = at::empty({b, L}, at::kLong);
     int64_t* keptp = kept.data_ptr<int64_t>();
@@ -247,6 +274,7 @@ class FusedEncoder {
           }
       }
 
+      clock.lap(1);
       // attention per (sequence, head); the last layer only needs the [CLS] query
       const bool score = prune && !last;
       Buf<float> ctx((last ? b : T) * d);
@@ -263,6 +291,7 @@ class FusedEncoder {
         }
       });
 
+      clock.lap(2);
       // keep decision and gather: rows that go on through the output projection and FFN
       std::vector<int64_t> rows;  // row index into x (and into ctx, unless last)
       std::vector<int64_t> new_len(b);
@@ -320,11 +349,13 @@ class FusedEncoder {
         }
       }
 
+      clock.lap(3);
       // output projection + residual + LayerNorm, FFN + residual + LayerNorm (on Tn rows)
       Buf<float> hbuf(Tn * d);
       run_linear(*ly.attn_out, cin, d, Tn, hbuf.data(), d);
       add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
       const int64_t I = ly.ffn_up->N;
+      clock.lap(4);
       Buf<float> f(Tn * I);
       run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
       if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
@@ -334,6 +365,7 @@ class FusedEncoder {
       run_linear(*ly.ffn_down, f.data(), I, Tn, xo.data(), d);
       add_layernorm(xo.data(), hbuf.data(), Tn, d, ly.ln2, xo.data());
       x = std::move(xo);
+      clock.lap(5);
       if (gathered) {
         T = 0;
         for (int64_t i = 0; i < b; ++i) {
@@ -355,10 +387,29 @@ class FusedEncoder {
     } else {
       run_linear(*head_final_, x.data(), d, b, logits.data_ptr<float>(), C);
     }
+    clock.lap(6);
+    {
+      std::lock_guard<std::mutex> guard(profile_mutex_);
+      for (int i = 0; i < kPhases; ++i) phase_seconds_[i] += phases[i];
+      ++calls_;
+    }
     return {logits, kept};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // {phase: seconds summed over forward() calls since the last reset, "calls": n}
+  std::map<std::string, double> phase_profile(bool reset) {
+    std::lock_guard<std::mutex> guard(profile_mutex_);
+    std::map<std::string, double> out;
+    for (int i = 0; i < kPhases; ++i) out[kPhaseNames[i]] = phase_seconds_[i];
+    out["calls"] = static_cast<double>(calls_);
+    if (reset) {
+      phase_seconds_.fill(0.0);
+      calls_ = 0;
+    }
+    return out;
+  }
 
  private:
   std::vector<float> word_, pos_, type_;
@@ -372,6 +423,9 @@ class FusedEncoder {
   PruneMode mode_ = PruneMode::None;
   std::vector<float> thresholds_;
   std::vector<double> keep_ratios_;
+  std::array<double, kPhases> phase_seconds_{};
+  int64_t calls_ = 0;
+  std::mutex profile_mutex_;
 };
 
 // ----------------------------------------------------------------------------- test hooks
@@ -437,6 +491,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_head", &FusedEncoder::set_head, py::arg("pre"), py::arg("final"))
       .def("set_pruning", &FusedEncoder::set_pruning)
       .def_property_readonly("num_layers", &FusedEncoder::num_layers)
+      .def("phase_profile", &FusedEncoder::phase_profile, py::arg("reset") = false,
+           "seconds per phase (embed, qkv, attention, select, out, ffn, head) summed over forward() calls, and 'calls'")
       .def("forward", &FusedEncoder::forward, py::arg("input_ids"), py::arg("attention_mask"), py::arg("token_type_ids"),
            py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("quantize_u8", &quantize_u8_tensor);
