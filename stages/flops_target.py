@@ -74,16 +74,23 @@ def calibrate_threshold_offset(model, batches: list, pruning: PruningConfig, tar
         lo, hi = -step, 0.0
         while at(lo) <= target and lo > -64:
             lo, hi = lo * 2, lo
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    offset = hi
+    _, offset = bisect_to_target(at, lo, hi, target, iters)  # FLOPs fall with c: lo is above the target
     return (PruningConfig(mode="threshold", thresholds=(base + offset * direction).tolist()),
             {"offset": offset, "direction": "theta_l + offset*(l+1)/L", "relative_flops": at(offset), "convention": convention,
              "sample_examples": sum(b.input_ids.shape[0] for b in batches)})
+
+
+def bisect_to_target(at, above: float, below: float, target: float, iters: int) -> tuple[float, float]:
+    """Bisect a monotone FLOPs function `at` between a point whose FLOPs exceed `target` (`above`)
+    and one whose FLOPs do not (`below`), in either order on the axis; returns the narrowed
+    (above, below) pair. Every landing (threshold offset, top-k ratio, ToP scale) uses it."""
+    for _ in range(iters):
+        mid = (above + below) / 2
+        if at(mid) > target:
+            above = mid
+        else:
+            below = mid
+    return above, below
 
 
 def ramp(n_layers: int) -> np.ndarray:

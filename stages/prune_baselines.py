@@ -22,7 +22,7 @@ from ltp_compress.stages.configs import ManualPruneStage, TopkPruneStage
 from ltp_compress.stages.context import StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
 from ltp_compress.stages.flops_target import (
-    calibrate_threshold_offset, flops_probe_batches, probe_batches, target_report,
+    bisect_to_target, calibrate_threshold_offset, flops_probe_batches, probe_batches, target_report,
 )
 from ltp_compress.stages.ltp_hard import train_to_target
 from ltp_compress.stages import distributed as dist
@@ -104,13 +104,7 @@ def fit_topk_ratio(model, ctx: StageContext, cfg: TopkPruneStage, iters: int = 1
     problem = topk_floor_problem(cfg, lengths, shape)
     if problem:
         raise UserError(problem)
-    lo, hi = MIN_KEEP_RATIO, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(mid) > cfg.target_flops:
-            hi = mid
-        else:
-            lo = mid
+    hi, lo = bisect_to_target(at, 1.0, MIN_KEEP_RATIO, cfg.target_flops, iters)  # FLOPs rise with the ratio
     ctx.log.info("%s: final_keep_ratio %.4f -> relative FLOPs (%s) %.3f on %s inputs (target %.3f)", cfg.id, lo, cfg.flops_convention,
                  at(lo), cfg.flops_calibration_inputs, cfg.target_flops)
     return lo, {"final_keep_ratio": lo, "relative_flops": at(lo), "convention": cfg.flops_convention,

@@ -80,7 +80,7 @@ from ltp_compress.stages.common import (
 from ltp_compress.stages.configs import TopPruneStage
 from ltp_compress.stages.context import VALIDATION, StageContext, StageResult
 from ltp_compress.stages.finetune import train_with_fixed_pruning
-from ltp_compress.stages.flops_target import target_report
+from ltp_compress.stages.flops_target import bisect_to_target, target_report
 from ltp_compress.stages.prune_baselines import probe_lengths
 
 #: the hard-concrete stretch interval (a, b) (Louizos et al. 2018; ToP's limit_a, limit_b)
@@ -287,12 +287,7 @@ def land_keep_ratios(fractions: list[float], lengths: np.ndarray, shape: Encoder
     if at(lo) > target:
         raise UserError(f"target_flops {target} is below what top-k pruning can reach on these inputs ({at(lo):.3f} "
                         f"{convention} keeping one token after every layer): raise target_flops")
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(mid) > target:
-            hi = mid
-        else:
-            lo = mid
+    hi, lo = bisect_to_target(at, hi, lo, target, iters)  # FLOPs rise with the scale
     scale = min((lo, hi), key=lambda c: (abs(at(c) - target), c))
     rel = at(scale)
     return ratios(scale), {"scale": scale, "relative_flops": rel, "convention": convention,
