@@ -11,7 +11,7 @@ kernels, chosen explicitly per weight:
 * ``reference`` — plain C++ int32 loops, the oracle the fast kernel is tested against.
 
 Nothing is built or probed at import. ``build()`` compiles the extension with
-``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native``) into
+``torch.utils.cpp_extension.load`` (g++ and ninja; ``-O3 -march=native -fopenmp``) into
 ``build/fused_encoder/<cpu tag>/`` of the repository (or ``LTP_FUSED_BUILD_DIR``), so a build
 made on one CPU is never loaded on another; later calls reuse it. ``available()`` returns None
 when the extension builds and loads here, else the reason (no silent fallback: the fused runtime
@@ -32,7 +32,11 @@ HEADERS = ("int8_gemm.h", "attention_ops.h")
 EXTENSION_NAME = "ltp_fused_encoder"
 #: int8 GEMM kernels of the extension, fastest first
 GEMM_KERNELS = ("avx512_vnni", "reference")
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd")
+# -fopenmp: at::parallel_for is a header template that runs serially unless the including code is
+# compiled with OpenMP (ATen/Parallel-inl.h: INTRA_OP_PARALLEL comes from _OPENMP). Nothing is linked
+# for it: the GOMP symbols resolve to the libgomp torch itself loads (libtorch_cpu's dependency), so
+# the extension shares torch's one thread pool (and at::set_num_threads).
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
 _module = None
 _error: str | None = None

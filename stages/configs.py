@@ -139,7 +139,7 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields, RankDistillFields):
                                                         "much larger values let thresholds overshoot and the masks saturate: accuracy collapses)")
     target_flops: float | None = Field(None, gt=0, le=1, description="relative FLOPs to reach during training (see flops_controller) "
                                                                      "and land at the end on the calibration inputs")
-    flops_controller: Literal["annealed_target", "lambda_with_ceiling", "lambda"] = Field(
+    flops_controller: Literal["annealed_target", "lambda_with_ceiling", "lambda_with_bounds", "lambda"] = Field(
         "lambda_with_ceiling", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
         description="how training reaches target_flops (default chosen on validation: "
                     "benchmarks/results/controller_study/): 'annealed_target' — a FLOPs schedule falls linearly from the start's "
@@ -149,6 +149,8 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields, RankDistillFields):
                     "reached during training on any task; 'lambda_with_ceiling' — λ is steered towards the target "
                     "(bounded, as 'lambda') and the threshold offset acts only when the FLOPs are above the schedule, so the "
                     "gradient does the pruning where λ can and the offset guarantees the target where it cannot; "
+                    "'lambda_with_bounds' — as 'lambda_with_ceiling', and FLOPs that fall below the target by more than "
+                    "the tolerance are moved back up to it (a floor: λ cannot un-prune quickly); "
                     "'lambda' — the first versions' bounded λ steering, which can "
                     "stall below the target (λ capped at 10·λ0) and leave the end-of-stage offset a large move")
     anneal_until: float = Field(0.5, gt=0, le=1, description="annealed_target: fraction of the steps by which the schedule reaches the target")

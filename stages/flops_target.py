@@ -128,9 +128,13 @@ class ScheduleFollower:
     #: prune (or restore) most tokens at once in the middle of training
     max_move = 0.25
 
-    def __init__(self, batches: list, convention: str, tolerance: float, slope: float | None = None, ceiling_only: bool = False):
+    def __init__(self, batches: list, convention: str, tolerance: float, slope: float | None = None, ceiling_only: bool = False,
+                 floor: float | None = None):
         self.batches, self.convention, self.tolerance, self.slope = batches, convention, tolerance, slope
         self.ceiling_only = ceiling_only  # move only when the FLOPs are above the schedule (λ handles the rest)
+        # with ceiling_only: also move when the FLOPs are below `floor` (the final target) by more than the
+        # tolerance, back up to it: λ alone cannot un-prune fast (the thresholds keep their momentum)
+        self.floor = floor
 
     def __call__(self, model, pruning: PruningConfig, target_now: float) -> tuple[list[float] | None, dict]:
         base = np.asarray(pruning.thresholds, dtype=np.float64)
@@ -142,7 +146,12 @@ class ScheduleFollower:
 
         r0 = at(0.0)
         info = {"schedule": target_now, "relative_flops": r0, "offset": 0.0}
-        if within_target(r0, target_now, self.tolerance) or (self.ceiling_only and r0 < target_now):
+        if self.ceiling_only and r0 < target_now:
+            if self.floor is None or r0 >= self.floor or within_target(r0, self.floor, self.tolerance):
+                return None, info
+            target_now = self.floor  # below the floor: back up to it
+            info["floor"] = self.floor
+        if within_target(r0, target_now, self.tolerance):
             return None, info
         towards = 1.0 if r0 > target_now else -1.0  # a larger offset prunes more
         c1 = (target_now - r0) / self.slope if self.slope else 0.05 * towards

@@ -15,6 +15,9 @@ By default (`lambda_with_ceiling`) λ is steered towards the target (bounded, as
 versions did: the gradient decides which layers and tokens prune) and whenever the FLOPs are
 above the schedule one offset along the linear ramp, θ_l + c·(l+1)/L, puts them back on it
 (`flops_target.ScheduleFollower`), so a task where λ alone stalls still reaches the target;
+`lambda_with_bounds` is the same with a floor as well: FLOPs that fall below the target by more
+than the tolerance are moved back up to it (λ alone cannot un-prune quickly: the thresholds keep
+their Adam momentum, and a soft phase trained on short inputs overshot to 0.29 for a 0.40 target);
 `annealed_target` moves the thresholds onto the schedule both ways with λ fixed; `lambda` is λ
 steering alone. At the end one offset along the ramp is bisected so the final relative FLOPs
 lands on the target (in the stage's `flops_convention`); what that correction cost on validation
@@ -71,8 +74,10 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
     control_every = max(1, total_steps // (16 * n_epochs)) if cfg.target_flops else None  # ~16 probes per epoch
 
     controller = cfg.flops_controller if cfg.target_flops else None
-    scheduled = controller in ("annealed_target", "lambda_with_ceiling")  # a FLOPs schedule with threshold moves
-    follower = (ScheduleFollower(probe, cfg.flops_convention, cfg.target_tolerance / 2, ceiling_only=controller == "lambda_with_ceiling")
+    scheduled = controller in ("annealed_target", "lambda_with_ceiling", "lambda_with_bounds")  # a FLOPs schedule with threshold moves
+    steered = controller in ("lambda_with_ceiling", "lambda_with_bounds")  # λ steered towards the target as well
+    follower = (ScheduleFollower(probe, cfg.flops_convention, cfg.target_tolerance / 2, ceiling_only=steered,
+                                 floor=cfg.target_flops if controller == "lambda_with_bounds" else None)
                 if scheduled else None)
     control = {"flops_start": None, "moves": []}  # annealed_target: the schedule's start and every threshold move
 
@@ -102,7 +107,7 @@ def run(cfg: LTPSoftStage, ctx: StageContext) -> StageResult:
                 thresholds.copy_(torch.tensor(new, dtype=thresholds.dtype, device=thresholds.device))
         control["slope"] = follower.slope
         control["moves"].append({"step": step, **info})
-        if controller == "lambda_with_ceiling":  # λ steered towards the target (as 'lambda'), from the FLOPs the move left
+        if steered:  # λ steered towards the target (as 'lambda'), from the FLOPs the move left
             lam = _steer_lambda(lam, info.get("relative_flops_after", info["relative_flops"]), cfg.target_flops, cfg.lambda_)
         return lam
 

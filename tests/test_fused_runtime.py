@@ -56,7 +56,7 @@ def vnni(ext):
 # ----------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64)])
+@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64), (150, 64, 200)])  # 150: several row blocks
 @pytest.mark.parametrize("act_qmin", [-128, -127])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gemm_kernels_match_torch_reference(ext, vnni, shape, act_qmin, gelu):
@@ -76,6 +76,23 @@ def test_gemm_kernels_match_torch_reference(ext, vnni, shape, act_qmin, gelu):
     torch.testing.assert_close(got["avx512_vnni"], got["reference"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 33, 70), (100, 32, 130)])  # next K = 70 / 130: a Kp padding tail / 4-aligned
+@pytest.mark.parametrize("gelu", [False, True])
+def test_epilogue_quantisation_bit_equal_to_quantising_the_float_output(ext, vnni, shape, gelu):
+    # FFN up -> FFN down: the epilogue writes FFN down's u8 input; it must be exactly what quantising
+    # the float output would give (same division, clamp and round half to even), for both kernels
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m + k + n)
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    nxt_q = torch.randint(-127, 128, (5, n), dtype=torch.int8, generator=g)
+    for kern in ("avx512_vnni", "reference"):
+        w = ext.Int8Weight(w_q, torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g), 0.03, -128, gelu, kern)
+        for qmin in (-128, -127):
+            nxt = ext.Int8Weight(nxt_q, torch.ones(5), None, 0.01, qmin, False, kern)
+            x = torch.randn(m, k, generator=g) * 3
+            assert torch.equal(w.linear_into(x, nxt), ext.quantize_u8(w.linear(x), 0.01, qmin)), (kern, qmin)
+
+
 def test_int8_weight_without_bias_and_unknown_kernel(ext, vnni):
     w_q = torch.randint(-127, 128, (20, 8), dtype=torch.int8)
     w = ext.Int8Weight(w_q, torch.ones(20), None, 1.0, -128, False, "avx512_vnni")
@@ -93,6 +110,19 @@ def test_quantizer_bit_equal_to_kernels_quantizer(ext, act_qmin):
     ties = (torch.arange(-140, 140).float() + 0.5) * scale  # exact .5 multiples: round half to even
     x = torch.cat([ties, torch.randn(1000) * 5, torch.tensor([0.0, -0.0, 1e-9, -1e9, 1e9])]).reshape(5, 257)  # 257: vector body + scalar tail
     assert torch.equal(ext.quantize_u8(x, scale, act_qmin), quantize_u8_zp128(x, scale, act_qmin))
+
+
+def test_extension_runs_its_loops_on_torchs_thread_pool(ext):
+    # at::parallel_for only parallelises code compiled with OpenMP: without -fopenmp every GEMM, head
+    # and row loop of the runtime would silently run on one thread whatever `threads` says
+    assert ext.parallel_compiled()
+    before = torch.get_num_threads()
+    try:
+        assert ext.threads_used(64, 2) == 2
+        assert ext.threads_used(64, 1) == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "OpenMP" in ext.kernel_description("avx512_vnni")
 
 
 def test_vector_gelu_close_to_erf_gelu(ext):

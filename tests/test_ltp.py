@@ -486,6 +486,38 @@ def test_annealed_schedule_and_follower_track_a_moving_target(deep):
     assert follower.slope is not None and follower.slope < 0
 
 
+def test_follower_floor_gives_tokens_back_below_the_target(deep):
+    """lambda_with_bounds: below the schedule the follower leaves the FLOPs to λ (as lambda_with_ceiling)
+    unless they are below the final target by more than the tolerance; then one offset (negative:
+    less pruning) along the ramp brings them back up to it."""
+    from ltp_compress.stages.flops_target import ScheduleFollower, ramp, relative_flops_on
+    from ltp_compress.tasks.data import Batch
+
+    model, (ids, mask, tt) = deep
+    batch = Batch(ids, mask, tt, torch.zeros(len(ids), dtype=torch.long), torch.arange(len(ids)))
+    for scale in (1, 2, 4, 8):  # a rule that prunes deep on this tiny model
+        deep_rule = PruningConfig(mode="threshold", thresholds=[scale * t for t in (0.25, 0.5, 0.75, 1.0)])
+        low = relative_flops_on(model, [batch], deep_rule)
+        if low < 0.7:
+            break
+    assert low < 0.7
+    floor = low + 0.15
+    ceiling = ScheduleFollower([batch], "executed", tolerance=0.05, ceiling_only=True)
+    assert ceiling(model, deep_rule, floor)[0] is None  # no floor: below the schedule is λ's job
+    bounded = ScheduleFollower([batch], "executed", tolerance=0.05, ceiling_only=True, floor=floor)
+    pruning = deep_rule
+    for _ in range(8):
+        new, info = bounded(model, pruning, floor + 0.2)  # the schedule still above the floor
+        if new is None:
+            break
+        assert info["floor"] == floor and info["offset"] < 0
+        moved = [a - b for a, b in zip(new, pruning.thresholds)]
+        assert moved == pytest.approx((info["offset"] * ramp(4)).tolist())
+        pruning = PruningConfig(mode="threshold", thresholds=new)
+    rel = relative_flops_on(model, [batch], pruning)
+    assert new is None and rel >= floor * (1 - 0.05) and rel < floor + 0.2, rel
+
+
 def _tiny_target_recipe(tmp_path, model, max_dev: int, stages: str):
     """A tiny-BERT SST-2 recipe with a finetuned `ft` stage followed by `stages` (YAML list items)."""
     from conftest import DEMO_DATA, write_recipe

@@ -11,7 +11,9 @@
 //   p_q   = clamp(round_half_even(p / (1/255)), 0, 255)     (int8 attention only: the 8-bit P grid)
 //   c_i   = Σ_j p[j] v_j   (* ctx_scale for int8 attention)  -> ctx row ctx_row(i), columns [cc, cc+dh)
 // Keys are transposed once per (sequence, head) into kt [dh][n16] so that 16 scores are one FMA
-// chain over dh (no horizontal sums).
+// chain over dh (no horizontal sums); with AVX-512 the queries go in blocks of 8, and scores and
+// P.V are small register-blocked GEMMs (8 queries x 32 keys, 8 queries x 32 columns: 16
+// independent FMA chains instead of one per query).
 #pragma once
 
 #include <algorithm>
@@ -95,54 +97,102 @@ struct AttentionScratch {
   std::vector<float> kt, p;
 };
 
-inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
-  const int64_t n = a.n, dh = a.dh;
-  const int64_t n16 = (n + 15) / 16 * 16;
-  scratch.kt.assign(dh * n16, 0.f);
-  scratch.p.assign(n16, 0.f);
-  float* kt = scratch.kt.data();
-  float* p = scratch.p.data();
-  for (int64_t j = 0; j < n; ++j) {
-    const float* k = a.qkv + (a.r0 + j) * a.ld + a.kc;
-    for (int64_t e = 0; e < dh; ++e) kt[e * n16 + j] = k[e];
-  }
-  for (int64_t qi = 0; qi < a.nq; ++qi) {
-    const float* q = a.qkv + (a.r0 + qi) * a.ld + a.qc;
-    float* c = a.ctx + (a.ctx_r0 + qi) * a.ctx_ld + a.cc;
 #if LTP_HAVE_VNNI
-    // scores, 16 keys at a time; the padding lanes (j >= n) are masked out of max / sum
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    const __m512 vscale = _mm512_set1_ps(a.score_scale);
-    // four key blocks per pass: four independent FMA chains over dh (one chain is latency-bound)
-    for (int64_t j0 = 0; j0 < n16; j0 += 64) {
-      const int nb = static_cast<int>(std::min<int64_t>(4, (n16 - j0) / 16));
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t e = 0; e < dh; ++e) {
-        const __m512 qe = _mm512_set1_ps(q[e]);
-        const float* row = kt + e * n16 + j0;
-        for (int bl = 0; bl < nb; ++bl) acc[bl] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(row + 16 * bl), acc[bl]);
-      }
-      for (int bl = 0; bl < nb; ++bl) {
-        const int64_t j = j0 + 16 * bl;
-        const __m512 sc = _mm512_mul_ps(acc[bl], vscale);
-        const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-        _mm512_storeu_ps(p + j, sc);
-        vmax = _mm512_mask_max_ps(vmax, live, vmax, sc);
-      }
+constexpr int kQueryBlock = 8;  // queries per register block (scores: 8 x 32 keys, P.V: 8 x 32 columns = 16 chains)
+
+inline __mmask16 live_lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// S[q][j] = (Q_q . K_j) * scale for QB queries and keys [j0, j0 + 16 * KB): a QB x KB register
+// block of 16-key vectors, one FMA chain each over dh (QB * KB independent chains).
+template <int QB, int KB>
+inline void score_block(const float* const* q, const float* kt, int64_t n16, int64_t j0, int64_t dh, float scale, float* P,
+                        int64_t ldp) {
+  __m512 acc[QB][KB];
+#pragma GCC unroll 8
+  for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < dh; ++e) {
+    __m512 kv[KB];
+#pragma GCC unroll 2
+    for (int b = 0; b < KB; ++b) kv[b] = _mm512_loadu_ps(kt + e * n16 + j0 + 16 * b);
+#pragma GCC unroll 8
+    for (int r = 0; r < QB; ++r) {
+      const __m512 qe = _mm512_set1_ps(q[r][e]);
+#pragma GCC unroll 2
+      for (int b = 0; b < KB; ++b) acc[r][b] = _mm512_fmadd_ps(qe, kv[b], acc[r][b]);
     }
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < KB; ++b) _mm512_storeu_ps(P + r * ldp + j0 + 16 * b, _mm512_mul_ps(acc[r][b], vs));
+}
+
+// C[q][e0 .. e0 + 16 * CB) = sum_j P[q][j] V_j for QB queries: a QB x CB register block of
+// 16-column vectors, one FMA chain each over the n keys.
+template <int QB, int CB>
+inline void context_block(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, int64_t e0, int64_t dh, float out_scale,
+                          bool scaled, float* const* c) {
+  __m512 acc[QB][CB];
+  __mmask16 cols[CB];
+#pragma GCC unroll 2
+  for (int b = 0; b < CB; ++b) cols[b] = live_lanes(dh - e0 - 16 * b);
+#pragma GCC unroll 8
+  for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < CB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[CB];
+#pragma GCC unroll 2
+    for (int b = 0; b < CB; ++b) vv[b] = _mm512_maskz_loadu_ps(cols[b], V + j * ldv + e0 + 16 * b);
+#pragma GCC unroll 8
+    for (int r = 0; r < QB; ++r) {
+      const __m512 pj = _mm512_set1_ps(P[r * ldp + j]);
+#pragma GCC unroll 2
+      for (int b = 0; b < CB; ++b) acc[r][b] = _mm512_fmadd_ps(pj, vv[b], acc[r][b]);
+    }
+  }
+  const __m512 os = _mm512_set1_ps(out_scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < QB; ++r)
+#pragma GCC unroll 2
+    for (int b = 0; b < CB; ++b) _mm512_mask_storeu_ps(c[r] + e0 + 16 * b, cols[b], scaled ? _mm512_mul_ps(acc[r][b], os) : acc[r][b]);
+}
+
+template <int QB>
+inline void attention_query_block(const HeadAttention& a, const float* kt, int64_t n16, int64_t q0, float* P) {
+  const int64_t n = a.n, dh = a.dh;
+  const float* q[QB];
+  float* c[QB];
+  for (int r = 0; r < QB; ++r) {
+    q[r] = a.qkv + (a.r0 + q0 + r) * a.ld + a.qc;
+    c[r] = a.ctx + (a.ctx_r0 + q0 + r) * a.ctx_ld + a.cc;
+  }
+  // scores, 32 keys per register block (the last block 16 keys when n16 is an odd number of 16s)
+  int64_t j0 = 0;
+  for (; j0 + 32 <= n16; j0 += 32) score_block<QB, 2>(q, kt, n16, j0, dh, a.score_scale, P, n16);
+  if (j0 < n16) score_block<QB, 1>(q, kt, n16, j0, dh, a.score_scale, P, n16);
+  // softmax per query row; the padding lanes (j >= n) are masked out and left 0
+  for (int r = 0; r < QB; ++r) {
+    float* pr = P + r * n16;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n16; j += 16) vmax = _mm512_mask_max_ps(vmax, live_lanes(n - j), vmax, _mm512_loadu_ps(pr + j));
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 vsum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n16; j += 16) {
-      const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-      const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_loadu_ps(p + j), mx)));
-      _mm512_storeu_ps(p + j, e);
+      const __m512 e = _mm512_maskz_mov_ps(live_lanes(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(pr + j), mx)));
+      _mm512_storeu_ps(pr + j, e);
       vsum = _mm512_add_ps(vsum, e);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
     for (int64_t j = 0; j < n16; j += 16) {
-      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(p + j), inv);
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(pr + j), inv);
       if (a.hs) {
-        const __mmask16 live = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+        const __mmask16 live = live_lanes(n - j);
         _mm512_mask_storeu_ps(a.hs + j, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a.hs + j), v));
       }
       if (a.int8_attention) {  // p / (1/255) in float32, as the scalar form and the torch reference
@@ -150,24 +200,48 @@ inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
       }
-      _mm512_storeu_ps(p + j, v);
+      _mm512_storeu_ps(pr + j, v);
     }
-    // context, 16 output columns at a time, even and odd keys in two chains (p[j] = 0 beyond n)
-    for (int64_t e0 = 0; e0 < dh; e0 += 16) {
-      const __mmask16 cols = dh - e0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (dh - e0)) - 1);
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      const float* vcol = a.qkv + a.r0 * a.ld + a.vc + e0;
-      int64_t j = 0;
-      for (; j + 2 <= n; j += 2) {
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(cols, vcol + j * a.ld), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), _mm512_maskz_loadu_ps(cols, vcol + (j + 1) * a.ld), acc1);
-      }
-      if (j < n) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(cols, vcol + j * a.ld), acc0);
-      __m512 acc = _mm512_add_ps(acc0, acc1);
-      if (a.int8_attention) acc = _mm512_mul_ps(acc, _mm512_set1_ps(a.ctx_scale));
-      _mm512_mask_storeu_ps(c + e0, cols, acc);
-    }
+  }
+  // context, 32 output columns per register block
+  const float* V = a.qkv + a.r0 * a.ld + a.vc;
+  int64_t e0 = 0;
+  for (; e0 + 16 < dh; e0 += 32) context_block<QB, 2>(P, n16, V, a.ld, n, e0, dh, a.ctx_scale, a.int8_attention, c);
+  if (e0 < dh) context_block<QB, 1>(P, n16, V, a.ld, n, e0, dh, a.ctx_scale, a.int8_attention, c);
+}
+#endif
+
+inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
+  const int64_t n = a.n, dh = a.dh;
+  const int64_t n16 = (n + 15) / 16 * 16;
+  scratch.kt.assign(dh * n16, 0.f);
+  float* kt = scratch.kt.data();
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = a.qkv + (a.r0 + j) * a.ld + a.kc;
+    for (int64_t e = 0; e < dh; ++e) kt[e * n16 + j] = k[e];
+  }
+#if LTP_HAVE_VNNI
+  // queries in blocks of kQueryBlock: scores and P.V as small register-blocked GEMMs
+  scratch.p.assign(kQueryBlock * n16, 0.f);
+  float* P = scratch.p.data();
+  int64_t q0 = 0;
+  for (; q0 + kQueryBlock <= a.nq; q0 += kQueryBlock) attention_query_block<kQueryBlock>(a, kt, n16, q0, P);
+  switch (a.nq - q0) {
+    case 0: break;
+    case 1: attention_query_block<1>(a, kt, n16, q0, P); break;
+    case 2: attention_query_block<2>(a, kt, n16, q0, P); break;
+    case 3: attention_query_block<3>(a, kt, n16, q0, P); break;
+    case 4: attention_query_block<4>(a, kt, n16, q0, P); break;
+    case 5: attention_query_block<5>(a, kt, n16, q0, P); break;
+    case 6: attention_query_block<6>(a, kt, n16, q0, P); break;
+    default: attention_query_block<7>(a, kt, n16, q0, P); break;
+  }
 #else
+  scratch.p.assign(n16, 0.f);
+  float* p = scratch.p.data();
+  for (int64_t qi = 0; qi < a.nq; ++qi) {
+    const float* q = a.qkv + (a.r0 + qi) * a.ld + a.qc;
+    float* c = a.ctx + (a.ctx_r0 + qi) * a.ctx_ld + a.cc;
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
       float s = 0.f;
@@ -193,8 +267,8 @@ inline void head_attention(const HeadAttention& a, AttentionScratch& scratch) {
     }
     if (a.int8_attention)
       for (int64_t e = 0; e < dh; ++e) c[e] *= a.ctx_scale;
-#endif
   }
+#endif
 }
 
 }  // namespace ltp

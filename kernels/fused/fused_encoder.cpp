@@ -8,8 +8,10 @@
 //   scale) -> per (sequence, head): scores, softmax, token scores (attention received, summed over
 //   present queries, averaged over heads), P.V -> keep decision (threshold or top-k; position 0
 //   always kept) -> gather kept rows of x and of the context -> quantise -> output projection ->
-//   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU in the GEMM epilogue) -> quantise ->
-//   FFN down -> residual + LayerNorm.
+//   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU and the quantisation for FFN down in the
+//   GEMM epilogue: no float [T, d_ff] rows) -> FFN down -> residual + LayerNorm.
+// Threads: torch's OpenMP pool (at::parallel_for; the extension is compiled with -fopenmp) over
+// GEMM items, (sequence, head) pairs and rows.
 // The last layer never prunes and only its [CLS] rows are read by the classifier; every op after
 // attention is row-wise (static per-tensor activation scales), so after the last layer's attention
 // only the [CLS] rows go on (and only their attention rows are computed): the logits are the same.
@@ -78,11 +80,16 @@ struct Layer {
 
 enum class PruneMode { None, Threshold, TopK };
 
+// x [M, K] float (row stride ldx) -> w's u8 input [M, w.Kp], row-parallel above kRowGrain rows
+static void quantize_rows(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, uint8_t* xq) {
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    quantize_u8(x + m0 * ldx, ldx, m1 - m0, w.K, w.Kp, w.x_scale, w.act_qmin, xq + m0 * w.Kp);
+  });
+}
+
 static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
   Buf<uint8_t> xq(M * w.Kp);
-  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
-    quantize_u8(x + m0 * ldx, ldx, m1 - m0, w.K, w.Kp, w.x_scale, w.act_qmin, xq.data() + m0 * w.Kp);
-  });
+  quantize_rows(w, x, ldx, M, xq.data());
   gemm_u8(xq.data(), M, w, y, ldy);
   return M;
 }
@@ -249,7 +256,7 @@ class FusedEncoder {
         for (auto& w : ly.qkv) {
           if (w->x_scale != prev_scale || w->act_qmin != prev_qmin) {  // quantise once per distinct activation scale
             xq = Buf<uint8_t>(T * w->Kp);
-            quantize_u8(x.data(), d, T, w->K, w->Kp, w->x_scale, w->act_qmin, xq.data());
+            quantize_rows(*w, x.data(), d, T, xq.data());
             prev_scale = w->x_scale;
             prev_qmin = w->act_qmin;
           }
@@ -356,13 +363,20 @@ class FusedEncoder {
       add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
       const int64_t I = ly.ffn_up->N;
       clock.lap(4);
-      Buf<float> f(Tn * I);
-      run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
-      if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
-      else if (ly.ffn_act == "relu")
-        for (int64_t e = 0; e < Tn * I; ++e) f[e] = std::max(0.f, f[e]);
       Buf<float> xo(Tn * d);
-      run_linear(*ly.ffn_down, f.data(), I, Tn, xo.data(), d);
+      if (ly.ffn_act == "none") {  // GELU in FFN up's epilogue, which also quantises for FFN down: no float [Tn, I] rows
+        Buf<uint8_t> hq(Tn * ly.ffn_up->Kp), fq(Tn * ly.ffn_down->Kp);
+        quantize_rows(*ly.ffn_up, hbuf.data(), d, Tn, hq.data());
+        gemm_u8_into(hq.data(), Tn, *ly.ffn_up, *ly.ffn_down, fq.data());
+        gemm_u8(fq.data(), Tn, *ly.ffn_down, xo.data(), d);
+      } else {
+        Buf<float> f(Tn * I);
+        run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
+        if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
+        else
+          for (int64_t e = 0; e < Tn * I; ++e) f[e] = std::max(0.f, f[e]);
+        run_linear(*ly.ffn_down, f.data(), I, Tn, xo.data(), d);
+      }
       add_layernorm(xo.data(), hbuf.data(), Tn, d, ly.ln2, xo.data());
       x = std::move(xo);
       clock.lap(5);
@@ -440,6 +454,19 @@ static at::Tensor int8_linear(const Int8Weight& w, const at::Tensor& x) {
   return y;
 }
 
+// quantise + GEMM + epilogue that quantises for `next`: the u8 input of next, [M, next.K]
+static at::Tensor int8_linear_into(const Int8Weight& w, const at::Tensor& x, const Int8Weight& next) {
+  auto xc = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(xc.dim() == 2 && xc.size(1) == w.K, "x must be [M, K]");
+  const int64_t M = xc.size(0);
+  Buf<uint8_t> xq(M * w.Kp), yq(M * next.Kp);
+  quantize_rows(w, xc.data_ptr<float>(), w.K, M, xq.data());
+  gemm_u8_into(xq.data(), M, w, next, yq.data());
+  auto out = at::empty({M, next.K}, at::kByte);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(out.data_ptr<uint8_t>() + m * next.K, yq.data() + m * next.Kp, next.K);
+  return out;
+}
+
 // the u8 (x_q + 128) activation quantise_u8 gives, [M, K]
 static at::Tensor quantize_u8_tensor(const at::Tensor& x, double scale, int64_t qmin) {
   auto xc = x.to(at::kFloat).contiguous();
@@ -455,6 +482,27 @@ static at::Tensor gelu_tensor(const at::Tensor& x) {
   return y;
 }
 
+// whether at::parallel_for runs on torch's thread pool here (compiled with OpenMP; without it the
+// header template runs every loop on the calling thread), and how many distinct threads one
+// parallel loop of `items` items used with `threads` threads requested
+static bool parallel_compiled() {
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
+}
+
+static int64_t threads_used(int64_t items, int64_t threads) {
+  if (threads > 0) at::set_num_threads(static_cast<int>(threads));
+  std::vector<int> who(items, -1);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) who[i] = at::get_thread_num();
+  });
+  std::sort(who.begin(), who.end());
+  return std::unique(who.begin(), who.end()) - who.begin();
+}
+
 static bool cpu_has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
@@ -463,8 +511,9 @@ static bool cpu_has_avx512_vnni() {
 static std::string kernel_description(const std::string& kernel) {
   if (kernel == "reference") return "reference: plain C++ int32 loops (u8 - 128) x s8, float epilogue";
   return "avx512_vnni: hand-written vpdpbusd u8 x s8 -> s32 micro-kernel, register tile up to 6 rows x 64 channels, "
-         "weights pre-packed in 64-channel panels, epilogue (int32 compensation, x_scale * w_scale, bias, erf-GELU) "
-         "in registers; no AMX";
+         "weights pre-packed in 64-channel panels, epilogue (int32 compensation, x_scale * w_scale, bias, erf-GELU, "
+         "FFN up -> u8 for FFN down) in registers; no AMX; " +
+         std::string(parallel_compiled() ? "threads: torch's OpenMP pool (GEMM items, attention heads, rows)" : "threads: none (built without OpenMP)");
 }
 
 }  // namespace ltp
@@ -480,7 +529,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("in_features", &Int8Weight::K)
       .def_readonly("x_scale", &Int8Weight::x_scale)
       .def_property_readonly("kernel", [](const Int8Weight& w) { return w.kernel == Kernel::Vnni ? "avx512_vnni" : "reference"; })
-      .def("linear", &int8_linear, py::arg("x"), py::call_guard<py::gil_scoped_release>());
+      .def("linear", &int8_linear, py::arg("x"), py::call_guard<py::gil_scoped_release>())
+      .def("linear_into", &int8_linear_into, py::arg("x"), py::arg("next"), py::call_guard<py::gil_scoped_release>(),
+           "the u8 input (x_q + 128) of weight `next`, quantised in this GEMM's epilogue");
   py::class_<FusedEncoder>(m, "FusedEncoder")
       .def(py::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool, int64_t,
                     bool, int64_t>(),
@@ -499,5 +550,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu", &gelu_tensor);
   m.def("vnni_compiled", &vnni_compiled);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
+  m.def("parallel_compiled", &parallel_compiled);
+  m.def("threads_used", &threads_used, py::arg("items"), py::arg("threads"));
   m.def("kernel_description", &kernel_description);
 }

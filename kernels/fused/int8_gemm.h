@@ -10,7 +10,9 @@
 //     subtracted afterwards (`comp`), in int32: exact. Weights are pre-packed once into panels of
 //     up to 64 output channels: [panel][k/4][block of 16 channels][16 x 4 bytes], so one k-step of
 //     a panel is one contiguous 256-byte stream. Register tile: up to 6 rows x 64 columns (24 zmm
-//     accumulators). No AMX path: AMX tiles are not used even where the CPU has them.
+//     accumulators). Work is split into (48-row block, panel) items, row blocks outer. The epilogue
+//     writes float rows, or (FFN up -> FFN down) the next GEMM's u8 input directly. No AMX path:
+//     AMX tiles are not used even where the CPU has them.
 //   * "reference": plain C++ int32 loops over the unpacked w_q (the test oracle next to it).
 #pragma once
 
@@ -208,11 +210,24 @@ inline void quantize_u8(const float* x, int64_t ldx, int64_t M, int64_t K, int64
 
 // ----------------------------------------------------------------------------- kernels
 
+// Where a GEMM's epilogue writes: float rows y [M, N] (stride ldy), or — for a GEMM whose output
+// only feeds the next integer GEMM (FFN up -> FFN down) — that GEMM's u8 input directly,
+// q[m, n] = clamp(round_half_even(y[m, n] / q_scale), q_qmin, 127) + 128 (stride ldq), the same
+// arithmetic as quantize_u8 on the float rows, so the result is bitwise the same.
+struct GemmOut {
+  float* y = nullptr;
+  int64_t ldy = 0;
+  uint8_t* q = nullptr;
+  int64_t ldq = 0;
+  float q_scale = 1.f;
+  int q_qmin = -128;
+};
+
 #if LTP_HAVE_VNNI
 // One register tile: rows [0, MR) of A (u8, stride lda) x one panel of NB 16-channel blocks.
 template <int MR, int NB>
-static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, const Int8Weight& w, int64_t n0, float* Y,
-                      int64_t ldy) {
+static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, const Int8Weight& w, int64_t n0, const GemmOut& out,
+                      int64_t m0) {
   __m512i acc[MR][NB];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
@@ -231,6 +246,8 @@ static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4
       for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
     }
   }
+  const __m512 qs = _mm512_set1_ps(out.q_scale), qlo = _mm512_set1_ps(static_cast<float>(out.q_qmin)), qhi = _mm512_set1_ps(127.f);
+  const __m512i off = _mm512_set1_epi32(128);
 #pragma GCC unroll 4
   for (int b = 0; b < NB; ++b) {
     const int64_t n = n0 + b * 16;
@@ -244,12 +261,18 @@ static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4
       __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], comp));
       y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
       if (w.gelu) y = gelu_erf512(y);
-      _mm512_mask_storeu_ps(Y + r * ldy + n, mask, y);
+      if (out.q) {  // quantize_u8's arithmetic on the float value
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(y, qs), qlo), qhi);
+        const __m512i qv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), off);
+        _mm_mask_storeu_epi8(out.q + (m0 + r) * out.ldq + n, mask, _mm512_cvtepi32_epi8(qv));
+      } else {
+        _mm512_mask_storeu_ps(out.y + (m0 + r) * out.ldy + n, mask, y);
+      }
     }
   }
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const Int8Weight&, int64_t, float*, int64_t);
+using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const Int8Weight&, int64_t, const GemmOut&, int64_t);
 
 template <int MR>
 static TileFn tile_for_blocks(int nb) {
@@ -273,46 +296,81 @@ static TileFn tile_for(int mr, int nb) {
 }
 #endif
 
-// y [M, N] (row stride ldy) = epilogue(x_u8 [M, Kp] GEMM w). Parallel over 64-channel panels with
-// at::parallel_for (torch's thread pool) when the GEMM is large enough to pay for it.
-inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, float* Y, int64_t ldy) {
+constexpr int64_t kRowBlock = 48;  // rows per work item: 8 register tiles; its A rows stay in L1 / L2 across the panels
+
+// out = epilogue(x_u8 [M, Kp] GEMM w). Work items are (row block of kRowBlock rows, 64-channel
+// panel), row blocks outer: a thread takes a contiguous range of them, so at small M the panels
+// are split over the threads and at large M whole row blocks are (their A rows reused from cache
+// across every panel, the weight re-read from L2). at::parallel_for (torch's thread pool) only
+// when the GEMM is large enough to pay for waking it.
+inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, const GemmOut& out) {
   if (M == 0) return;
   if (w.kernel == Kernel::Reference) {
     // int32 operands on both sides: GCC 12 -O3 -march=native mis-vectorises the mixed
     // (u8 - 128) x s8 dot-product pattern (seen: wrong sums for negative x_q), int32 x int32 is safe.
     std::vector<int32_t> a(w.K);
+    std::vector<float> yr(w.N);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t k = 0; k < w.K; ++k) a[k] = static_cast<int32_t>(A[m * w.Kp + k]) - 128;
+      float* y = out.q ? yr.data() : out.y + m * out.ldy;
       for (int64_t n = 0; n < w.N; ++n) {
         int32_t acc = 0;
         const int32_t* wr = w.w_q32.data() + n * w.K;
         for (int64_t k = 0; k < w.K; ++k) acc += a[k] * wr[k];
-        Y[m * ldy + n] = static_cast<float>(acc) * w.out_scale[n] + w.bias[n];
+        y[n] = static_cast<float>(acc) * w.out_scale[n] + w.bias[n];
       }
-      if (w.gelu) gelu_inplace(Y + m * ldy, w.N);
+      if (w.gelu) gelu_inplace(y, w.N);
+      if (out.q)
+        for (int64_t n = 0; n < w.N; ++n)
+          out.q[m * out.ldq + n] = static_cast<uint8_t>(static_cast<int>(quantize_one(y[n], out.q_scale, out.q_qmin)) + 128);
     }
     return;
   }
 #if LTP_HAVE_VNNI
   const int64_t K4 = w.Kp / 4;
   const int64_t panels = w.num_panels();
-  // one thread below ~2^19 MACs (a few µs: waking the pool costs as much); above, the panels are
-  // split evenly over the threads (grain 1: at::parallel_for gives each thread ceil(panels/threads))
-  const int64_t grain = M * w.Kp * w.N < (int64_t{1} << 19) ? panels : 1;
-  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+  const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t items = row_blocks * panels;
+  // one thread below ~2^19 MACs (a few µs: waking the pool costs as much); above, the items are
+  // split evenly over the threads (grain 1: at::parallel_for gives each thread ceil(items/threads))
+  const int64_t grain = M * w.Kp * w.N < (int64_t{1} << 19) ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t rb = it / panels, p = it % panels;
       const int nb = w.blocks_in_panel(p);
       const int8_t* W = w.packed.data() + w.panel_offset(p);
       const int64_t n0 = p * kPanelBlocks * 16;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        tile_for(mr, nb)(A + m0 * w.Kp, w.Kp, W, K4, w, n0, Y + m0 * ldy, ldy);
+      const int64_t m_end = std::min(M, (rb + 1) * kRowBlock);
+      for (int64_t m0 = rb * kRowBlock; m0 < m_end; m0 += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m_end - m0));
+        tile_for(mr, nb)(A + m0 * w.Kp, w.Kp, W, K4, w, n0, out, m0);
       }
     }
   });
 #else
   TORCH_CHECK(false, "avx512_vnni kernel not compiled in");
 #endif
+}
+
+// float rows y [M, N] (row stride ldy)
+inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, float* Y, int64_t ldy) {
+  GemmOut out;
+  out.y = Y;
+  out.ldy = ldy;
+  gemm_u8(A, M, w, out);
+}
+
+// the u8 input of `next` (x_q + 128, [M, next.Kp], padding columns 128) straight from w's epilogue
+inline void gemm_u8_into(const uint8_t* A, int64_t M, const Int8Weight& w, const Int8Weight& next, uint8_t* Aq) {
+  TORCH_CHECK(next.K == w.N, "gemm_u8_into: the next weight's K must be this weight's N");
+  GemmOut out;
+  out.q = Aq;
+  out.ldq = next.Kp;
+  out.q_scale = next.x_scale;
+  out.q_qmin = next.act_qmin;
+  gemm_u8(A, M, w, out);
+  if (next.Kp > next.K)
+    for (int64_t m = 0; m < M; ++m) std::memset(Aq + m * next.Kp + next.K, 128, next.Kp - next.K);
 }
 
 }  // namespace ltp
