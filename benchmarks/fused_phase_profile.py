@@ -45,6 +45,7 @@ def main(argv=None) -> dict:
     import torch
 
     import ltp_compress
+    from ltp_compress.kernels import fused_encoder
 
     load0 = loadavg()
     bss = [int(x) for x in args.batch_sizes.split(",")]
@@ -75,10 +76,12 @@ def main(argv=None) -> dict:
                     "total_ms_per_example": 1e3 * total / examples, "examples_per_s": examples / total,
                     "token_layers_per_example": tokens / examples, "gemm_macs_per_example": macs / examples,
                     "gemm_phases_gop_s": 2 * macs / gemm_s / 1e9}
+    ext = fused_encoder.build()
+    peak = {"threads_1": ext.vnni_peak_gops(1, 1.0), f"threads_{args.threads}": ext.vnni_peak_gops(args.threads, 1.0)}
     env = environment_block(args.threads, load0)
     out = {"command": "python benchmarks/fused_phase_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "checkpoint": str(args.checkpoint), "task": args.task, "examples": n, "threads": args.threads,
-           "rounds": args.rounds, "kernel_path": model.kernel_path(), "rows": rows, "environment": env}
+           "rounds": args.rounds, "kernel_path": model.kernel_path(), "vnni_peak_gop_s": peak, "rows": rows, "environment": env}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     lines = [f"# Fused runtime: time per phase ({args.task}, {n} dev examples)", "",
@@ -87,6 +90,8 @@ def main(argv=None) -> dict:
              "ms per example (the extension's own clock, summed over every batch of the dev set, "
              f"{args.rounds} rounds after a warm-up pass); GEMM GOP/s = 2 · integer-GEMM MACs / time in the qkv + out + ffn "
              "phases (which include quantising their inputs and the epilogues)", "",
+             "int8 roofline of this CPU (`vnni_peak_gops`: a register-only loop of independent vpdpbusd per thread, no memory "
+             "traffic): " + ", ".join(f"{k.replace('threads_', '')} thread(s) {v:.0f} GOP/s" for k, v in peak.items()), "",
              "| bs | " + " | ".join(PHASES) + " | total | ex/s | token-layers / ex | GEMM GOP/s |",
              "|---|" + "---|" * (len(PHASES) + 4)]
     for bs, r in rows.items():

@@ -24,7 +24,7 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
         which scripts/setup_env.sh runs). Never chosen by "auto"; `backend` is ignored.
     threads: threads in all (onnxruntime: the session's intra-op threads; torch:
         ``torch.set_num_threads``, which is process-wide). None leaves the runtime's default.
-    streams: onnxruntime only: how many batches ``predict`` / ``logits_many`` run at once, each
+    streams: onnxruntime and fused: how many batches ``predict`` / ``logits_many`` run at once, each
         with threads // streams intra-op threads (the throughput setting; 1, the default, runs one
         batch at a time on all threads: the latency setting).
     backend: INT8 GEMM backend of the torch runtime ('auto' picks the best for this CPU).
@@ -35,7 +35,7 @@ def load(path, runtime: str = "auto", threads: int | None = None, backend: str =
     if runtime == "fused":
         from ltp_compress.modeling.fused_runtime import load_fused
 
-        return load_fused(path, threads=threads)
+        return load_fused(path, threads=threads, streams=streams)
     from ltp_compress.modeling.onnx_runtime import load_model
 
     return load_model(path, runtime=runtime, threads=threads, backend=backend, streams=streams)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ltp_compress.errors import CheckpointError
+from ltp_compress.errors import CheckpointError, SettingError
 from ltp_compress.kernels import fused_encoder
 from ltp_compress.modeling.deploy import DeployedModel, load_deployable
 from ltp_compress.modeling.pruned_encoder import base_model, encoder_layers, num_heads
@@ -113,12 +113,21 @@ class FusedDeployedModel(DeployedModel):
 
     runtime = "fused"
 
-    def __init__(self, deployed: DeployedModel, kernel: str = "avx512_vnni", threads: int | None = None):
+    def __init__(self, deployed: DeployedModel, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1):
         super().__init__(deployed.model, deployed.tokenizer, deployed.pruning, deployed.ltp, f"fused:{kernel}",
                          deployed.path, deployed.notes)
         self.kernel = kernel
         self.threads = -1 if threads is None else int(threads)
+        self.streams = max(1, int(streams))
+        # each of `streams` concurrent batches gets threads // streams of the pool (the extension sets the
+        # calling thread's OpenMP team size; forward releases the GIL)
+        self.stream_threads = self.threads if self.streams == 1 or self.threads < 1 else max(1, self.threads // self.streams)
         self.encoder = build_fused_encoder(deployed.model, deployed.pruning, kernel)
+        self._run_pass = None
+        if self.streams > 1:
+            from ltp_compress.modeling.onnx_runtime import concurrent_pass
+
+            self._run_pass = concurrent_pass(lambda b: self._forward(b, self.stream_threads), self.streams)
 
     def kernel_path(self) -> str:
         """What runs the int8 GEMMs of this model, in the extension's words."""
@@ -128,16 +137,33 @@ class FusedDeployedModel(DeployedModel):
     def logits(self, batch) -> torch.Tensor:
         """Logits [b, num_labels] of a batch (dict or object with input_ids, attention_mask and
         token_type_ids [b, s], right-padded): one call into the extension."""
+        logits, kept = self._forward(batch, self.threads)
+        self.last_kept_tokens = kept
+        return logits
+
+    def logits_many(self, batches) -> list[torch.Tensor]:
+        """Logits of each batch, in order; with streams > 1 up to `streams` batches run at once, each
+        on threads // streams threads. last_kept_tokens: every batch's rows, concatenated in order."""
+        if self._run_pass is None:
+            return super().logits_many(batches)
+        outs = self._run_pass(list(batches))
+        if outs:
+            self.last_kept_tokens = torch.cat([k for _, k in outs])
+        return [lg for lg, _ in outs]
+
+    def _forward(self, batch, threads: int):
         get = (lambda k: batch.get(k)) if isinstance(batch, dict) else (lambda k: getattr(batch, k, None))
         ids, mask, tt = get("input_ids"), get("attention_mask"), get("token_type_ids")
         if mask is None:
             mask = torch.ones_like(ids)
-        logits, kept = self.encoder.forward(ids, mask, tt, self.threads)
-        self.last_kept_tokens = kept
-        return logits
+        return self.encoder.forward(ids, mask, tt, threads)
 
 
-def load_fused(path: str | Path, kernel: str = "avx512_vnni", threads: int | None = None) -> FusedDeployedModel:
-    """Verify and load a deployable checkpoint for the fused runtime (`threads`: the extension sets
-    torch's intra-op thread count to it at each call when given; None keeps the process setting)."""
-    return FusedDeployedModel(load_deployable(path, backend="reference"), kernel=kernel, threads=threads)
+def load_fused(path: str | Path, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1) -> FusedDeployedModel:
+    """Verify and load a deployable checkpoint for the fused runtime (`threads`: threads in all; the
+    extension sets the calling thread's intra-op team to it at each call when given; None keeps the
+    process setting; `streams`: batches `logits_many` / `predict` run at once, each with
+    threads // streams threads, as load_onnx's)."""
+    if int(streams) < 1:
+        raise SettingError(f"streams must be >= 1, got {streams}")
+    return FusedDeployedModel(load_deployable(path, backend="reference"), kernel=kernel, threads=threads, streams=streams)

@@ -92,6 +92,7 @@ def render_markdown(res: dict) -> str:
     if overlapped:
         L += ["batch sizes > 1 run as several requests at once (the runtime's throughput setting: OpenVINO's THROUGHPUT hint "
               "with an AsyncInferQueue; ONNX Runtime's thread-safe Run from `threads` threads on a one-thread session; "
+              "the fused runtime's `threads` concurrent calls of one thread each; "
               "each system's info.settings in the JSON): " + ", ".join(overlapped) + "; every other system one batch at a time", ""]
     head = ["system", "main metric", "accuracy"] + [f"bs{b} ex/s" for b in bss] + ["bs1 p50 ms", "bs1 p95 ms", "peak RSS MB"]
     head += ["INT8 vs FP32 (points)", "fast ops"]

@@ -140,9 +140,9 @@ class LTPSoftStage(PruneTrainStageBase, FlopsTargetFields, RankDistillFields):
     target_flops: float | None = Field(None, gt=0, le=1, description="relative FLOPs to reach during training (see flops_controller) "
                                                                      "and land at the end on the calibration inputs")
     flops_controller: Literal["annealed_target", "lambda_with_ceiling", "lambda_with_bounds", "lambda"] = Field(
-        "lambda_with_ceiling", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
+        "lambda_with_bounds", json_schema_extra={"absent_means": "lambda"},  # stages finished before the option steered λ
         description="how training reaches target_flops (default chosen on validation: "
-                    "benchmarks/results/controller_study/): 'annealed_target' — a FLOPs schedule falls linearly from the start's "
+                    "benchmarks/results/controller_study/protocol.md, its addendum): 'annealed_target' — a FLOPs schedule falls linearly from the start's "
                     "FLOPs to the target over the first anneal_until of the steps and is held after; at every probe one "
                     "offset along the threshold ramp puts the hard-threshold FLOPs on the schedule (the gradient of the "
                     "task and λ terms decides which layers and tokens prune, the schedule how much), so the target is "

@@ -11,11 +11,11 @@ learning rate, and the loss is
 With `target_flops` the target is reached during training (`flops_controller`; measured with
 hard thresholds on a fixed input sample, ~16 times per epoch). A FLOPs schedule falls linearly
 from the start's FLOPs to the target over the first `anneal_until` of the steps and is flat after.
-By default (`lambda_with_ceiling`) λ is steered towards the target (bounded, as the first
+With `lambda_with_ceiling` λ is steered towards the target (bounded, as the first
 versions did: the gradient decides which layers and tokens prune) and whenever the FLOPs are
 above the schedule one offset along the linear ramp, θ_l + c·(l+1)/L, puts them back on it
 (`flops_target.ScheduleFollower`), so a task where λ alone stalls still reaches the target;
-`lambda_with_bounds` is the same with a floor as well: FLOPs that fall below the target by more
+`lambda_with_bounds` (the default) is the same with a floor as well: FLOPs that fall below the target by more
 than the tolerance are moved back up to it (λ alone cannot un-prune quickly: the thresholds keep
 their Adam momentum, and a soft phase trained on short inputs overshot to 0.29 for a 0.40 target);
 `annealed_target` moves the thresholds onto the schedule both ways with λ fixed; `lambda` is λ

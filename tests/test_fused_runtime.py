@@ -254,6 +254,28 @@ def test_no_pruning_and_public_load(threshold_checkpoints, vnni):
     assert torch.equal(dense.last_kept_tokens[:, 1], enc["attention_mask"].sum(1))
 
 
+def test_streams_run_batches_at_once_with_the_same_results(threshold_checkpoints, vnni):
+    """streams=2 (the throughput setting): logits_many runs two batches at once, one thread each; the
+    logits and kept tokens are the one-at-a-time ones, in order."""
+    from ltp_compress.errors import SettingError
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    texts = _mixed_texts()
+    one, many = load_fused(ckpt, threads=2), load_fused(ckpt, threads=2, streams=2)
+    assert many.stream_threads == 1 and one.stream_threads == 2
+    batches = [one.encode(texts[s:s + 3]) for s in range(0, len(texts), 3)]
+    expected = one.logits_many(batches)
+    kept = one.last_kept_tokens
+    for _ in range(3):  # several passes: the pool's threads are reused
+        got = many.logits_many(batches)
+        assert len(got) == len(expected) and torch.equal(many.last_kept_tokens, kept)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
+    with pytest.raises(SettingError, match="streams"):
+        load_fused(ckpt, streams=0)
+
+
 def test_unavailable_kernel_is_an_error_not_a_fallback(threshold_checkpoints, ext):
     from ltp_compress.modeling.fused_runtime import load_fused
 

@@ -550,7 +550,7 @@ def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tm
   - {id: annealed, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
      flops_controller: annealed_target}
   - {id: ceiling, stage: ltp_soft, init_from: ft, epochs: 2, batch_size: 16, target_flops: 0.45, anneal_until: 0.5,
-     lambda: 0.0, threshold_lr: 1.0e-7}
+     lambda: 0.0, threshold_lr: 1.0e-7, flops_controller: lambda_with_ceiling}
 """)
     run_dir = run_recipe(recipe, progress=False)
     stuck = json.loads((run_dir / "stages" / "01-stuck" / "meta.json").read_text())["extra"]["calibration"]
@@ -562,7 +562,10 @@ def test_soft_stage_reports_a_target_it_did_not_reach_and_the_correction_cost(tm
     assert annealed["controller"] == "annealed_target" and annealed["reached_target_before_correction"] is True, annealed["before"]
     moves = annealed["schedule"]["moves"]
     assert moves and moves[-1]["schedule"] == pytest.approx(0.45) and moves[0]["schedule"] > moves[-1]["schedule"]
-    # the default: λ steering that cannot move (λ 0, thresholds all but frozen, as `stuck`) and the ceiling still
+    from ltp_compress.stages.configs import LTPSoftStage
+
+    assert LTPSoftStage(id="s", stage="ltp_soft").flops_controller == "lambda_with_bounds"  # the default
+    # λ steering that cannot move (λ 0, thresholds all but frozen, as `stuck`) and the ceiling still
     # brings the FLOPs down to (here, with a 2-layer model's coarse steps, below) the target, only ever pruning more:
     # below the schedule it is λ's job to give tokens back
     ceiling = json.loads((run_dir / "stages" / "03-ceiling" / "meta.json").read_text())["extra"]["calibration"]

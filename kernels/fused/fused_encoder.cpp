@@ -503,6 +503,45 @@ static int64_t threads_used(int64_t items, int64_t threads) {
   return std::unique(who.begin(), who.end()) - who.begin();
 }
 
+// The CPU's int8 roofline as this build sees it: `threads` threads each run a register-only loop of
+// independent vpdpbusd (12 accumulators, no memory traffic) for ~`seconds`; returns int8 GOP/s in all
+// (2 ops per multiply-accumulate, 64 per instruction). What the GEMM phases' GOP/s is a fraction of.
+static double vnni_peak_gops(int64_t threads, double seconds) {
+#if LTP_HAVE_VNNI
+  if (threads > 0) at::set_num_threads(static_cast<int>(threads));
+  const int nt = at::get_num_threads();
+  std::vector<double> rate(nt, 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      __m512i acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_epi32(i);
+      const __m512i a = _mm512_set1_epi32(0x01010101), b = _mm512_set1_epi32(0x01020304);
+      const auto start = std::chrono::steady_clock::now();
+      int64_t iters = 0;
+      double el = 0.0;
+      do {
+        for (int rep = 0; rep < 4096; ++rep) {
+#pragma GCC unroll 12
+          for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+          // every accumulator is an asm operand: the compiler can neither drop nor merge the chains
+          __asm__ volatile("" : "+v"(acc[0]), "+v"(acc[1]), "+v"(acc[2]), "+v"(acc[3]), "+v"(acc[4]), "+v"(acc[5]));
+          __asm__ volatile("" : "+v"(acc[6]), "+v"(acc[7]), "+v"(acc[8]), "+v"(acc[9]), "+v"(acc[10]), "+v"(acc[11]));
+        }
+        iters += 4096;
+        el = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      } while (el < seconds);
+      rate[t] = 12.0 * 64.0 * 2.0 * static_cast<double>(iters) / el / 1e9;
+    }
+  });
+  double total = 0.0;
+  for (double r : rate) total += r;
+  return total;
+#else
+  TORCH_CHECK(false, "vnni_peak_gops: avx512_vnni not compiled in");
+  return 0.0;
+#endif
+}
+
 static bool cpu_has_avx512_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
@@ -551,6 +590,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_compiled", &vnni_compiled);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
   m.def("parallel_compiled", &parallel_compiled);
+  m.def("vnni_peak_gops", &vnni_peak_gops, py::arg("threads"), py::arg("seconds") = 0.5, py::call_guard<py::gil_scoped_release>());
   m.def("threads_used", &threads_used, py::arg("items"), py::arg("threads"));
   m.def("kernel_description", &kernel_description);
 }
