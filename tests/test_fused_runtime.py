@@ -215,6 +215,18 @@ def test_threshold_pruning_matches_reference_bs1_and_bs7(threshold_checkpoints, 
     assert (kept7[:, 1] < kept7[:, 0]).sum() >= 3 and (kept7[:, 1] > 1).all()  # really pruned, not everything
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_batch_larger_than_one_group_matches_reference(threshold_checkpoints, vnni, kind):
+    """A batch of more tokens than one group (the extension runs a batch in groups of consecutive
+    sequences of at most 256 tokens): logits and kept tokens row for row as the reference."""
+    ckpt, _ = threshold_checkpoints[(kind, "fp32")]
+    texts = [t + " " + " ".join(["and the film was long"] * k) for k in (2, 9, 5, 12) for t in _mixed_texts()]
+    enc = load_deployable(ckpt).encode(texts)
+    assert int(enc["attention_mask"].sum()) > 3 * 256  # several groups
+    kept = _compare(ckpt, texts, len(texts), vnni)
+    assert torch.equal(kept, _compare(ckpt, texts, 1, vnni))
+
+
 def test_reference_gemm_kernel_gives_the_same_model(threshold_checkpoints, ext):
     """The whole forward with the plain C++ GEMM (exact int32 like the VNNI kernel) matches too."""
     ckpt, _ = threshold_checkpoints[("bert", "fp32")]

@@ -10,7 +10,9 @@
 //   always kept) -> gather kept rows of x and of the context -> quantise -> output projection ->
 //   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU and the quantisation for FFN down in the
 //   GEMM epilogue: no float [T, d_ff] rows) -> FFN down -> residual + LayerNorm.
-// Threads: torch's OpenMP pool (at::parallel_for; the extension is compiled with -fopenmp) over
+// A batch runs in groups of consecutive sequences of at most kGroupTokens tokens, each through every
+// layer before the next (a layer's buffers stay in cache). Threads: torch's OpenMP pool (at::parallel_for;
+// the extension is compiled with -fopenmp) over
 // GEMM items, (sequence, head) pairs and rows.
 // The last layer never prunes and only its [CLS] rows are read by the classifier; every op after
 // attention is row-wise (static per-tensor activation scales), so after the last layer's attention
@@ -130,6 +132,8 @@ static LayerNormParams make_ln(const at::Tensor& w, const at::Tensor& b, double 
 // y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a; res may be null).
 // Row-parallel above kRowGrain rows (below, one thread: the pool costs more than the rows).
 constexpr int64_t kRowGrain = 128;
+// forward() runs a batch in groups of consecutive sequences of at most this many tokens (see there)
+constexpr int64_t kGroupTokens = 256;
 static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
     add_layernorm_rows(a + m0 * d, res ? res + m0 * d : nullptr, m1 - m0, d, ln.w.data(), ln.b.data(), ln.eps, y + m0 * d);
@@ -264,21 +268,51 @@ class FusedEncoder {
     const int64_t* mp = mask.data_ptr<int64_t>();
     const int64_t* ttp = tt.defined() ? tt.data_ptr<int64_t>() : nullptr;
 
-    // sequences: right-padded rows of real tokens
-    std::vector<int64_t> len(b), start(b), n0(b);
-    int64_t T = 0;
+    // sequences: right-padded rows of real tokens (every row checked before any compute)
+    std::vector<int64_t> lens(b);
     for (int64_t i = 0; i < b; ++i) {
       int64_t n = 0;
       for (int64_t j = 0; j < s; ++j) n += mp[i * s + j] != 0;
       for (int64_t j = 0; j < s; ++j)
         TORCH_CHECK((mp[i * s + j] != 0) == (j < n), "attention_mask row ", i, " is not right-padded (real tokens first)");
       TORCH_CHECK(n > 0, "attention_mask row ", i, " has no real token");
-      len[i] = n0[i] = n;
+      lens[i] = n;
+    }
+    const int64_t C = head_final_->N;
+    auto logits = at::empty({b, C}, at::kFloat);
+    auto kept = at::empty({b, L}, at::kLong);
+    std::array<double, kPhases> phases{};  // this call's, added to the totals at the end (calls may run concurrently)
+    // the batch in groups of consecutive sequences of at most kGroupTokens tokens (at least one sequence),
+    // each run through every layer before the next: a layer's buffers stay in cache (a whole batch of 32
+    // is ~20 MB of activations per layer), the weights are re-read per group
+    for (int64_t i0 = 0; i0 < b;) {
+      int64_t i1 = i0, tokens = 0;
+      while (i1 < b && (i1 == i0 || tokens + lens[i1] <= kGroupTokens)) tokens += lens[i1++];
+      encode_group(idp + i0 * s, ttp ? ttp + i0 * s : nullptr, s, std::vector<int64_t>(lens.begin() + i0, lens.begin() + i1),
+                   logits.data_ptr<float>() + i0 * C, kept.data_ptr<int64_t>() + i0 * L, phases);
+      i0 = i1;
+    }
+    {
+      std::lock_guard<std::mutex> guard(profile_mutex_);
+      for (int i = 0; i < kPhases; ++i) phase_seconds_[i] += phases[i];
+      ++calls_;
+    }
+    return {logits, kept};
+  }
+
+ private:
+  // The whole encoder and head for b consecutive sequences (ids / token types [b, s], right-padded,
+  // lens[i] real tokens): logits [b, C] and the tokens entering each layer [b, L] (row stride L).
+  void encode_group(const int64_t* idp, const int64_t* ttp, int64_t s, const std::vector<int64_t>& lens, float* logits_out,
+                    int64_t* keptp, std::array<double, kPhases>& phases) {
+    const int64_t b = static_cast<int64_t>(lens.size()), d = d_, L = static_cast<int64_t>(layers_.size());
+    std::vector<int64_t> len(lens), start(b), n0(lens);
+    int64_t T = 0;
+    for (int64_t i = 0; i < b; ++i) {
       start[i] = T;
-      T += n;
+      T += len[i];
     }
 
-    std::array<double, kPhases> phases{};  // this call's, added to the totals at the end (calls may run concurrently)
     PhaseClock clock(&phases);
     // embeddings [T, d]
     Buf<float> x(T * d);
@@ -304,8 +338,6 @@ class FusedEncoder {
     add_layernorm(x.data(), nullptr, T, d, emb_ln_, x.data());
     clock.lap(0);
 
-    auto kept = at::empty({b, L}, at::kLong);
-    int64_t* keptp = kept.data_ptr<int64_t>();
     const bool prune = mode_ != PruneMode::None;
     const int64_t H = heads_, dh = dh_;
 
@@ -460,24 +492,18 @@ class FusedEncoder {
 
     // head on the [CLS] rows: x is [b, d] after the last layer
     const int64_t C = head_final_->N;
-    auto logits = at::empty({b, C}, at::kFloat);
     if (head_pre_) {
       Buf<float> pooled(b * head_pre_->N);
       run_linear(*head_pre_, x.data(), d, b, pooled.data(), head_pre_->N);
       for (int64_t e = 0; e < b * head_pre_->N; ++e) pooled[e] = std::tanh(pooled[e]);
-      run_linear(*head_final_, pooled.data(), head_pre_->N, b, logits.data_ptr<float>(), C);
+      run_linear(*head_final_, pooled.data(), head_pre_->N, b, logits_out, C);
     } else {
-      run_linear(*head_final_, x.data(), d, b, logits.data_ptr<float>(), C);
+      run_linear(*head_final_, x.data(), d, b, logits_out, C);
     }
     clock.lap(6);
-    {
-      std::lock_guard<std::mutex> guard(profile_mutex_);
-      for (int i = 0; i < kPhases; ++i) phase_seconds_[i] += phases[i];
-      ++calls_;
-    }
-    return {logits, kept};
   }
 
+ public:
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // {phase: seconds summed over forward() calls since the last reset, "calls": n}
