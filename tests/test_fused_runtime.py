@@ -56,7 +56,9 @@ def vnni(ext):
 # ----------------------------------------------------------------------------- kernels
 
 
-@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64), (150, 64, 200)])  # 150: several row blocks
+# 150: several row blocks; 8-11: tails of 2-5 rows on full 64-channel panels (the assembly tiles)
+@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64), (150, 64, 200),
+                                   (8, 64, 128), (9, 36, 128), (10, 64, 192), (11, 4, 64)])
 @pytest.mark.parametrize("act_qmin", [-128, -127])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gemm_kernels_match_torch_reference(ext, vnni, shape, act_qmin, gelu):

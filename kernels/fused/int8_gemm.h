@@ -10,7 +10,7 @@
 //     subtracted afterwards (`comp`), in int32: exact. Weights are pre-packed once into panels of
 //     up to 64 output channels: [panel][k/4][block of 16 channels][16 x 4 bytes], so one k-step of
 //     a panel is one contiguous 256-byte stream. Register tile: up to 6 rows x 64 columns (24 zmm
-//     accumulators). Work is split into (48-row block, panel) items, row blocks outer. The epilogue
+//     accumulators; the k-loop of full panels in inline assembly, see vnni_accumulate_asm). Work is split into (48-row block, panel) items, row blocks outer. The epilogue
 //     writes float rows, or (FFN up -> FFN down) the next GEMM's u8 input directly. No AMX path:
 //     AMX tiles are not used even where the CPU has them.
 //   * "reference": plain C++ int32 loops over the unpacked w_q (the test oracle next to it).
@@ -224,28 +224,122 @@ struct GemmOut {
 };
 
 #if LTP_HAVE_VNNI
+// The k-loop of a partial-panel tile (NB < 4 blocks: the last panel when N is not a multiple of
+// 64) with intrinsics; rows beyond MR / blocks beyond NB compile away.
+#define LTP_ACC_ROW(r) __m512i c##r##0 = z, c##r##1 = z, c##r##2 = z, c##r##3 = z;
+#define LTP_DP_ROW(r)                                                                         \
+  if constexpr (MR > r) {                                                                     \
+    const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(A + r * lda + 4 * k4)); \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, a, w0);                                            \
+    if constexpr (NB > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, a, w1);                      \
+    if constexpr (NB > 2) c##r##2 = _mm512_dpbusd_epi32(c##r##2, a, w2);                      \
+    if constexpr (NB > 3) c##r##3 = _mm512_dpbusd_epi32(c##r##3, a, w3);                      \
+  }
+#define LTP_STORE_ROW(r)        \
+  if constexpr (MR > r) {       \
+    acc[r][0] = c##r##0;        \
+    if constexpr (NB > 1) acc[r][1] = c##r##1; \
+    if constexpr (NB > 2) acc[r][2] = c##r##2; \
+    if constexpr (NB > 3) acc[r][3] = c##r##3; \
+  }
+
+template <int MR, int NB>
+static inline void vnni_accumulate(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, __m512i (&acc)[MR][NB]) {
+  const __m512i z = _mm512_setzero_si512();
+  LTP_ACC_ROW(0) LTP_ACC_ROW(1) LTP_ACC_ROW(2) LTP_ACC_ROW(3) LTP_ACC_ROW(4) LTP_ACC_ROW(5)
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const int8_t* wk = W + k4 * NB * 64;
+    const __m512i w0 = _mm512_loadu_si512(wk);
+    const __m512i w1 = NB > 1 ? _mm512_loadu_si512(wk + 64) : z;
+    const __m512i w2 = NB > 2 ? _mm512_loadu_si512(wk + 128) : z;
+    const __m512i w3 = NB > 3 ? _mm512_loadu_si512(wk + 192) : z;
+    LTP_DP_ROW(0) LTP_DP_ROW(1) LTP_DP_ROW(2) LTP_DP_ROW(3) LTP_DP_ROW(4) LTP_DP_ROW(5)
+  }
+  LTP_STORE_ROW(0) LTP_STORE_ROW(1) LTP_STORE_ROW(2) LTP_STORE_ROW(3) LTP_STORE_ROW(4) LTP_STORE_ROW(5)
+}
+#undef LTP_ACC_ROW
+#undef LTP_DP_ROW
+#undef LTP_STORE_ROW
+
+// The k-loop of a full-panel tile (4 blocks = 64 channels) in inline assembly. GCC 12 does not keep
+// 24 vpdpbusd accumulators in registers when they are written with intrinsics (it spills them: a load
+// and a store around every vpdpbusd, about half the CPU's int8 rate); here they are pinned: rows r
+// in zmm(8+4r) .. zmm(11+4r), the panel's four weight vectors of one k-step in zmm0-3, the row's
+// broadcast 4 activation bytes in zmm4-7. MR rows (1..6) by assembler .if on the constant; the
+// 24 accumulators go to acc [MR][4] (64 B each) at the end. K4 >= 1.
+#define LTP_DP4(a, r0, r1, r2, r3)                 \
+  "vpdpbusd %%zmm0, %%" a ", %%" r0 "\n\t"          \
+  "vpdpbusd %%zmm1, %%" a ", %%" r1 "\n\t"          \
+  "vpdpbusd %%zmm2, %%" a ", %%" r2 "\n\t"          \
+  "vpdpbusd %%zmm3, %%" a ", %%" r3 "\n\t"
+#define LTP_ST4(off, r0, r1, r2, r3)                          \
+  "vmovdqu64 %%" r0 ", " off "+0(%[acc])\n\t"                 \
+  "vmovdqu64 %%" r1 ", " off "+64(%[acc])\n\t"                \
+  "vmovdqu64 %%" r2 ", " off "+128(%[acc])\n\t"               \
+  "vmovdqu64 %%" r3 ", " off "+192(%[acc])\n\t"
+template <int MR>
+static inline void vnni_accumulate_asm(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, __m512i* acc) {
+  const uint8_t* a3 = A + 3 * lda;
+  __asm__ volatile(
+      "vpxord %%zmm8, %%zmm8, %%zmm8\n\t" "vpxord %%zmm9, %%zmm9, %%zmm9\n\t" "vpxord %%zmm10, %%zmm10, %%zmm10\n\t" "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+      "vpxord %%zmm12, %%zmm12, %%zmm12\n\t" "vpxord %%zmm13, %%zmm13, %%zmm13\n\t" "vpxord %%zmm14, %%zmm14, %%zmm14\n\t" "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t" "vpxord %%zmm17, %%zmm17, %%zmm17\n\t" "vpxord %%zmm18, %%zmm18, %%zmm18\n\t" "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+      "vpxord %%zmm20, %%zmm20, %%zmm20\n\t" "vpxord %%zmm21, %%zmm21, %%zmm21\n\t" "vpxord %%zmm22, %%zmm22, %%zmm22\n\t" "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+      "vpxord %%zmm24, %%zmm24, %%zmm24\n\t" "vpxord %%zmm25, %%zmm25, %%zmm25\n\t" "vpxord %%zmm26, %%zmm26, %%zmm26\n\t" "vpxord %%zmm27, %%zmm27, %%zmm27\n\t"
+      "vpxord %%zmm28, %%zmm28, %%zmm28\n\t" "vpxord %%zmm29, %%zmm29, %%zmm29\n\t" "vpxord %%zmm30, %%zmm30, %%zmm30\n\t" "vpxord %%zmm31, %%zmm31, %%zmm31\n\t"
+      "1:\n\t"
+      "vmovdqu64 (%[w]), %%zmm0\n\t"
+      "vmovdqu64 64(%[w]), %%zmm1\n\t"
+      "vmovdqu64 128(%[w]), %%zmm2\n\t"
+      "vmovdqu64 192(%[w]), %%zmm3\n\t"
+      "vpbroadcastd (%[a0]), %%zmm4\n\t"
+      LTP_DP4("zmm4", "zmm8", "zmm9", "zmm10", "zmm11")
+      ".if %c[mr] > 1\n\t"
+      "vpbroadcastd (%[a0],%[lda],1), %%zmm5\n\t"
+      LTP_DP4("zmm5", "zmm12", "zmm13", "zmm14", "zmm15")
+      ".endif\n\t"
+      ".if %c[mr] > 2\n\t"
+      "vpbroadcastd (%[a0],%[lda],2), %%zmm6\n\t"
+      LTP_DP4("zmm6", "zmm16", "zmm17", "zmm18", "zmm19")
+      ".endif\n\t"
+      ".if %c[mr] > 3\n\t"
+      "vpbroadcastd (%[a3]), %%zmm7\n\t"
+      LTP_DP4("zmm7", "zmm20", "zmm21", "zmm22", "zmm23")
+      ".endif\n\t"
+      ".if %c[mr] > 4\n\t"
+      "vpbroadcastd (%[a3],%[lda],1), %%zmm4\n\t"
+      LTP_DP4("zmm4", "zmm24", "zmm25", "zmm26", "zmm27")
+      ".endif\n\t"
+      ".if %c[mr] > 5\n\t"
+      "vpbroadcastd (%[a3],%[lda],2), %%zmm5\n\t"
+      LTP_DP4("zmm5", "zmm28", "zmm29", "zmm30", "zmm31")
+      ".endif\n\t"
+      "add $4, %[a0]\n\t"
+      "add $4, %[a3]\n\t"
+      "add $256, %[w]\n\t"
+      "dec %[k]\n\t"
+      "jnz 1b\n\t"
+      LTP_ST4("0", "zmm8", "zmm9", "zmm10", "zmm11")
+      ".if %c[mr] > 1\n\t" LTP_ST4("256", "zmm12", "zmm13", "zmm14", "zmm15") ".endif\n\t"
+      ".if %c[mr] > 2\n\t" LTP_ST4("512", "zmm16", "zmm17", "zmm18", "zmm19") ".endif\n\t"
+      ".if %c[mr] > 3\n\t" LTP_ST4("768", "zmm20", "zmm21", "zmm22", "zmm23") ".endif\n\t"
+      ".if %c[mr] > 4\n\t" LTP_ST4("1024", "zmm24", "zmm25", "zmm26", "zmm27") ".endif\n\t"
+      ".if %c[mr] > 5\n\t" LTP_ST4("1280", "zmm28", "zmm29", "zmm30", "zmm31") ".endif\n\t"
+      : [a0] "+r"(A), [a3] "+r"(a3), [w] "+r"(W), [k] "+r"(K4)
+      : [lda] "r"(lda), [acc] "r"(acc), [mr] "i"(MR)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",
+        "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25",
+        "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31");
+}
+
 // One register tile: rows [0, MR) of A (u8, stride lda) x one panel of NB 16-channel blocks.
 template <int MR, int NB>
 static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4, const Int8Weight& w, int64_t n0, const GemmOut& out,
                       int64_t m0) {
+  static_assert(MR >= 1 && MR <= 6 && NB >= 1 && NB <= 4, "register tile up to 6 x 4 blocks");
   __m512i acc[MR][NB];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
-    __m512i wv[NB];
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(W + (k4 * NB + b) * 64);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      int32_t a32;
-      std::memcpy(&a32, A + r * lda + k4 * 4, 4);
-      const __m512i av = _mm512_set1_epi32(a32);
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], av, wv[b]);
-    }
-  }
+  if constexpr (NB == 4) vnni_accumulate_asm<MR>(A, lda, W, K4, &acc[0][0]);
+  else vnni_accumulate<MR, NB>(A, lda, W, K4, acc);
   const __m512 qs = _mm512_set1_ps(out.q_scale), qlo = _mm512_set1_ps(static_cast<float>(out.q_qmin)), qhi = _mm512_set1_ps(127.f);
   const __m512i off = _mm512_set1_epi32(128);
 #pragma GCC unroll 4
