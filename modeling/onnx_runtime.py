@@ -1,6 +1,5 @@
-"""ONNX Runtime deployed model: the same interface as `DeployedModel`, running an export folder;
-and `load_model`, the one place that picks the runtime for a folder (used by `ltp_compress.load`
-and by the CLI).
+"""ONNX Runtime deployed model: the same interface as `DeployedModel`, running an export folder
+(the runtime for a folder is picked by modeling/runtime_choice.py).
 
 `load_onnx(path)` verifies the export's manifest first (a changed, missing or extra file is
 refused with an error naming it), then opens `model.onnx` with ONNX Runtime's documented CPU
@@ -189,38 +188,3 @@ def load_onnx(path: str | Path, threads: int | None = None, providers: Sequence[
     tok.enable_truncation(info.max_seq_length)
     tok.enable_padding(pad_id=info.pad_token_id, pad_token=info.pad_token)
     return OnnxDeployedModel(session, tok, info, path, threads, providers, streams, session_one=session_one)
-
-
-RUNTIMES = ("auto", "torch", "onnxruntime")
-#: the CPU runtime 'auto' picks for a folder that has an ONNX export: chosen from the end-to-end
-#: benchmark at b3ddcde (`e2e_bench_*.md`, since removed: docs/design.md, "Design notes"), where our graph
-#: on ONNX Runtime (`ltp_int8_ort`) ran faster than the torch packed runtime (`ltp_int8`) at every batch size.
-#: A safetensors checkpoint without an export runs on torch (`ltp-compress export` makes one).
-CPU_DEFAULT_RUNTIME = "onnxruntime"
-
-
-def resolve_runtime(path: str | Path, runtime: str = "auto") -> str:
-    """'auto' -> CPU_DEFAULT_RUNTIME if the folder holds model.onnx, else 'torch' (a safetensors
-    deployable checkpoint); other values are checked and returned. Nothing is probed."""
-    if runtime not in RUNTIMES:
-        raise ExportError(f"runtime {runtime!r} not supported (choose from {RUNTIMES})")
-    if runtime == "auto":
-        return CPU_DEFAULT_RUNTIME if (Path(path) / ONNX_FILE).is_file() else "torch"
-    return runtime
-
-
-def load_model(path: str | Path, runtime: str = "auto", threads: int | None = None, backend: str = "auto", streams: int = 1):
-    """A deployed model from `path` on the chosen runtime (see `ltp_compress.load`). The result
-    has `predict`, `logits`, `logits_many`, `last_kept_tokens`, `runtime` and `backend`."""
-    runtime = resolve_runtime(path, runtime)
-    if runtime == "onnxruntime":
-        return load_onnx(path, threads=threads, streams=streams)
-    if streams != 1:
-        raise SettingError(f"streams={streams!r}: concurrent streams are an onnxruntime setting (runtime {runtime!r} runs one batch at a time)")
-    from ltp_compress.modeling.deploy import load_deployable
-
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(int(threads))  # process-wide
-    return load_deployable(path, backend=backend)

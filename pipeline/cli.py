@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ltp_compress.console import install_known_message_filters
 from ltp_compress.errors import UserError
+from ltp_compress.modeling.runtime_choice import RUNTIMES
 
 COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep", "serve")
 
@@ -35,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("checkpoint", type=Path)
     pr.add_argument("inputs", nargs="*", help="texts; a pair as 'A ||| B'. Omit to read stdin (one per line)")
     pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
-    pr.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
-                    help="auto: onnxruntime for an ONNX export folder (model.onnx), torch for a safetensors checkpoint")
+    pr.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                    help="auto: the table in modeling/runtime_choice.py (onnxruntime for an ONNX export folder; fused for a safetensors checkpoint on an AVX-512 VNNI CPU; else torch)")
     pr.add_argument("--threads", type=int, default=None, help="threads in all (default: the runtime's)")
     pr.add_argument("--streams", type=int, default=1,
                     help="onnxruntime: batches run at once, threads // streams each (throughput; 1 = latency)")

@@ -166,7 +166,7 @@ def predict_pairs(model, pairs: list[tuple[str, str | None]], batch_size: int, d
 
 
 def predict_cli(args) -> int:
-    from ltp_compress.modeling.onnx_runtime import load_model
+    from ltp_compress.modeling.runtime_choice import load_model
     from ltp_compress.modeling.prediction import check_texts
 
     if args.batch_size < 1:
@@ -201,8 +201,11 @@ def predict_cli(args) -> int:
     if model.runtime == "torch":
         kernels = ", ".join(f"{k} x{v}" for k, v in sorted(kernel_counters().items())) or "none (no inputs)"
         print(f"runtime: torch; int8 backend: {model.backend}; kernels run: {kernels}", file=sys.stderr)
+    elif model.runtime == "fused":
+        print(f"runtime: fused; {model.kernel_path()}", file=sys.stderr)
     else:
         print(f"runtime: {model.runtime}; {model.backend}", file=sys.stderr)
+    print(f"runtime choice: {model.runtime_choice}", file=sys.stderr)
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     if problems:

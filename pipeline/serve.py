@@ -1,6 +1,6 @@
 """`ltp-compress serve MODEL`: an HTTP server for a deployed model (FastAPI on uvicorn), with dynamic
-batching (pipeline/serve_batcher.py) on the runtime `ltp_compress.load` picks (runtime "auto":
-onnxruntime for an ONNX export folder, torch for a safetensors checkpoint).
+batching (pipeline/serve_batcher.py) on the runtime `ltp_compress.load` picks (runtime "auto": the
+table in modeling/runtime_choice.py; /model reports the runtime, the row that chose it and the kernels).
 
 Endpoints:
   POST /predict   {"text": "..."} | {"text": "...", "text_pair": "..."} |
@@ -151,12 +151,15 @@ def model_card(model, path: Path, task: str | None, expects_pair: bool | None) -
     cost = {"source": str(ckpt.parent / "meta.json"), **meta["cost"]} if meta.get("cost") else None
     q = onnx_info.get("quantization", {})
     kernels = {"int8_op": q.get("int8_op"), "attention_op": onnx_info.get("attention_op")} if onnx_info else None  # torch: /model counts them
+    if model.runtime == "fused":
+        kernels = {"int8_gemm": model.kernel_path()}
     return {"path": str(path), "task": task, "input": {None: "unknown", True: "sentence pair", False: "single sentence"}[expects_pair],
             "labels": {str(k): v for k, v in model.id2label.items()}, "num_labels": model.num_labels,
             "max_seq_length": model.max_seq_length, "pruning": ltp.get("pruning"),
             "quantization": {k: (ltp.get("quantization") or {}).get(k) for k in ("activation_range", "attention_matmuls", "int8_op")},
             "cost": cost, "cost_note": None if cost else "no FLOPs / BOPs: the checkpoint is not inside a run folder with meta.json",
-            "runtime": model.runtime, "backend": model.backend, "kernels": kernels, "weights_sha256": weights}
+            "runtime": model.runtime, "runtime_choice": getattr(model, "runtime_choice", "requested"), "backend": model.backend,
+            "kernels": kernels, "weights_sha256": weights}
 
 
 def build_app(model, settings: ServeSettings, card: dict, expects_pair: bool | None):
@@ -281,7 +284,7 @@ def serve_model(model, path: Path, settings: ServeSettings, task: str | None, ex
 
 
 def serve_cli(args) -> int:
-    from ltp_compress.modeling.onnx_runtime import load_model
+    from ltp_compress.modeling.runtime_choice import load_model
     from ltp_compress.pipeline.predict import model_task
     from ltp_compress.pipeline.serve_args import settings_from_args
 

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ltp_compress.errors import SettingError
+from ltp_compress.modeling.runtime_choice import RUNTIMES
 
 
 class ServeSettings(BaseModel):
@@ -17,7 +19,7 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    runtime: str = "auto"
+    runtime: Literal[RUNTIMES] = "auto"
     threads: int | None = Field(None, ge=1)
     streams: int = Field(1, ge=1)
     backend: str = "auto"
@@ -44,10 +46,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="ONNX export folder (onnxruntime) or deployable checkpoint (torch)")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default=d.runtime,
-                   help="auto: onnxruntime for an ONNX export folder, torch for a safetensors checkpoint")
+    p.add_argument("--runtime", choices=RUNTIMES, default=d.runtime,
+                   help="auto: the table in modeling/runtime_choice.py (onnxruntime for an ONNX export folder; fused for a safetensors checkpoint on an AVX-512 VNNI CPU; else torch)")
     p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--streams", type=int, default=d.streams, help="onnxruntime: batches run at once (threads // streams each)")
+    p.add_argument("--streams", type=int, default=d.streams, help="onnxruntime / fused: batches run at once (threads // streams each)")
     p.add_argument("--backend", default=d.backend, help="INT8 GEMM backend of the torch runtime")
     p.add_argument("--task", default=d.task, help="the model's GLUE task, when the checkpoint's run does not say")
     for name in ("max_batch_size", "max_wait_ms", "bucket_ratio", "max_queue", "max_texts_per_request", "max_request_bytes",

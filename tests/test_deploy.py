@@ -65,7 +65,7 @@ def test_save_load_identical_logits(tiny_bert, tiny_roberta, tmp_path, model_typ
     ltp = json.loads((dst / "ltp.json").read_text())
     assert ltp["format_version"] == 1 and ltp["pruning"]["thresholds"] == [1.0, 1.0]
     assert ltp["quantization"]["attention_matmuls"] == "fp32" and len(ltp["quantization"]["int8_layers"]) == 14
-    dm = ltp_compress.load(dst)
+    dm = ltp_compress.load(dst, runtime="torch")
     enc = tok(_texts(), padding=True, return_tensors="pt")
     expected = forward_packed(qmodel, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"), PRUNING).logits
     reset_kernel_counters()
@@ -252,7 +252,7 @@ def test_predict_cli_inputs(checkpoint, tmp_path, capsys, monkeypatch):
     from ltp_compress.pipeline.cli import main
 
     dst = checkpoint[0]
-    assert main(["predict", str(dst), "a fine film", "boring ||| and long", "--batch-size", "2"]) == 0
+    assert main(["predict", str(dst), "a fine film", "boring ||| and long", "--batch-size", "2", "--runtime", "torch"]) == 0
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[1].endswith("boring ||| and long")
@@ -270,8 +270,8 @@ def test_predict_cli_inputs(checkpoint, tmp_path, capsys, monkeypatch):
     assert main(["predict", str(dst)]) == 0
     out, _ = capsys.readouterr()
     assert len(out.strip().splitlines()) == 2
-    # --streams is an onnxruntime setting: the torch runtime refuses it with a clear error
-    assert main(["predict", str(dst), "a fine film", "--streams", "2"]) == 2
+    # --streams is an onnxruntime / fused setting: the torch runtime refuses it with a clear error
+    assert main(["predict", str(dst), "a fine film", "--streams", "2", "--runtime", "torch"]) == 2
     assert "streams" in capsys.readouterr().err
 
 
@@ -313,4 +313,6 @@ stages:
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split("\t")[0] in ("negative", "positive")
-    assert "kernels run" in err
+    # runtime "auto": the table's row is printed; the torch runtime names its kernels, the fused one its GEMM
+    assert "runtime choice: auto: deployable checkpoint" in err
+    assert "kernels run" in err or ("runtime: fused" in err and "vpdpbusd" in err), err

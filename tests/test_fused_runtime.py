@@ -21,6 +21,8 @@ ninja), and the avx512_vnni tests when the CPU lacks AVX-512 VNNI.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +308,79 @@ def test_left_padding_refused(threshold_checkpoints, vnni):
     enc["attention_mask"] = enc["attention_mask"].flip(1)
     with pytest.raises(RuntimeError, match="right-padded"):
         dm.logits(enc)
+
+
+# ----------------------------------------------------------------------------- runtime="auto"
+
+
+def _expected_auto_runtime() -> str:
+    """What AUTO_TABLE says for a deployable checkpoint on this CPU (backend 'auto')."""
+    from ltp_compress.kernels import cpu_isa
+
+    isa = cpu_isa()
+    if isa["avx512_vnni"] and isa["avx512"] and fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni") is None:
+        return "fused"
+    return "torch"
+
+
+def test_auto_follows_the_table_for_a_deployable_checkpoint(threshold_checkpoints, capsys):
+    """runtime='auto' on a safetensors checkpoint: fused where the CPU has AVX-512 VNNI and the extension
+    builds, else torch (with the reason on stderr when the CPU row matched but could not be followed);
+    an explicit torch backend keeps torch; the result reports the row that chose it."""
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    dm = ltp_compress.load(ckpt, threads=1)
+    assert dm.runtime == _expected_auto_runtime(), dm.runtime_choice
+    assert dm.runtime_choice.startswith("auto: deployable checkpoint")
+    assert ("-> fused" in dm.runtime_choice) == (dm.runtime == "fused")
+    ref = ltp_compress.load(ckpt, runtime="torch")
+    assert ref.runtime == "torch" and ref.runtime_choice == "requested"
+    texts = _dev_texts(4)
+    for a, b in zip(dm.predict(texts), ref.predict(texts)):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-5)
+    explicit = ltp_compress.load(ckpt, backend="reference")
+    assert explicit.runtime == "torch" and explicit.backend == "reference" and explicit.runtime_choice.endswith("-> torch")
+
+
+def test_auto_without_avx512_vnni_is_torch(threshold_checkpoints, monkeypatch):
+    """Under ONEDNN_MAX_CPU_ISA=AVX2 cpu_isa() reports no AVX-512 VNNI, so the table's CPU row does
+    not match and the checkpoint runs on torch (what a CPU without AVX-512 VNNI gets)."""
+    from ltp_compress.kernels import cpu_isa
+
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cpu_isa.cache_clear()
+    try:
+        dm = ltp_compress.load(ckpt)
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        cpu_isa.cache_clear()
+    assert dm.runtime == "torch" and dm.runtime_choice.startswith("auto: deployable checkpoint on any other")
+
+
+def test_auto_refused_checkpoint_runs_on_torch_and_says_why(tiny_bert, vnni, tmp_path, capsys):
+    """A checkpoint with a float Linear (fp_layers): the fused runtime refuses it, so 'auto' names the
+    reason on stderr and in runtime_choice and runs it on torch; runtime='fused' is an error."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ltp_compress.errors import CheckpointError
+    from ltp_compress.modeling.quantized import calibrate, convert_to_int8
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    qmodel, info = convert_to_int8(model, calibrate(model, _calibration_batches(tok), PruningConfig()), "reference",
+                                   fp_layers=("classifier",))
+    ckpt = save_deployable(qmodel, tok, PruningConfig(), info, tmp_path / "ckpt")
+    dm = ltp_compress.load(ckpt)
+    assert dm.runtime == "torch" and "not followed" in dm.runtime_choice and "classifier" in dm.runtime_choice
+    assert "fused runtime is not used" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="classifier"):
+        ltp_compress.load(ckpt, runtime="fused")
+
+
+def test_auto_table_rows_name_known_runtimes():
+    from ltp_compress.modeling.runtime_choice import AUTO_TABLE, RUNTIMES, auto_table_markdown
+
+    assert {r.runtime for r in AUTO_TABLE} <= set(RUNTIMES) - {"auto"}
+    assert auto_table_markdown().count("\n") == len(AUTO_TABLE) + 1
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    assert auto_table_markdown() in docs, "docs/export.md shows AUTO_TABLE: regenerate it with auto_table_markdown()"

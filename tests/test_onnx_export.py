@@ -470,9 +470,10 @@ def test_older_export_description_still_loads(pruned_exports, tmp_path):
 def test_load_runtimes_and_predict(pruned_exports):
     ckpt, export, _ = pruned_exports["roberta"]
     om = ltp_compress.load(export, threads=1)
-    tm = ltp_compress.load(ckpt)
+    tm = ltp_compress.load(ckpt, runtime="torch")
     assert om.runtime == "onnxruntime" and "onnxruntime" in om.backend and om.session.get_session_options().intra_op_num_threads == 1
-    assert tm.runtime == "torch"
+    assert om.runtime_choice == "auto: ONNX export (model.onnx) on any x86-64 -> onnxruntime"
+    assert tm.runtime == "torch" and tm.runtime_choice == "requested"
     with pytest.raises(CheckpointError):  # an export folder is not a safetensors checkpoint
         ltp_compress.load(export, runtime="torch")
     with pytest.raises(ExportError, match="runtime 'tensorrt'"):
@@ -497,7 +498,7 @@ def test_load_runtimes_and_predict(pruned_exports):
     assert np.concatenate([t.numpy() for t in torch_many]).argmax(-1).tolist() == np.concatenate(many).argmax(-1).tolist()
     assert tm.last_kept_tokens.shape[0] == len(texts)
     with pytest.raises(ValueError, match="streams"):
-        ltp_compress.load(ckpt, streams=2)  # torch runs one batch at a time: said, not ignored
+        ltp_compress.load(ckpt, runtime="torch", streams=2)  # torch runs one batch at a time: said, not ignored
     with pytest.raises(ValueError, match="streams"):
         ltp_compress.load(export, streams=0)
 

@@ -175,7 +175,7 @@ def test_pair_model_takes_pairs_and_refuses_single_texts(served):
 
 def test_torch_checkpoint_served_too(served):
     ckpt = served["sst2_ckpt"]
-    model = ltp_compress.load(ckpt)
+    model = ltp_compress.load(ckpt, runtime="torch")
     with running(model, ckpt) as (port, _, _):
         s, _, out = request(port, "POST", "/predict", {"texts": _dev_texts(3)})
         assert s == 200 and [r["label"] for r in out["results"]] == [r["label"] for r in model.predict(_dev_texts(3))]
@@ -461,3 +461,20 @@ def test_listening_socket_is_tcp_so_responses_are_not_held_back():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_fused_checkpoint_served_with_its_kernel(served):
+    """A checkpoint on the fused runtime: /model names the runtime, the table row (requested here) and
+    the GEMM kernel; answers match the torch runtime's labels."""
+    from ltp_compress.kernels import fused_encoder
+
+    reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
+    if reason is not None:
+        pytest.skip(reason)
+    ckpt = served["sst2_ckpt"]
+    model = ltp_compress.load(ckpt, runtime="fused", threads=1)
+    with running(model, ckpt) as (port, _, _):
+        s, _, out = request(port, "POST", "/predict", {"texts": _dev_texts(3)})
+        assert s == 200 and [r["label"] for r in out["results"]] == [r["label"] for r in ltp_compress.load(ckpt, runtime="torch").predict(_dev_texts(3))]
+        s, _, card = request(port, "GET", "/model")
+        assert card["runtime"] == "fused" and card["runtime_choice"] == "requested" and "vpdpbusd" in card["kernels"]["int8_gemm"]
