@@ -58,9 +58,11 @@ def vnni(ext):
 # ----------------------------------------------------------------------------- kernels
 
 
-# 150: several row blocks; 8-11: tails of 2-5 rows on full 64-channel panels (the assembly tiles)
+# 150: several row blocks; 49 / 97: just over one / two blocks of 48 (the rows spread evenly over a
+# multiple of the threads' count of blocks, with uneven tails); 8-11: tails of 2-5 rows on full
+# 64-channel panels (the assembly tiles)
 @pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (25, 32, 96), (13, 130, 200), (6, 64, 64), (150, 64, 200),
-                                   (8, 64, 128), (9, 36, 128), (10, 64, 192), (11, 4, 64)])
+                                   (49, 128, 256), (97, 64, 192), (8, 64, 128), (9, 36, 128), (10, 64, 192), (11, 4, 64)])
 @pytest.mark.parametrize("act_qmin", [-128, -127])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_gemm_kernels_match_torch_reference(ext, vnni, shape, act_qmin, gelu):

@@ -10,7 +10,7 @@
 //     subtracted afterwards (`comp`), in int32: exact. Weights are pre-packed once into panels of
 //     up to 64 output channels: [panel][k/4][block of 16 channels][16 x 4 bytes], so one k-step of
 //     a panel is one contiguous 256-byte stream. Register tile: up to 6 rows x 64 columns (24 zmm
-//     accumulators; the k-loop of full panels in inline assembly, see vnni_accumulate_asm). Work is split into (48-row block, panel) items, row blocks outer. The epilogue
+//     accumulators; the k-loop of full panels in inline assembly, see vnni_accumulate_asm). Work is split into (row block of at most 48 rows, panel) items, row blocks outer, their count a multiple of the threads. The epilogue
 //     writes float rows, or (FFN up -> FFN down) the next GEMM's u8 input directly. No AMX path:
 //     AMX tiles are not used even where the CPU has them.
 //   * "reference": plain C++ int32 loops over the unpacked w_q (the test oracle next to it).
@@ -392,7 +392,7 @@ static TileFn tile_for(int mr, int nb) {
 
 constexpr int64_t kRowBlock = 48;  // rows per work item: 8 register tiles; its A rows stay in L1 / L2 across the panels
 
-// out = epilogue(x_u8 [M, Kp] GEMM w). Work items are (row block of kRowBlock rows, 64-channel
+// out = epilogue(x_u8 [M, Kp] GEMM w). Work items are (row block of at most kRowBlock rows, 64-channel
 // panel), row blocks outer: a thread takes a contiguous range of them, so at small M the panels
 // are split over the threads and at large M whole row blocks are (their A rows reused from cache
 // across every panel, the weight re-read from L2). at::parallel_for (torch's thread pool) only
@@ -423,7 +423,12 @@ inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, const Gemm
 #if LTP_HAVE_VNNI
   const int64_t K4 = w.Kp / 4;
   const int64_t panels = w.num_panels();
-  const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  // row blocks of at most kRowBlock rows, as many as a multiple of the threads once there is more
+  // than one (M = 49 on 2 threads: 25 + 24 rows, not 48 + 1 with one thread doing nearly all of it),
+  // the rows spread evenly over them
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  if (row_blocks > 1) row_blocks = (row_blocks + threads - 1) / threads * threads;
   const int64_t items = row_blocks * panels;
   // one thread below ~2^19 MACs (a few µs: waking the pool costs as much); above, the items are
   // split evenly over the threads (grain 1: at::parallel_for gives each thread ceil(items/threads))
@@ -434,8 +439,8 @@ inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, const Gemm
       const int nb = w.blocks_in_panel(p);
       const int8_t* W = w.packed.data() + w.panel_offset(p);
       const int64_t n0 = p * kPanelBlocks * 16;
-      const int64_t m_end = std::min(M, (rb + 1) * kRowBlock);
-      for (int64_t m0 = rb * kRowBlock; m0 < m_end; m0 += kMaxRows) {
+      const int64_t m_begin = rb * M / row_blocks, m_end = (rb + 1) * M / row_blocks;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kMaxRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m_end - m0));
         tile_for(mr, nb)(A + m0 * w.Kp, w.Kp, W, K4, w, n0, out, m0);
       }
