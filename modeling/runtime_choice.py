@@ -91,8 +91,11 @@ def load_model(path: str | Path, runtime: str = "auto", threads: int | None = No
 
             reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
             if reason is None:
+                if int(streams) < 1:
+                    raise SettingError(f"streams must be >= 1, got {streams}")
+                deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime
                 try:
-                    model = FusedDeployedModel(load_deployable(path, backend="reference"), threads=threads, streams=streams)
+                    model = FusedDeployedModel(deployed, threads=threads, streams=streams)
                     model.runtime_choice = choice
                     return model
                 except CheckpointError as e:  # a part the fused runtime refuses: the torch row
