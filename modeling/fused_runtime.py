@@ -116,9 +116,11 @@ class FusedDeployedModel(DeployedModel):
     def __init__(self, deployed: DeployedModel, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1):
         super().__init__(deployed.model, deployed.tokenizer, deployed.pruning, deployed.ltp, f"fused:{kernel}",
                          deployed.path, deployed.notes)
+        if int(streams) < 1:
+            raise SettingError(f"streams must be >= 1, got {streams}")
         self.kernel = kernel
         self.threads = -1 if threads is None else int(threads)
-        self.streams = max(1, int(streams))
+        self.streams = int(streams)
         # each of `streams` concurrent batches gets threads // streams of the pool (the extension sets the
         # calling thread's OpenMP team size; forward releases the GIL)
         self.stream_threads = self.threads if self.streams == 1 or self.threads < 1 else max(1, self.threads // self.streams)
@@ -164,6 +166,4 @@ def load_fused(path: str | Path, kernel: str = "avx512_vnni", threads: int | Non
     extension sets the calling thread's intra-op team to it at each call when given; None keeps the
     process setting; `streams`: batches `logits_many` / `predict` run at once, each with
     threads // streams threads, as load_onnx's)."""
-    if int(streams) < 1:
-        raise SettingError(f"streams must be >= 1, got {streams}")
     return FusedDeployedModel(load_deployable(path, backend="reference"), kernel=kernel, threads=threads, streams=streams)

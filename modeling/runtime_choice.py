@@ -91,8 +91,6 @@ def load_model(path: str | Path, runtime: str = "auto", threads: int | None = No
 
             reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
             if reason is None:
-                if int(streams) < 1:
-                    raise SettingError(f"streams must be >= 1, got {streams}")
                 deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime
                 try:
                     model = FusedDeployedModel(deployed, threads=threads, streams=streams)
