@@ -27,6 +27,10 @@ OP_CLASSES = ("qkv_proj", "attn_scores", "attn_context", "out_proj", "ffn")
 #: how the tokens a layer prunes are charged (see layer_macs)
 CONVENTIONS = ("executed", "paper")
 
+#: which rows of the last layer a runtime runs past its QKV projection (see last_layer_macs):
+#: "all" (the torch and ONNX runtimes, and both conventions), "cls" (the fused runtime)
+LAST_LAYER_ROWS = ("all", "cls")
+
 
 def layer_macs(n: np.ndarray | int, d: int, d_ff: int, n_out: np.ndarray | int | None = None,
                convention: str = "executed") -> dict[str, np.ndarray]:
@@ -76,25 +80,50 @@ def tokens_leaving_layers(tokens_per_layer: np.ndarray) -> np.ndarray:
     return np.concatenate([tokens_per_layer[:, 1:], tokens_per_layer[:, -1:]], axis=1)
 
 
-def _per_layer_ops(tokens_per_layer: np.ndarray, shape: "EncoderShape", convention: str):
+def last_layer_macs(n: np.ndarray | int, d: int, d_ff: int) -> dict[str, np.ndarray]:
+    """MACs of the last layer as a runtime runs it when the classifier's [CLS] row is all it keeps
+    (last_layer_rows "cls", the fused runtime): every op after attention is row-wise, so only the
+    [CLS] row needs them, and only its attention row is needed:
+      qkv_proj     3 · n · d · d   (keys and values of every token; the runtime projects Q for all rows too)
+      attn_scores  n · d           (one query row)
+      attn_context n · d
+      out_proj     d · d           (one row)
+      ffn          2 · d · d_ff
+    The classifier's logits are the same as with every row computed; neither convention charges it
+    this way (they describe the model, this describes what one runtime executes)."""
+    n = np.asarray(n, dtype=np.float64)
+    one = np.ones_like(n)
+    return {"qkv_proj": 3 * n * d * d, "attn_scores": n * d, "attn_context": n * d, "out_proj": one * d * d,
+            "ffn": 2 * one * d * d_ff}
+
+
+def _per_layer_ops(tokens_per_layer: np.ndarray, shape: "EncoderShape", convention: str, last_layer_rows: str = "all"):
+    if last_layer_rows not in LAST_LAYER_ROWS:
+        raise ValueError(f"unknown last_layer_rows {last_layer_rows!r}; choose from {LAST_LAYER_ROWS}")
     tokens_per_layer = np.asarray(tokens_per_layer, dtype=np.float64)
     leaving = tokens_leaving_layers(tokens_per_layer)
     for l in range(shape.num_layers):
-        yield layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate, leaving[:, l], convention)
+        if last_layer_rows == "cls" and l == shape.num_layers - 1:
+            yield last_layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate)
+        else:
+            yield layer_macs(tokens_per_layer[:, l], shape.hidden, shape.intermediate, leaving[:, l], convention)
 
 
-def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed") -> np.ndarray:
+def encoder_macs(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed",
+                 last_layer_rows: str = "all") -> np.ndarray:
     """Total MACs per example. tokens_per_layer: [N, L] tokens entering each layer -> [N].
-    Layer l's tokens leaving are the tokens entering layer l+1 (see layer_macs)."""
+    Layer l's tokens leaving are the tokens entering layer l+1 (see layer_macs); last_layer_rows
+    "cls": the last layer as last_layer_macs counts it."""
     total = np.zeros(np.shape(tokens_per_layer)[0])
-    for ops in _per_layer_ops(tokens_per_layer, shape, convention):
+    for ops in _per_layer_ops(tokens_per_layer, shape, convention, last_layer_rows):
         total += sum(ops.values())
     return total
 
 
-def encoder_flops(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed") -> np.ndarray:
+def encoder_flops(tokens_per_layer: np.ndarray, shape: EncoderShape, convention: str = "executed",
+                  last_layer_rows: str = "all") -> np.ndarray:
     """FLOPs per example = 2 · MACs (see layer_macs)."""
-    return 2 * encoder_macs(tokens_per_layer, shape, convention)
+    return 2 * encoder_macs(tokens_per_layer, shape, convention, last_layer_rows)
 
 
 @dataclass(frozen=True)
@@ -138,11 +167,15 @@ def _dense_tokens(lengths: np.ndarray, shape: EncoderShape) -> np.ndarray:
     return np.repeat(np.asarray(lengths, dtype=np.float64)[:, None], shape.num_layers, axis=1)
 
 
-def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, convention: str = "executed") -> float:
+def relative_flops(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape, convention: str = "executed",
+                   last_layer_rows: str = "all") -> float:
     """Σ FLOPs with the tokens actually present / Σ FLOPs of the same inputs unpruned (every layer
-    sees all `lengths[i]` tokens): a ratio of sums over the examples. [N, L], [N] -> float"""
+    sees all `lengths[i]` tokens): a ratio of sums over the examples. [N, L], [N] -> float.
+    last_layer_rows "cls": both counts as a runtime that runs only the last layer's [CLS] row past
+    its QKV projection executes them (last_layer_macs)."""
     dense = _dense_tokens(lengths, shape)
-    return float(encoder_flops(tokens_per_layer, shape, convention).sum() / encoder_flops(dense, shape, convention).sum())
+    return float(encoder_flops(tokens_per_layer, shape, convention, last_layer_rows).sum()
+                 / encoder_flops(dense, shape, convention, last_layer_rows).sum())
 
 
 def relative_flops_by_group(tokens_per_layer: np.ndarray, lengths: np.ndarray, shape: EncoderShape,

@@ -85,6 +85,8 @@ class DeployedModel:
     """A loaded deployable checkpoint: packed token-removing forward with INT8 GEMMs."""
 
     runtime = "torch"
+    #: the last layer's rows this runtime runs past QKV (modeling/accounting.py LAST_LAYER_ROWS): every row
+    last_layer_rows = "all"
 
     def __init__(self, model, tokenizer, pruning, ltp: CheckpointInfo, backend: str, path: Path, notes: list[str]):
         self.model = model

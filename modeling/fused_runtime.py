@@ -112,6 +112,9 @@ class FusedDeployedModel(DeployedModel):
     kernel ("fused:avx512_vnni"); `.model` stays the reference torch model it was built from."""
 
     runtime = "fused"
+    #: the extension runs the last layer's attention for the [CLS] query only and its output projection and
+    #: FFN on the [CLS] row only (modeling/accounting.py last_layer_macs)
+    last_layer_rows = "cls"
 
     def __init__(self, deployed: DeployedModel, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1):
         super().__init__(deployed.model, deployed.tokenizer, deployed.pruning, deployed.ltp, f"fused:{kernel}",

@@ -79,6 +79,9 @@ class OnnxDeployedModel:
     """A loaded ONNX export: `predict`, `logits`, `last_kept_tokens` like `DeployedModel`. `session` runs
     every batch (the whole graph, or its general branch when `session_one` runs batches of one)."""
 
+    #: the last layer's rows the exported graph runs past QKV (modeling/accounting.py LAST_LAYER_ROWS): every row
+    last_layer_rows = "all"
+
     def __init__(self, session, tokenizer, info: ExportInfo, path: Path, threads: int | None, providers: list[str], streams: int = 1,
                  session_one=None):
         self.session = session

@@ -189,6 +189,9 @@ def executed_cost(system: System, batches, model_dir) -> dict:
     shape = EncoderShape.from_config(AutoConfig.from_pretrained(str(model_dir)))  # the checkpoint the system was built from
     return {"relative_flops_executed": relative_flops(kept, lengths, shape, "executed"),
             "relative_flops_paper": relative_flops(kept, lengths, shape, "paper"),
+            # the executed count with the last layer as this runtime runs it (the fused runtime: [CLS] only)
+            "last_layer_rows": system.last_layer_rows,
+            "relative_flops_run": relative_flops(kept, lengths, shape, "executed", system.last_layer_rows),
             "mean_tokens_per_layer": kept.mean(0).tolist(), "examples": int(len(lengths))}
 
 

@@ -47,6 +47,15 @@ def render_pruning_speedup(res: dict) -> list[str]:
             x = row["by_batch_size"].get(str(b))
             cells += [_fmt(x["speedup"], 2, "x"), _fmt(x["realised_fraction"], 2)] if x else ["-", "-"]
         L.append(f"| {runtime} | {row['pruned']} / {row['dense']} | {_fmt(row['flops_reduction'], 2, 'x')} | " + " | ".join(cells) + " |")
+    for runtime, row in ps.items():
+        if "relative_flops_run" not in row:
+            continue
+        fr = [_fmt(row["by_batch_size"].get(str(b), {}).get("realised_fraction_of_run_flops"), 2) for b in bss]
+        L += ["", f"{runtime} runs the last layer on [CLS] only (`last_layer_rows` {row['last_layer_rows']!r}: its attention "
+              "for the [CLS] query, its output projection and FFN on the [CLS] row), the dense model too, so the FLOPs it "
+              f"runs fall {_fmt(row['run_flops_reduction'], 2, 'x')}, not {_fmt(row['flops_reduction'], 2, 'x')} "
+              "(the executed convention charges the dense model's last layer on every token): realised fraction of the "
+              f"run FLOPs' reduction at bs {' / '.join(str(b) for b in bss)}: {' / '.join(fr)}"]
     return L + [""]
 
 

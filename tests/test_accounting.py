@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ltp_compress.modeling.accounting import (
-    OP_CLASSES, EncoderShape, Precision, cost_summary, encoder_bops, encoder_flops, encoder_macs, layer_macs,
-    tokens_leaving_layers,
+    OP_CLASSES, EncoderShape, Precision, cost_summary, encoder_bops, encoder_flops, encoder_macs, last_layer_macs, layer_macs,
+    relative_flops, tokens_leaving_layers,
 )
 
 SMALL = EncoderShape(num_layers=2, hidden=4, intermediate=8)
@@ -170,3 +170,18 @@ def test_cost_summary_reports_both_conventions_golden():
     assert cost["relative_flops"] == cost["by_convention"]["executed"]["relative_flops"]  # top level = executed
     # BOPs likewise: 8x8 bits everywhere vs FP16 dense = (464·64) / (912·256)
     assert cost["by_convention"]["paper"]["relative_bops_vs_fp16_dense"] == pytest.approx(464 * 64 / (912 * 256))
+
+
+def test_last_layer_on_cls_only_golden():
+    # d=4, d_ff=8, L=2 (SMALL), last layer run on its [CLS] row only past QKV (the fused runtime):
+    # 3 tokens enter it: qkv 3·3·16 = 144, scores 1·3·4 = 12, context 12, out_proj 16, ffn 2·4·8 = 64 -> 248
+    assert {k: float(v) for k, v in last_layer_macs(3, 4, 8).items()} == {
+        "qkv_proj": 144.0, "attn_scores": 12.0, "attn_context": 12.0, "out_proj": 16.0, "ffn": 64.0}
+    # tokens [3, 3]: layer 0 as always (456), layer 1 248 -> 704; [3, 1]: 296 + (48 + 4 + 4 + 16 + 64 = 136) = 432
+    tokens = np.array([[3, 3], [3, 1]])
+    assert encoder_macs(tokens, SMALL, last_layer_rows="cls").tolist() == [704.0, 432.0]
+    # relative FLOPs: both counts the same way; [3, 1] vs dense [3, 3]: 432 / 704
+    assert relative_flops(tokens[1:], np.array([3]), SMALL, last_layer_rows="cls") == pytest.approx(432 / 704)
+    assert relative_flops(tokens[1:], np.array([3]), SMALL) == pytest.approx(432 / 912)
+    with pytest.raises(ValueError, match="last_layer_rows"):
+        encoder_macs(tokens, SMALL, last_layer_rows="first")

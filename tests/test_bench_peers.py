@@ -134,6 +134,28 @@ def test_ort_peers_configuration(peers):
     assert sp["pruned"] == "ltp_int8_ort" and sp["relative_flops_executed"] == pytest.approx(r["ltp_int8_ort"]["cost"]["relative_flops_executed"])
 
 
+def test_fused_pruning_speedup_counts_the_flops_the_runtime_runs(peers):
+    """The fused runtime runs the last layer on [CLS] only, dense model included: its cost says so and
+    the pruning-speedup row divides by the reduction of the FLOPs it runs as well as the executed one."""
+    res, _, _ = peers
+    r = res["results"]
+    if _fused_unavailable():
+        pytest.skip(f"fused runtime unavailable: {_fused_unavailable()}")
+    p, d = r["ltp_int8_fused"]["cost"], r["dense_int8_fused"]["cost"]
+    assert p["last_layer_rows"] == d["last_layer_rows"] == "cls"
+    assert d["relative_flops_run"] == pytest.approx(1.0) and d["relative_flops_executed"] == pytest.approx(1.0)
+    # the dense last layer it never runs is not saved by pruning (equal when the tiny run prunes nothing)
+    assert p["relative_flops_run"] >= p["relative_flops_executed"]
+    sp = res["pruning_speedup"]["fused"]
+    assert sp["relative_flops_run"] == pytest.approx(p["relative_flops_run"]) and sp["last_layer_rows"] == "cls"
+    for bs, row in sp["by_batch_size"].items():
+        assert row["realised_fraction_of_run_flops"] == pytest.approx(row["speedup"] * sp["relative_flops_run"])
+        assert row["realised_fraction_of_run_flops"] >= row["realised_fraction"]
+    if r["ltp_int8_ort"]["status"] == "ok":
+        assert r["ltp_int8_ort"]["cost"]["last_layer_rows"] == "all"
+        assert "relative_flops_run" not in res["pruning_speedup"]["onnxruntime"]
+
+
 @pytest.mark.skipif(not _have("openvino", "nncf"), reason="openvino / nncf not installed")
 def test_openvino_peers_configuration(peers):
     res, _, _ = peers

@@ -233,6 +233,34 @@ def test_batch_larger_than_one_group_matches_reference(threshold_checkpoints, vn
     assert torch.equal(kept, _compare(ckpt, texts, 1, vnni))
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_every_schedule_gives_the_same_numbers(vnni, tmp_path, kind):
+    """How forward() walks a batch (spans through every layer, each layer on groups re-formed from the
+    tokens entering it) changes no number: every op is row-wise or per sequence and the integer sums
+    are exact, so logits and kept tokens are bit-equal under every schedule, the default included."""
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    src = build_tiny_model(tmp_path / "src", kind, num_layers=3, seed=2)
+    qmodel, tok, info = _quantise(src)
+    ckpt = save_deployable(qmodel, tok, PruningConfig(mode="topk", keep_ratios=[0.5, 0.3, 0.3]), info, tmp_path / "ckpt")
+    fused = load_fused(ckpt, kernel=vnni, threads=2)
+    texts = [t + " " + " ".join(["and the film was long"] * k) for k in (2, 9, 0, 12, 5) for t in _mixed_texts()]
+    enc = fused.encode(texts)
+    assert int(enc["attention_mask"].sum()) > 3 * 256  # several spans and groups at layer 0
+    default = fused.encoder.schedule
+    expected, kept = fused.logits(enc), fused.last_kept_tokens
+    assert (kept[:, 2] < kept[:, 0]).all()
+    for span, group in ((1, 1), (64, 1), (10**6, 256), (10**6, 10**6), (256, 40), (300, 10**6)):
+        fused.encoder.set_schedule(span, group)
+        assert fused.encoder.schedule == (span, group)
+        assert torch.equal(fused.logits(enc), expected), (span, group)
+        assert torch.equal(fused.last_kept_tokens, kept), (span, group)
+    fused.encoder.set_schedule(*default)
+    torch.testing.assert_close(expected, load_deployable(ckpt).logits(enc), rtol=RTOL, atol=ATOL)
+    with pytest.raises(RuntimeError, match="must be >= 1"):
+        fused.encoder.set_schedule(0, 256)
+
+
 def test_reference_gemm_kernel_gives_the_same_model(threshold_checkpoints, ext):
     """The whole forward with the plain C++ GEMM (exact int32 like the VNNI kernel) matches too."""
     ckpt, _ = threshold_checkpoints[("bert", "fp32")]

@@ -10,8 +10,10 @@
 //   always kept) -> gather kept rows of x and of the context -> quantise -> output projection ->
 //   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU and the quantisation for FFN down in the
 //   GEMM epilogue: no float [T, d_ff] rows) -> FFN down -> residual + LayerNorm.
-// A batch runs in groups of consecutive sequences of at most kGroupTokens tokens, each through every
-// layer before the next (a layer's buffers stay in cache). Threads: torch's OpenMP pool (at::parallel_for;
+// A batch runs in spans of consecutive sequences of at most kSpanTokens tokens, each through every
+// layer before the next (a layer's buffers stay in cache), each layer on groups of at most kGroupTokens
+// entering tokens (FusedEncoder::set_schedule; benchmarks/fused_schedule.py measures the choices: running
+// the deep layers' few surviving rows of the whole batch as one GEMM does not pay). Threads: torch's OpenMP pool (at::parallel_for;
 // the extension is compiled with -fopenmp) over
 // GEMM items, (sequence, head) pairs and rows.
 // The last layer never prunes and only its [CLS] rows are read by the classifier; every op after
@@ -132,7 +134,9 @@ static LayerNormParams make_ln(const at::Tensor& w, const at::Tensor& b, double 
 // y[r] = LayerNorm(a[r] + res[r]) for M rows of width d (y may alias a; res may be null).
 // Row-parallel above kRowGrain rows (below, one thread: the pool costs more than the rows).
 constexpr int64_t kRowGrain = 128;
-// forward() runs a batch in groups of consecutive sequences of at most this many tokens (see there)
+// forward()'s default schedule (FusedEncoder::set_schedule): spans of at most kSpanTokens tokens through
+// every layer, each layer on groups of at most kGroupTokens of the tokens entering it
+constexpr int64_t kSpanTokens = 256;
 constexpr int64_t kGroupTokens = 256;
 static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
@@ -282,14 +286,13 @@ class FusedEncoder {
     auto logits = at::empty({b, C}, at::kFloat);
     auto kept = at::empty({b, L}, at::kLong);
     std::array<double, kPhases> phases{};  // this call's, added to the totals at the end (calls may run concurrently)
-    // the batch in groups of consecutive sequences of at most kGroupTokens tokens (at least one sequence),
-    // each run through every layer before the next: a layer's buffers stay in cache (a whole batch of 32
-    // is ~20 MB of activations per layer), the weights are re-read per group
+    // the batch in spans of consecutive sequences of at most span_tokens_ tokens (at least one sequence),
+    // each run through every layer before the next (see set_schedule)
     for (int64_t i0 = 0; i0 < b;) {
       int64_t i1 = i0, tokens = 0;
-      while (i1 < b && (i1 == i0 || tokens + lens[i1] <= kGroupTokens)) tokens += lens[i1++];
-      encode_group(idp + i0 * s, ttp ? ttp + i0 * s : nullptr, s, std::vector<int64_t>(lens.begin() + i0, lens.begin() + i1),
-                   logits.data_ptr<float>() + i0 * C, kept.data_ptr<int64_t>() + i0 * L, phases);
+      while (i1 < b && (i1 == i0 || tokens + lens[i1] <= span_tokens_)) tokens += lens[i1++];
+      encode_span(idp + i0 * s, ttp ? ttp + i0 * s : nullptr, s, std::vector<int64_t>(lens.begin() + i0, lens.begin() + i1),
+                  logits.data_ptr<float>() + i0 * C, kept.data_ptr<int64_t>() + i0 * L, phases);
       i0 = i1;
     }
     {
@@ -300,23 +303,35 @@ class FusedEncoder {
     return {logits, kept};
   }
 
+  // How forward() walks a batch (every choice gives the same numbers: each op is row-wise or per
+  // sequence, and the integer GEMM sums are exact whatever the rows around a row):
+  // - spans of consecutive sequences of at most span_tokens tokens go through every layer one after
+  //   the other (a span's activations stay in cache from layer to layer; the weights are re-read per span);
+  // - inside a span, each layer runs on groups of consecutive sequences of at most group_tokens of the
+  //   tokens entering that layer, re-formed at every layer: as pruning shrinks the sequences, the deep
+  //   layers' groups hold more sequences, so their GEMMs get more rows per weight read.
+  void set_schedule(int64_t span_tokens, int64_t group_tokens) {
+    TORCH_CHECK(span_tokens >= 1 && group_tokens >= 1, "span_tokens and group_tokens must be >= 1");
+    span_tokens_ = span_tokens;
+    group_tokens_ = group_tokens;
+  }
+  std::pair<int64_t, int64_t> schedule() const { return {span_tokens_, group_tokens_}; }
+
  private:
   // The whole encoder and head for b consecutive sequences (ids / token types [b, s], right-padded,
   // lens[i] real tokens): logits [b, C] and the tokens entering each layer [b, L] (row stride L).
-  void encode_group(const int64_t* idp, const int64_t* ttp, int64_t s, const std::vector<int64_t>& lens, float* logits_out,
-                    int64_t* keptp, std::array<double, kPhases>& phases) {
+  void encode_span(const int64_t* idp, const int64_t* ttp, int64_t s, const std::vector<int64_t>& lens, float* logits_out,
+                   int64_t* keptp, std::array<double, kPhases>& phases) {
     const int64_t b = static_cast<int64_t>(lens.size()), d = d_, L = static_cast<int64_t>(layers_.size());
-    std::vector<int64_t> len(lens), start(b), n0(lens);
+    std::vector<int64_t> len(lens), new_len(b);
+    const std::vector<int64_t>& n0 = lens;
     int64_t T = 0;
-    for (int64_t i = 0; i < b; ++i) {
-      start[i] = T;
-      T += len[i];
-    }
+    for (int64_t i = 0; i < b; ++i) T += len[i];
 
     PhaseClock clock(&phases);
-    // embeddings [T, d]
+    // embeddings [T, d]: packed rows, sequence after sequence
     Buf<float> x(T * d);
-    for (int64_t i = 0; i < b; ++i) {
+    for (int64_t i = 0, row = 0; i < b; row += len[i], ++i) {
       int64_t nonpad = 0;
       for (int64_t j = 0; j < len[i]; ++j) {
         const int64_t id = idp[i * s + j];
@@ -330,7 +345,7 @@ class FusedEncoder {
         TORCH_CHECK(p < max_pos_, "position ", p, " beyond max_position_embeddings");
         const int64_t ty = ttp ? ttp[i * s + j] : 0;
         TORCH_CHECK(ty >= 0 && ty < num_types_, "token type ", ty, " out of range");
-        float* xr = x.data() + (start[i] + j) * d;
+        float* xr = x.data() + (row + j) * d;
         const float *we = word_.data() + id * d, *pe = pos_.data() + p * d, *te = type_.data() + ty * d;
         for (int64_t c = 0; c < d; ++c) xr[c] = (we[c] + te[c]) + pe[c];
       }
@@ -338,156 +353,23 @@ class FusedEncoder {
     add_layernorm(x.data(), nullptr, T, d, emb_ln_, x.data());
     clock.lap(0);
 
-    const bool prune = mode_ != PruneMode::None;
-    const int64_t H = heads_, dh = dh_;
-
     for (int64_t l = 0; l < L; ++l) {
-      const Layer& ly = layers_[l];
       const bool last = l == L - 1;
       for (int64_t i = 0; i < b; ++i) keptp[i * L + l] = len[i];
-
-      // QKV [T, 3d]
-      Buf<float> qkv(T * 3 * d);
-      {
-        int64_t col = 0;
-        Buf<uint8_t> xq;
-        float prev_scale = -1.f;
-        int prev_qmin = 0;
-        for (auto& w : ly.qkv) {
-          if (w->x_scale != prev_scale || w->act_qmin != prev_qmin) {  // quantise once per distinct activation scale
-            xq = Buf<uint8_t>(T * w->Kp);
-            quantize_rows(*w, x.data(), d, T, xq.data());
-            prev_scale = w->x_scale;
-            prev_qmin = w->act_qmin;
-          }
-          gemm_u8(xq.data(), T, *w, qkv.data() + col, 3 * d);
-          col += w->N;
-        }
+      // x [T, d] -> xo [Tn, d]: the layer on groups of consecutive sequences of at most group_tokens_ tokens
+      Buf<float> xo((last ? b : T) * d);
+      int64_t in_row = 0, out_row = 0;
+      for (int64_t i0 = 0; i0 < b;) {
+        int64_t i1 = i0, tokens = 0;
+        while (i1 < b && (i1 == i0 || tokens + len[i1] <= group_tokens_)) tokens += len[i1++];
+        out_row += run_layer(l, x.data() + in_row * d, len.data() + i0, n0.data() + i0, i1 - i0, xo.data() + out_row * d,
+                             new_len.data() + i0, clock);
+        in_row += tokens;
+        i0 = i1;
       }
-      if (ly.int8_attention) {  // q, k, v on their 8-bit grids (integer-valued floats, exact products)
-        const float sc[3] = {ly.q_scale, ly.k_scale, ly.v_scale};
-        for (int64_t r = 0; r < T; ++r)
-          for (int part = 0; part < 3; ++part) {
-            float* v = qkv.data() + r * 3 * d + part * d;
-            int64_t c = 0;
-#if LTP_HAVE_VNNI
-            const __m512 vsc = _mm512_set1_ps(sc[part]), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-            for (; c + 16 <= d; c += 16) {
-              const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + c), vsc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-              _mm512_storeu_ps(v + c, _mm512_min_ps(_mm512_max_ps(q, lo), hi));
-            }
-#endif
-            for (; c < d; ++c) v[c] = std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / sc[part])));
-          }
-      }
-
-      clock.lap(1);
-      // attention per (sequence, head); the last layer only needs the [CLS] query
-      const bool score = prune && !last;
-      Buf<float> ctx((last ? b : T) * d);
-      Buf<float> head_scores(score ? H * T : 1);
-      if (score) std::fill(head_scores.data(), head_scores.data() + H * T, 0.f);
-      at::parallel_for(0, b * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (T / b) * (T / b) * dh)), [&](int64_t t0, int64_t t1) {
-        AttentionScratch scratch;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = t / H, h = t % H;
-          HeadAttention a{qkv.data(), 3 * d, start[i], len[i], last ? 1 : len[i], dh, h * dh, d + h * dh, 2 * d + h * dh,
-                          ly.score_scale, ly.int8_attention, ly.ctx_scale, score ? head_scores.data() + h * T + start[i] : nullptr,
-                          ctx.data(), d, last ? i : start[i], h * dh};
-          head_attention(a, scratch);
-        }
-      });
-
-      clock.lap(2);
-      // keep decision and gather: rows that go on through the output projection and FFN
-      std::vector<int64_t> rows;  // row index into x (and into ctx, unless last)
-      std::vector<int64_t> new_len(b);
-      if (score) {
-        std::vector<float> sc(T);
-        for (int64_t r = 0; r < T; ++r) {
-          float v = 0.f;
-          for (int64_t h = 0; h < H; ++h) v += head_scores[h * T + r];
-          sc[r] = v / static_cast<float>(H);
-        }
-        for (int64_t i = 0; i < b; ++i) {
-          const int64_t n = len[i], r0 = start[i];
-          std::vector<char> keep(n, 0);
-          if (mode_ == PruneMode::Threshold) {
-            for (int64_t j = 0; j < n; ++j) keep[j] = sc[r0 + j] > thresholds_[l];
-          } else {  // top-k: ceil(ratio * n0) best (at least 1, at most the present ones), position 0 first, ties by position
-            int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(n0[i]) * keep_ratios_[l])));
-            k = std::min(k, n);
-            std::vector<int64_t> order(n);
-            std::iota(order.begin(), order.end(), 0);
-            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
-              if (a == 0 || c == 0) return a == 0 && c != 0;
-              return sc[r0 + a] > sc[r0 + c];
-            });
-            for (int64_t q = 0; q < k; ++q) keep[order[q]] = 1;
-          }
-          keep[0] = 1;
-          int64_t m = 0;
-          for (int64_t j = 0; j < n; ++j)
-            if (keep[j]) {
-              rows.push_back(r0 + j);
-              ++m;
-            }
-          new_len[i] = m;
-        }
-      } else if (last) {
-        for (int64_t i = 0; i < b; ++i) {
-          rows.push_back(start[i]);
-          new_len[i] = 1;
-        }
-      }
-      const bool gathered = score || last;
-      const int64_t Tn = gathered ? static_cast<int64_t>(rows.size()) : T;
-      Buf<float> xk, ck;
-      const float* xin = x.data();
-      const float* cin = ctx.data();
-      if (gathered) {
-        xk = Buf<float>(Tn * d);
-        for (int64_t r = 0; r < Tn; ++r) std::memcpy(xk.data() + r * d, x.data() + rows[r] * d, d * sizeof(float));
-        xin = xk.data();
-        if (!last) {
-          ck = Buf<float>(Tn * d);
-          for (int64_t r = 0; r < Tn; ++r) std::memcpy(ck.data() + r * d, ctx.data() + rows[r] * d, d * sizeof(float));
-          cin = ck.data();
-        }
-      }
-
-      clock.lap(3);
-      // output projection + residual + LayerNorm, FFN + residual + LayerNorm (on Tn rows)
-      Buf<float> hbuf(Tn * d);
-      run_linear(*ly.attn_out, cin, d, Tn, hbuf.data(), d);
-      add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
-      const int64_t I = ly.ffn_up->N;
-      clock.lap(4);
-      Buf<float> xo(Tn * d);
-      if (ly.ffn_act == "none") {  // GELU in FFN up's epilogue, which also quantises for FFN down: no float [Tn, I] rows
-        Buf<uint8_t> hq(Tn * ly.ffn_up->Kp), fq(Tn * ly.ffn_down->Kp);
-        quantize_rows(*ly.ffn_up, hbuf.data(), d, Tn, hq.data());
-        gemm_u8_into(hq.data(), Tn, *ly.ffn_up, *ly.ffn_down, fq.data());
-        gemm_u8(fq.data(), Tn, *ly.ffn_down, xo.data(), d);
-      } else {
-        Buf<float> f(Tn * I);
-        run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
-        if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
-        else
-          for (int64_t e = 0; e < Tn * I; ++e) f[e] = std::max(0.f, f[e]);
-        run_linear(*ly.ffn_down, f.data(), I, Tn, xo.data(), d);
-      }
-      add_layernorm(xo.data(), hbuf.data(), Tn, d, ly.ln2, xo.data());
       x = std::move(xo);
-      clock.lap(5);
-      if (gathered) {
-        T = 0;
-        for (int64_t i = 0; i < b; ++i) {
-          len[i] = new_len[i];
-          start[i] = T;
-          T += len[i];
-        }
-      }
+      len = new_len;
+      T = out_row;
     }
 
     // head on the [CLS] rows: x is [b, d] after the last layer
@@ -501,6 +383,158 @@ class FusedEncoder {
       run_linear(*head_final_, x.data(), d, b, logits_out, C);
     }
     clock.lap(6);
+  }
+
+  // Layer l on b consecutive sequences: x [T, d] packed rows (len[i] each; n0[i] before any pruning)
+  // -> out [Tn, d] (the rows that go on: kept ones, or only [CLS] after the last layer), new_len[i]
+  // of them per sequence; returns Tn.
+  int64_t run_layer(int64_t l, const float* x, const int64_t* len, const int64_t* n0, int64_t b, float* out, int64_t* new_len,
+                    PhaseClock& clock) {
+    const Layer& ly = layers_[l];
+    const int64_t d = d_, H = heads_, dh = dh_;
+    const bool last = l == static_cast<int64_t>(layers_.size()) - 1;
+    const bool prune = mode_ != PruneMode::None;
+    std::vector<int64_t> start(b);
+    int64_t T = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      start[i] = T;
+      T += len[i];
+    }
+
+    // QKV [T, 3d]
+    Buf<float> qkv(T * 3 * d);
+    {
+      int64_t col = 0;
+      Buf<uint8_t> xq;
+      float prev_scale = -1.f;
+      int prev_qmin = 0;
+      for (auto& w : ly.qkv) {
+        if (w->x_scale != prev_scale || w->act_qmin != prev_qmin) {  // quantise once per distinct activation scale
+          xq = Buf<uint8_t>(T * w->Kp);
+          quantize_rows(*w, x, d, T, xq.data());
+          prev_scale = w->x_scale;
+          prev_qmin = w->act_qmin;
+        }
+        gemm_u8(xq.data(), T, *w, qkv.data() + col, 3 * d);
+        col += w->N;
+      }
+    }
+    if (ly.int8_attention) {  // q, k, v on their 8-bit grids (integer-valued floats, exact products)
+      const float sc[3] = {ly.q_scale, ly.k_scale, ly.v_scale};
+      for (int64_t r = 0; r < T; ++r)
+        for (int part = 0; part < 3; ++part) {
+          float* v = qkv.data() + r * 3 * d + part * d;
+          int64_t c = 0;
+#if LTP_HAVE_VNNI
+          const __m512 vsc = _mm512_set1_ps(sc[part]), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+          for (; c + 16 <= d; c += 16) {
+            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(v + c), vsc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm512_storeu_ps(v + c, _mm512_min_ps(_mm512_max_ps(q, lo), hi));
+          }
+#endif
+          for (; c < d; ++c) v[c] = std::min(127.f, std::max(-127.f, std::nearbyint(v[c] / sc[part])));
+        }
+    }
+
+    clock.lap(1);
+    // attention per (sequence, head); the last layer only needs the [CLS] query
+    const bool score = prune && !last;
+    Buf<float> ctx((last ? b : T) * d);
+    Buf<float> head_scores(score ? H * T : 1);
+    if (score) std::fill(head_scores.data(), head_scores.data() + H * T, 0.f);
+    at::parallel_for(0, b * H, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, (T / b) * (T / b) * dh)), [&](int64_t t0, int64_t t1) {
+      AttentionScratch scratch;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i = t / H, h = t % H;
+        HeadAttention a{qkv.data(), 3 * d, start[i], len[i], last ? 1 : len[i], dh, h * dh, d + h * dh, 2 * d + h * dh,
+                        ly.score_scale, ly.int8_attention, ly.ctx_scale, score ? head_scores.data() + h * T + start[i] : nullptr,
+                        ctx.data(), d, last ? i : start[i], h * dh};
+        head_attention(a, scratch);
+      }
+    });
+
+    clock.lap(2);
+    // keep decision and gather: rows that go on through the output projection and FFN
+    std::vector<int64_t> rows;  // row index into x (and into ctx, unless last)
+    if (score) {
+      std::vector<float> sc(T);
+      for (int64_t r = 0; r < T; ++r) {
+        float v = 0.f;
+        for (int64_t h = 0; h < H; ++h) v += head_scores[h * T + r];
+        sc[r] = v / static_cast<float>(H);
+      }
+      for (int64_t i = 0; i < b; ++i) {
+        const int64_t n = len[i], r0 = start[i];
+        std::vector<char> keep(n, 0);
+        if (mode_ == PruneMode::Threshold) {
+          for (int64_t j = 0; j < n; ++j) keep[j] = sc[r0 + j] > thresholds_[l];
+        } else {  // top-k: ceil(ratio * n0) best (at least 1, at most the present ones), position 0 first, ties by position
+          int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(n0[i]) * keep_ratios_[l])));
+          k = std::min(k, n);
+          std::vector<int64_t> order(n);
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
+            if (a == 0 || c == 0) return a == 0 && c != 0;
+            return sc[r0 + a] > sc[r0 + c];
+          });
+          for (int64_t q = 0; q < k; ++q) keep[order[q]] = 1;
+        }
+        keep[0] = 1;
+        int64_t m = 0;
+        for (int64_t j = 0; j < n; ++j)
+          if (keep[j]) {
+            rows.push_back(r0 + j);
+            ++m;
+          }
+        new_len[i] = m;
+      }
+    } else if (last) {
+      for (int64_t i = 0; i < b; ++i) {
+        rows.push_back(start[i]);
+        new_len[i] = 1;
+      }
+    } else {
+      for (int64_t i = 0; i < b; ++i) new_len[i] = len[i];
+    }
+    const bool gathered = score || last;
+    const int64_t Tn = gathered ? static_cast<int64_t>(rows.size()) : T;
+    Buf<float> xk, ck;
+    const float* xin = x;
+    const float* cin = ctx.data();
+    if (gathered) {
+      xk = Buf<float>(Tn * d);
+      for (int64_t r = 0; r < Tn; ++r) std::memcpy(xk.data() + r * d, x + rows[r] * d, d * sizeof(float));
+      xin = xk.data();
+      if (!last) {
+        ck = Buf<float>(Tn * d);
+        for (int64_t r = 0; r < Tn; ++r) std::memcpy(ck.data() + r * d, ctx.data() + rows[r] * d, d * sizeof(float));
+        cin = ck.data();
+      }
+    }
+
+    clock.lap(3);
+    // output projection + residual + LayerNorm, FFN + residual + LayerNorm (on Tn rows) -> out
+    Buf<float> hbuf(Tn * d);
+    run_linear(*ly.attn_out, cin, d, Tn, hbuf.data(), d);
+    add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
+    const int64_t I = ly.ffn_up->N;
+    clock.lap(4);
+    if (ly.ffn_act == "none") {  // GELU in FFN up's epilogue, which also quantises for FFN down: no float [Tn, I] rows
+      Buf<uint8_t> hq(Tn * ly.ffn_up->Kp), fq(Tn * ly.ffn_down->Kp);
+      quantize_rows(*ly.ffn_up, hbuf.data(), d, Tn, hq.data());
+      gemm_u8_into(hq.data(), Tn, *ly.ffn_up, *ly.ffn_down, fq.data());
+      gemm_u8(fq.data(), Tn, *ly.ffn_down, out, d);
+    } else {
+      Buf<float> f(Tn * I);
+      run_linear(*ly.ffn_up, hbuf.data(), d, Tn, f.data(), I);
+      if (ly.ffn_act == "gelu") gelu_inplace(f.data(), Tn * I);
+      else
+        for (int64_t e = 0; e < Tn * I; ++e) f[e] = std::max(0.f, f[e]);
+      run_linear(*ly.ffn_down, f.data(), I, Tn, out, d);
+    }
+    add_layernorm(out, hbuf.data(), Tn, d, ly.ln2, out);
+    clock.lap(5);
+    return Tn;
   }
 
  public:
@@ -531,6 +565,7 @@ class FusedEncoder {
   PruneMode mode_ = PruneMode::None;
   std::vector<float> thresholds_;
   std::vector<double> keep_ratios_;
+  int64_t span_tokens_ = kSpanTokens, group_tokens_ = kGroupTokens;
   std::array<double, kPhases> phase_seconds_{};
   int64_t calls_ = 0;
   std::mutex profile_mutex_;
@@ -675,6 +710,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &FusedEncoder::add_layer)
       .def("set_head", &FusedEncoder::set_head, py::arg("pre"), py::arg("final"))
       .def("set_pruning", &FusedEncoder::set_pruning)
+      .def("set_schedule", &FusedEncoder::set_schedule, py::arg("span_tokens"), py::arg("group_tokens"),
+           "spans of at most span_tokens tokens through every layer; each layer on groups of at most group_tokens entering tokens")
+      .def_property_readonly("schedule", &FusedEncoder::schedule)
       .def_property_readonly("num_layers", &FusedEncoder::num_layers)
       .def("phase_profile", &FusedEncoder::phase_profile, py::arg("reset") = false,
            "seconds per phase (embed, qkv, attention, select, out, ffn, head) summed over forward() calls, and 'calls'")

@@ -23,7 +23,7 @@ class System:
         OpenVINO's executed layer types and precisions) instead of the torch profiler."""
 
     def __init__(self, fn, info: dict | None = None, pad_multiple: int | None = None, *, run_pass=None, op_profile=None,
-                 kept_tokens=None):
+                 kept_tokens=None, last_layer_rows: str = "all"):
         self.fn = fn
         self.info = info or {}
         self.pad_multiple = pad_multiple
@@ -32,6 +32,8 @@ class System:
         # ours only: `kept_tokens(batch) -> [b, L]` tokens entering each layer when the system runs
         # this batch (what it executes; the bench turns it into the relative FLOPs it really ran at)
         self.kept_tokens = kept_tokens
+        # ours only: which of the last layer's rows the runtime runs past QKV (accounting.LAST_LAYER_ROWS)
+        self.last_layer_rows = last_layer_rows
 
     def logits(self, batch):
         ids, mask, tt = batch.input_ids, batch.attention_mask, batch.token_type_ids

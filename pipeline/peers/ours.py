@@ -134,7 +134,7 @@ def _fused_system(checkpoint, inp, notes: list) -> System:
                                     "threads": inp.threads,
                                     "batch_size_gt_1": (f"load_fused(streams={inp.threads}): {inp.threads} batches at once, "
                                                         "1 thread each" if run_pass else "one request at a time")},
-                       "notes": notes}, run_pass=run_pass, kept_tokens=kept)
+                       "notes": notes}, run_pass=run_pass, kept_tokens=kept, last_layer_rows=dm.last_layer_rows)
 
 
 def _onnx_system(export_dir: Path, inp, info: dict) -> System:
