@@ -1,5 +1,6 @@
 """One task's accuracy-vs-FLOPs results in one place (not a test): the matched-FLOPs comparison of
-LTP, manual thresholds and top-k from `ltp-compress sweep` (levels, and mean ± sd over seeds at one
+LTP, manual thresholds, top-k and ToP from `ltp-compress sweep` (levels: one or more sweeps of one
+teacher and split, e.g. the methods' sweep, ToP's and a level added later, each given with --levels; and mean ± sd over seeds at one
 level: the seeds sweep's runs pooled with the levels sweep's run at that level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
 against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png. Files that
 carry an environment block (pipeline/environment.py) must share one ISA: INT8 numerics follow the kernel
@@ -21,8 +22,8 @@ ran is the table's LTP, the other is shown beside it. A rule on validation, fixe
         --ltp-label "soft 0.25 epoch" --ltp-alt-label "soft 1 epoch" \\
         --chain benchmarks/results/sst2_minilm/report.json --out benchmarks/results/accuracy_sst2
 
-"LTP" is the ltp_hard stage (binary masks, what deploys); manual_prune and topk_prune are the
-baselines. Every number is dev (the test set) with the validation value that made the choices
+"LTP" is the ltp_hard stage (binary masks, what deploys); manual_prune, topk_prune and top_prune (ToP)
+are the baselines. Every number is dev (the test set) with the validation value that made the choices
 beside it; FLOPs and BOPs are measured on dev in the paper's convention.
 """
 
@@ -34,16 +35,39 @@ import shlex
 import sys
 from pathlib import Path
 
-METHODS = {"ltp_hard": "LTP", "manual_prune": "manual", "topk_prune": "top-k"}
+METHODS = {"ltp_hard": "LTP", "manual_prune": "manual", "topk_prune": "top-k", "top_prune": "ToP"}
 MATCH = 0.01  # methods compare at matched FLOPs: within ±0.01 of the level
 GOAL_DROP, GOAL_FLOPS, GOAL_BOPS, GOAL_INT8_DROP = 1.0, 0.40, 12.0, 2.0  # accuracy issue's goals (points, rel. FLOPs, x)
 
 
 def _level(overrides: list[str]) -> float | None:
-    for o in overrides:
-        if o.startswith("stages.hard.target_flops="):
-            return float(o.split("=", 1)[1])
-    return None
+    """A point's FLOPs level: its hard stage's target_flops override, else the first stage target_flops
+    override (a sweep of one method, e.g. ToP's `stages.top.target_flops`)."""
+    targets = [(o.split("=", 1)[0], float(o.split("=", 1)[1])) for o in overrides
+               if o.startswith("stages.") and o.split("=", 1)[0].endswith(".target_flops")]
+    return next((v for k, v in targets if k == "stages.hard.target_flops"), targets[0][1] if targets else None)
+
+
+def merged_levels_sweeps(paths: list[Path]) -> dict:
+    """Several levels sweeps from one teacher and split (e.g. a method or a level added later) as one:
+    their rows and summaries together; refused when their unpruned references differ or two of them
+    ran the same method at the same level."""
+    sweeps = [json.loads(Path(p).read_text()) for p in paths]
+    first = sweeps[0]
+    seen: dict[tuple, Path] = {}
+    for path, sw in zip(paths, sweeps):
+        if sw is not first:
+            same_reference(first, sw, str(path))
+        for r in sw["summary"]:
+            if r["stage"] in METHODS:
+                key = (_level(r["overrides"]), r["stage"])
+                if key in seen:
+                    raise SystemExit(f"{path}: {r['stage']} at level {key[0]:.2f} is also in {seen[key]}")
+                seen[key] = path
+    if len(sweeps) == 1:
+        return first
+    return {**first, "rows": [r for sw in sweeps for r in sw["rows"]], "summary": [r for sw in sweeps for r in sw["summary"]],
+            "failures": [f for sw in sweeps for f in sw.get("failures", [])]}
 
 
 def sweep_table(sweep: dict, default_level: float | None = None) -> dict[float, dict[str, dict]]:
@@ -135,7 +159,9 @@ def _fmt(r: dict | None, key: str, scale: float = 100, d: int = 2) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True)
-    p.add_argument("--levels", type=Path, required=True, help="sweep.json over FLOPs levels (one seed)")
+    p.add_argument("--levels", type=Path, action="append", required=True,
+                   help="sweep.json over FLOPs levels (one seed); repeatable: sweeps of one teacher and split, e.g. ToP's or a "
+                        "level added later (a method at a level in two of them is refused)")
     p.add_argument("--seeds", type=Path, action="append", default=[],
                    help="sweep.json over seeds at one level (repeat the option for more levels)")
     p.add_argument("--ltp-alt", type=Path, default=None, help="sweep.json of an LTP variant over the same levels, teacher and split")
@@ -146,12 +172,12 @@ def main(argv=None) -> int:
     p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = p.parse_args(argv)
-    check_one_isa([args.levels, *args.seeds, *([args.ltp_alt] if args.ltp_alt else []), *args.ltp_alt_seeds, args.chain])
+    check_one_isa([*args.levels, *args.seeds, *([args.ltp_alt] if args.ltp_alt else []), *args.ltp_alt_seeds, args.chain])
     from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
 
     load0 = loadavg()
 
-    levels_sweep = json.loads(args.levels.read_text())
+    levels_sweep = merged_levels_sweeps(args.levels)
     levels = sweep_table(levels_sweep)
     seeded, seeded_seeds = pooled_seeds_tables(args.seeds, levels_sweep)
 
@@ -232,14 +258,14 @@ def main(argv=None) -> int:
             "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
     }
     result = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
-              "inputs": {"levels": str(args.levels), "seeds": [str(p) for p in args.seeds], "chain": str(args.chain),
+              "inputs": {"levels": [str(p) for p in args.levels], "seeds": [str(p) for p in args.seeds], "chain": str(args.chain),
                          "ltp_alt": str(args.ltp_alt) if args.ltp_alt else None,
                          "ltp_alt_seeds": [str(p) for p in args.ltp_alt_seeds]},
               "ltp_choice": choice, "controls": controls, "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
 
     # markdown
     result["environment"] = environment_block(None, load0)
-    L = [f"# {args.task.upper()}: accuracy vs FLOPs, LTP vs manual vs top-k, and the INT8 models", "",
+    L = [f"# {args.task.upper()}: accuracy vs FLOPs, LTP vs {' vs '.join(list(METHODS.values())[1:])}, and the INT8 models", "",
          environment_summary(result["environment"]), "",
          f"command: `{result['command']}`", "",
          "Dev is the test set (nothing was chosen on it); validation (carved from train) made every choice and is given in "
@@ -247,21 +273,23 @@ def main(argv=None) -> int:
          f"Teacher: dev {teacher['dev']:.2f} (validation {teacher['validation']:.2f}).", "",
          "## Matched FLOPs (each method lands the level on validation inputs, same post-pruning budget)", ""]
     if choice is not None:
-        L += [f"LTP: two variants over the same levels, teacher and split: **{choice['labels']['base']}** (`{args.levels}`) and "
+        L += [f"LTP: two variants over the same levels, teacher and split: **{choice['labels']['base']}** (`{args.levels[0]}`) and "
               f"**{choice['labels']['alt']}** (`{args.ltp_alt}`). The rule, fixed before the runs: the variant with the higher mean "
               f"validation accuracy over the levels both ran ({', '.join(f'{lv:.2f}' for lv in choice['levels'])}) is the table's LTP: "
               f"{choice['labels']['base']} {100 * choice['validation_mean_base']:.2f}, {choice['labels']['alt']} "
               f"{100 * choice['validation_mean_alt']:.2f} → **{choice['chosen']}**; {choice['other']} is the last LTP column. "
               "Where the chosen variant has no run at a level, the LTP cell says so.", ""]
     other_head = f" | LTP, {choice['other']}, dev (val)" if choice else ""
-    L += ["| level | LTP dev (val) | manual dev (val) | top-k dev (val) | rel. FLOPs LTP / manual / top-k | LTP − best baseline, dev (val)"
-          + other_head + " |", "|---|---|---|---|---|---|" + ("---|" if choice else "")]
+    names = list(METHODS.values())
+    L += ["A cell says *not run* where no input ran that method at that level (top-k and ToP, a top-k rule when deployed, "
+          "cannot go below their floor; the sweeps' recipes say which levels each ran).", "",
+          "| level | " + " | ".join(f"{n} dev (val)" for n in names) + f" | rel. FLOPs {' / '.join(names)} | LTP − best baseline, dev (val)"
+          + other_head + " |", "|---|" + "---|" * (len(names) + 2) + ("---|" if choice else "")]
     for r in comparison:
         cells = []
         for name in METHODS.values():
             m = r["methods"][name]
-            missing = "not run" if name == "LTP" else "cannot reach"
-            cells.append(missing if m is None else f"{_fmt(m, 'dev')} ({_fmt(m, 'validation')})")
+            cells.append("not run" if m is None else f"{_fmt(m, 'dev')} ({_fmt(m, 'validation')})")
         fl = " / ".join("-" if r["methods"][n] is None else _fmt(r["methods"][n], "relative_flops_paper", 1, 3)
                         + ("" if r["methods"][n]["matched"] else " (unmatched)") for n in METHODS.values())
         diff = "-" if "ltp_minus_best_baseline_dev" not in r else \
@@ -294,7 +322,7 @@ def main(argv=None) -> int:
                  f"({a['model']}, chosen on validation: dev − teacher {-a['dev_drop']:+.2f} points at {a['relative_flops_paper']:.3f})")
     b = g["ltp_ahead_of_baselines_at_every_level"]
     alone = f"; at {', '.join(b['not_judged_alone'])} the seeds row stands for the level" if b["not_judged_alone"] else ""
-    L.append("- LTP ≥ manual and top-k at every level (dev; mean over seeds where there are several): **" + ("met" if b["met"] else "missed")
+    L.append(f"- LTP ≥ {', '.join(names[1:])} at every level (dev; mean over seeds where there are several): **" + ("met" if b["met"] else "missed")
              + "** (" + ", ".join(f"{k}: {'-' if v is None else f'{v:+.2f}'}" for k, v in b["levels"].items()) + alone + ")")
     c = g["int8_12x_bops_within_2_points"]
     best = "none" if c["best"] is None else f"{c['best']} {c['bops_reduction_vs_fp16']:.1f}x"

@@ -148,3 +148,35 @@ def test_result_files_from_two_isas_are_refused(tmp_path):
     mod.check_one_isa([vnni, old])
     with pytest.raises(SystemExit, match="vnni.json and .*amx.json were measured on different ISAs"):
         mod.check_one_isa([vnni, old, amx])
+
+
+def test_several_levels_sweeps_of_one_teacher_share_the_table(tmp_path):
+    """--levels repeated: a ToP sweep (its level from `stages.top.target_flops`) and a later level join the
+    table and the goal; a method at a level in two of them, or another teacher's sweep, is refused."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    main_sweep = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88), _row("topk_prune", "topk", 0.40, 0.85, 0.86)]
+    top = [dict(ref)] + [{**_row("top_prune", "top", None, val, dev, flops=lv), "overrides": [f"stages.top.target_flops={lv:.2f}"],
+                          "is_reference": False} for lv, val, dev in ((0.40, 0.86, 0.87), (0.80, 0.88, 0.89))]
+    deeper = [dict(ref), _row("ltp_hard", "hard", 0.20, 0.70, 0.72), _row("manual_prune", "manual", 0.20, 0.60, 0.61)]
+    a, t, d = _sweep(tmp_path / "a.json", main_sweep), _sweep(tmp_path / "t.json", top), _sweep(tmp_path / "d.json", deeper)
+    out = tmp_path / "acc"
+    common = ["--task", "mrpc", "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]
+    assert mod.main(["--levels", str(a), "--levels", str(t), "--levels", str(d)] + common) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    by_level = {r["level"]: r for r in res["comparison"]}
+    assert sorted(by_level) == [0.2, 0.4, 0.8]
+    assert by_level[0.4]["methods"]["ToP"]["dev"]["mean"] == pytest.approx(0.87)
+    assert by_level[0.4]["ltp_minus_best_baseline_dev"] == pytest.approx(100 * (0.88 - 0.87))  # ToP is the best baseline there
+    assert by_level[0.8]["methods"]["LTP"] is None and by_level[0.2]["methods"]["ToP"] is None
+    goal = res["goals"]["ltp_ahead_of_baselines_at_every_level"]
+    assert goal["levels"]["0.20"] == pytest.approx(100 * (0.72 - 0.61)) and goal["levels"]["0.80"] is None
+    assert goal["met"] is False  # 0.80: ToP ran, LTP did not: not counted as a win
+    md = out.with_suffix(".md").read_text()
+    assert "ToP dev (val)" in md and "LTP ≥ manual, top-k, ToP at every level" in md
+    with pytest.raises(SystemExit, match="also in"):
+        mod.main(["--levels", str(a), "--levels", str(_sweep(tmp_path / "t2.json", [dict(ref), _row("ltp_hard", "h2", 0.40, 0.8, 0.8)]))]
+                 + common)
+    other = _sweep(tmp_path / "o.json", [_row("evaluate", "base", None, 0.91, 0.89), _row("top_prune", "top", 0.5, 0.8, 0.8)])
+    with pytest.raises(SystemExit, match="cannot share a table"):
+        mod.main(["--levels", str(a), "--levels", str(other)] + common)
