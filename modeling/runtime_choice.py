@@ -7,7 +7,7 @@ and a row that could not be followed (the fused extension does not build here, o
 has a part the fused runtime refuses) is reported on stderr with its reason, never silently.
 
 Why this order (the end-to-end benchmark, `benchmarks/results/e2e_bench_mrpc.md` and
-`e2e_bench_sst2_demo040.md`, AMD EPYC with AVX-512 VNNI, no AMX): the fused runtime
+`e2e_bench_sst2.md`, AMD EPYC with AVX-512 VNNI, no AMX): the fused runtime
 (`ltp_int8_fused`) ran faster than our ONNX graph on ONNX Runtime (`ltp_int8_ort`) and than the
 torch packed runtime (`ltp_int8`) at batch sizes 1, 8 and 32 on both tasks. On a CPU with AMX the
 fused runtime still runs its AVX-512 VNNI kernel (AMX CPUs have AVX-512 VNNI); it has not been

@@ -180,3 +180,36 @@ def test_several_levels_sweeps_of_one_teacher_share_the_table(tmp_path):
     other = _sweep(tmp_path / "o.json", [_row("evaluate", "base", None, 0.91, 0.89), _row("top_prune", "top", 0.5, 0.8, 0.8)])
     with pytest.raises(SystemExit, match="cannot share a table"):
         mod.main(["--levels", str(a), "--levels", str(other)] + common)
+
+
+def test_another_methods_seeds_join_the_level_and_the_deep_goal_needs_three_seeds(tmp_path):
+    """A ToP seeds sweep with no target override (its recipe's level) joins the LTP seeds row at the level
+    its FLOPs landed on; a level at <= 0.30 with one seed is shown in the deep goal but not judged."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    top = lambda lv, val, dev, seed=42: {**_row("top_prune", "top", None, val, dev, seed=seed, flops=lv),  # noqa: E731
+                                         "overrides": [f"stages.top.target_flops={lv:.2f}"], "is_reference": False}
+    levels = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88), _row("ltp_hard", "hard", 0.30, 0.85, 0.895)]
+    tops = [dict(ref), top(0.40, 0.86, 0.87)]
+    ltp_seeds = [{**ref, "seed": s} for s in (0, 1)] + [_row("ltp_hard", "hard", 0.40, 0.85, 0.88, seed=s) for s in (0, 1)]
+    top_seeds = [{**ref, "seed": s} for s in (0, 1)] + [{**top(0.40, 0.86, 0.90, seed=s), "overrides": ["data.split_seed=42"]}
+                                                        for s in (0, 1)]
+    top_seeds[-1]["relative_flops_paper"] = 0.395  # landed within the tolerance, not exactly
+    out = tmp_path / "acc"
+    assert mod.main(["--task", "mrpc", "--levels", str(_sweep(tmp_path / "a.json", levels)), "--levels", str(_sweep(tmp_path / "t.json", tops)),
+                     "--seeds", str(_sweep(tmp_path / "s.json", ltp_seeds)), "--seeds", str(_sweep(tmp_path / "ts.json", top_seeds)),
+                     "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    row = next(r for r in res["comparison"] if r["label"] == "0.40 (seeds 0,1,42)")
+    assert row["methods"]["ToP"]["dev"]["mean"] == pytest.approx((0.87 + 0.90 + 0.90) / 3)
+    assert row["ltp_minus_best_baseline_dev"] == pytest.approx(100 * (0.88 - (0.87 + 0.90 + 0.90) / 3))
+    goals = res["goals"]
+    assert goals["ltp_ahead_of_baselines_at_every_level"]["met"] is False
+    assert goals["ltp_ahead_of_baselines_at_every_level"]["spread"]["0.40 (seeds 0,1,42)"] > 0
+    deep = goals["ltp_within_1_point_at_0.30"]
+    assert [d["label"] for d in deep["rows"]] == ["0.30"] and deep["rows"][0]["dev_drop"] == pytest.approx(0.5)  # the chain teacher: 90.00
+    assert deep["rows"][0]["judged"] is False and deep["met"] is False  # within a point, but one seed
+    assert "not judged" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="second seeds sweep at level 0.40 with LTP again"):
+        mod.main(["--task", "mrpc", "--levels", str(tmp_path / "a.json"), "--seeds", str(tmp_path / "s.json"),
+                  "--seeds", str(tmp_path / "s.json"), "--chain", str(tmp_path / "c.json"), "--out", str(out)])
