@@ -137,6 +137,17 @@ def choose_ltp(base: dict[float, dict | None], alt: dict[float, dict | None]) ->
     return ("alt" if va > vb else "base"), {"levels": common, "validation_mean_base": vb, "validation_mean_alt": va}
 
 
+def choose_ltp_per_level(base: dict[float, dict | None], alt: dict[float, dict | None]) -> dict[float, str]:
+    """The per-level rule: at each level the variant with the higher mean validation accuracy of those run
+    there (a level one of them ran alone is that one's)."""
+    picks = {}
+    for lv in sorted(set(base) | set(alt)):
+        b, a = base.get(lv), alt.get(lv)
+        if a is not None or b is not None:
+            picks[lv] = "alt" if b is None or (a is not None and a["validation_main"]["mean"] > b["validation_main"]["mean"]) else "base"
+    return picks
+
+
 def chain_rows(report: dict) -> list[dict]:
     rows = []
     for s in report["stages"]:
@@ -181,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--ltp-alt", type=Path, default=None, help="sweep.json of an LTP variant over the same levels, teacher and split")
     p.add_argument("--ltp-alt-seeds", type=Path, action="append", default=[],
                    help="that variant's sweep.json over seeds at one level (repeatable)")
+    p.add_argument("--ltp-alt-rule", choices=("mean_over_levels", "per_level"), default="mean_over_levels",
+                   help="how the table's LTP is chosen between the two: the variant with the higher mean validation accuracy "
+                        "over the levels both ran, or at each level the one with the higher validation there (a variant run at "
+                        "some levels only); fix it before the runs")
     p.add_argument("--ltp-label", default="levels sweep", help="what the --levels sweep's LTP is (e.g. its soft budget)")
     p.add_argument("--ltp-alt-label", default="variant", help="what the --ltp-alt sweep's LTP is")
     p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
@@ -205,13 +220,28 @@ def main(argv=None) -> int:
         same_reference(levels_sweep, alt_sweep, str(args.ltp_alt))
         for path in args.ltp_alt_seeds:
             same_reference(levels_sweep, json.loads(path.read_text()), str(path))
-        alt_seeded = pooled_seeds_tables(args.ltp_alt_seeds, alt_sweep)[0]
+        alt_seeded, alt_seeds = pooled_seeds_tables(args.ltp_alt_seeds, alt_sweep)
         variants = {"base": (ltp_of(levels), ltp_of(seeded), args.ltp_label),
                     "alt": (ltp_of(sweep_table(alt_sweep)), ltp_of(alt_seeded), args.ltp_alt_label)}
-        picked, rule = choose_ltp(variants["base"][0], variants["alt"][0])
-        (chosen, chosen_seeded, chosen_label), (other, other_seeded, other_label) = \
-            variants[picked], variants["base" if picked == "alt" else "alt"]
-        choice = {"chosen": chosen_label, "other": other_label, **rule, "labels": {"base": args.ltp_label, "alt": args.ltp_alt_label}}
+        labels = {"base": args.ltp_label, "alt": args.ltp_alt_label}
+        if args.ltp_alt_rule == "mean_over_levels":
+            picked, rule = choose_ltp(variants["base"][0], variants["alt"][0])
+            picks = {lv: picked for lv in levels}
+            choice = {"rule": "mean_over_levels", "chosen": labels[picked], "other": labels["base" if picked == "alt" else "alt"], **rule}
+        else:  # per_level: a variant run at some levels only (e.g. a deeper-pruning schedule) competes where it ran
+            picks = choose_ltp_per_level(variants["base"][0], variants["alt"][0])
+            choice = {"rule": "per_level", "picks": {f"{lv:.2f}": labels[v] for lv, v in sorted(picks.items())}, "other": "other variant"}
+        choice["labels"] = labels
+        flip = {"base": "alt", "alt": "base"}
+        chosen = {lv: variants[picks[lv]][0].get(lv) for lv in picks}
+        other = {lv: variants[flip[picks[lv]]][0].get(lv) for lv in picks}
+        chosen_seeded = {lv: variants[picks.get(lv, "base")][1].get(lv) for lv in set(seeded) | set(alt_seeded)}
+        other_seeded = {lv: variants[flip[picks.get(lv, "base")]][1].get(lv) for lv in chosen_seeded}
+        for lv in picks:  # a level only the variant ran
+            levels.setdefault(lv, {})
+        for lv in alt_seeded:  # a level only the variant has seeds at: its seeds row, the baselines not pooled there
+            if picks.get(lv) == "alt" and lv not in seeded:
+                seeded[lv], seeded_seeds[lv] = {}, alt_seeds[lv]
         for table, ltp in ((levels, chosen), (seeded, chosen_seeded)):
             for lv in table:
                 table[lv] = {**table[lv], "LTP": ltp.get(lv)}
@@ -249,10 +279,14 @@ def main(argv=None) -> int:
         comparison.append(row)
 
     # goals
-    seeded_levels = {r["level"] for r in comparison if len(r["seeds"]) > 1}
-    judged = [r for r in comparison if len(r["seeds"]) > 1 or r["level"] not in seeded_levels]
+    def has_baseline(r: dict) -> bool:
+        return any(m is not None for n, m in r["methods"].items() if n != "LTP")
+
+    # a seeds row with baselines stands for its level (a seeds row of LTP alone judges only the deep goal)
+    seeded_levels = {r["level"] for r in comparison if len(r["seeds"]) > 1 and has_baseline(r)}
+    judged = [r for r in comparison if (len(r["seeds"]) > 1 and has_baseline(r)) or (len(r["seeds"]) == 1 and r["level"] not in seeded_levels)]
     deep = []  # LTP at <= GOAL_FLOPS: judged on the mean over >= GOAL_SEEDS seeds; a row with fewer is shown, not judged
-    for r in judged:
+    for r in comparison:
         ltp = r["methods"]["LTP"]
         if ltp is not None and ltp["relative_flops_paper"]["mean"] <= GOAL_FLOPS + MATCH:
             drop = 100 * (teacher["dev"] / 100 - ltp["dev"]["mean"])
@@ -275,9 +309,9 @@ def main(argv=None) -> int:
         "ltp_ahead_of_baselines_at_every_level": {
             "levels": {r["label"]: r.get("ltp_minus_best_baseline_dev") for r in judged},
             "spread": {r["label"]: spread(r) for r in judged},
-            "not_judged_alone": [r["label"] for r in comparison if r not in judged],
+            "not_judged_alone": [r["label"] for r in comparison if r not in judged and len(r["seeds"]) == 1],
             "met": all(r.get("ltp_minus_best_baseline_dev") is not None and r["ltp_minus_best_baseline_dev"] >= 0
-                       for r in judged if any(m is not None for n, m in r["methods"].items() if n != "LTP"))},
+                       for r in judged if has_baseline(r))},
         f"int8_{GOAL_BOPS:g}x_bops_within_{GOAL_INT8_DROP:g}_points": {
             "best": None if not within else max(within, key=lambda r: r["bops_reduction_vs_fp16"])["id"],
             "bops_reduction_vs_fp16": None if not within else max(r["bops_reduction_vs_fp16"] for r in within),
@@ -298,7 +332,12 @@ def main(argv=None) -> int:
          "brackets. FLOPs / BOPs on dev, paper convention. LTP = the `ltp_hard` model.", "",
          f"Teacher: dev {teacher['dev']:.2f} (validation {teacher['validation']:.2f}).", "",
          "## Matched FLOPs (each method lands the level on validation inputs, same post-pruning budget)", ""]
-    if choice is not None:
+    if choice is not None and choice["rule"] == "per_level":
+        L += [f"LTP: two variants, **{choice['labels']['base']}** (`{args.levels[0]}`) and **{choice['labels']['alt']}** "
+              f"(`{args.ltp_alt}`). The rule, fixed before the runs: at each level the variant with the higher mean validation "
+              "accuracy of those run there is the table's LTP (" + ", ".join(f"{k}: {v}" for k, v in choice["picks"].items())
+              + "); the other variant is the last LTP column.", ""]
+    elif choice is not None:
         L += [f"LTP: two variants over the same levels, teacher and split: **{choice['labels']['base']}** (`{args.levels[0]}`) and "
               f"**{choice['labels']['alt']}** (`{args.ltp_alt}`). The rule, fixed before the runs: the variant with the higher mean "
               f"validation accuracy over the levels both ran ({', '.join(f'{lv:.2f}' for lv in choice['levels'])}) is the table's LTP: "

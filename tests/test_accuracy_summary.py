@@ -213,3 +213,39 @@ def test_another_methods_seeds_join_the_level_and_the_deep_goal_needs_three_seed
     with pytest.raises(SystemExit, match="second seeds sweep at level 0.40 with LTP again"):
         mod.main(["--task", "mrpc", "--levels", str(tmp_path / "a.json"), "--seeds", str(tmp_path / "s.json"),
                   "--seeds", str(tmp_path / "s.json"), "--chain", str(tmp_path / "c.json"), "--out", str(out)])
+
+
+def test_per_level_rule_lets_a_variant_run_at_one_level_compete_there_only(tmp_path):
+    """--ltp-alt-rule per_level: a variant run at 0.30 only is the table's LTP there when its validation is
+    higher, the base keeps every other level; the variant's seeds at 0.30 make a seeds row that judges the
+    deep goal (3 seeds) but, with no baseline pooled there, does not stand for the level against the baselines."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    base = [ref, _row("ltp_hard", "hard", 0.30, 0.80, 0.85), _row("manual_prune", "manual", 0.30, 0.70, 0.70),
+            _row("ltp_hard", "hard", 0.40, 0.85, 0.88), _row("manual_prune", "manual", 0.40, 0.84, 0.86)]
+    alt = [dict(ref), _row("ltp_hard", "hard", 0.30, 0.82, 0.885)]
+    alt_seeds = [{**ref, "seed": s} for s in (0, 1)] + [_row("ltp_hard", "hard", 0.30, 0.82, 0.895, seed=s) for s in (0, 1)]
+    out = tmp_path / "acc"
+    argv = ["--task", "mrpc", "--levels", str(_sweep(tmp_path / "a.json", base)), "--ltp-alt", str(_sweep(tmp_path / "b.json", alt)),
+            "--ltp-alt-seeds", str(_sweep(tmp_path / "bs.json", alt_seeds)), "--ltp-alt-label", "deeper schedule",
+            "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]
+    assert mod.main(argv + ["--ltp-alt-rule", "per_level"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["ltp_choice"]["picks"] == {"0.30": "deeper schedule", "0.40": "levels sweep"}
+    rows = {r["label"]: r for r in res["comparison"]}
+    assert rows["0.30"]["methods"]["LTP"]["dev"]["mean"] == pytest.approx(0.885)
+    assert rows["0.30"]["ltp_other"]["dev"]["mean"] == pytest.approx(0.85)
+    assert rows["0.40"]["methods"]["LTP"]["dev"]["mean"] == pytest.approx(0.88)
+    seeds_row = rows["0.30 (seeds 0,1,42)"]
+    assert seeds_row["methods"]["LTP"]["dev"]["mean"] == pytest.approx((0.885 + 0.895 + 0.895) / 3)
+    assert seeds_row["methods"]["manual"] is None
+    goals = res["goals"]
+    deep = {d["label"]: d for d in goals["ltp_within_1_point_at_0.30"]["rows"]}
+    assert deep["0.30 (seeds 0,1,42)"]["judged"] and deep["0.30 (seeds 0,1,42)"]["dev_drop"] == pytest.approx(90 - 100 * (0.885 + 0.895 + 0.895) / 3)
+    assert not deep["0.30"]["judged"] and goals["ltp_within_1_point_at_0.30"]["met"] is True
+    ahead = goals["ltp_ahead_of_baselines_at_every_level"]
+    assert ahead["levels"]["0.30"] == pytest.approx(100 * (0.885 - 0.70)) and "0.30 (seeds 0,1,42)" not in ahead["levels"]
+    # the default rule (mean over the levels both ran) would take the variant everywhere: not run at 0.40
+    assert mod.main(argv) == 0
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["comparison"]}
+    assert rows["0.40"]["methods"]["LTP"] is None
