@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     for r in comparison:
         ltp = r["methods"]["LTP"]
         if ltp is not None and ltp["relative_flops_paper"]["mean"] <= GOAL_FLOPS + MATCH:
-            drop = 100 * (teacher["dev"] / 100 - ltp["dev"]["mean"])
+            drop = teacher["dev"] - 100 * ltp["dev"]["mean"]  # points (the chain reports percent)
             deep.append({"label": r["label"], "seeds": r["seeds"], "dev_drop": drop,
                          "relative_flops_paper": ltp["relative_flops_paper"]["mean"], "judged": len(r["seeds"]) >= GOAL_SEEDS})
 
@@ -302,8 +302,9 @@ def main(argv=None) -> int:
 
     int8 = [r for r in chain if r["stage"] == "quantize"]
     within = [r for r in int8 if teacher["dev"] - r["dev"] <= GOAL_INT8_DROP]
+    deep_key, bops_key = f"ltp_within_{GOAL_DROP:g}_point_at_{GOAL_FLOPS:.2f}", f"int8_{GOAL_BOPS:g}x_bops_within_{GOAL_INT8_DROP:g}_points"
     goals = {
-        f"ltp_within_{GOAL_DROP:g}_point_at_{GOAL_FLOPS:.2f}": {
+        deep_key: {
             "rows": deep, "met": any(d["judged"] and d["dev_drop"] <= GOAL_DROP for d in deep)},
         # a level with a seeds row is judged on it (its single-seed row, one of those seeds, is shown but not judged on its own)
         "ltp_ahead_of_baselines_at_every_level": {
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
             "not_judged_alone": [r["label"] for r in comparison if r not in judged and len(r["seeds"]) == 1],
             "met": all(r.get("ltp_minus_best_baseline_dev") is not None and r["ltp_minus_best_baseline_dev"] >= 0
                        for r in judged if has_baseline(r))},
-        f"int8_{GOAL_BOPS:g}x_bops_within_{GOAL_INT8_DROP:g}_points": {
+        bops_key: {
             "best": None if not within else max(within, key=lambda r: r["bops_reduction_vs_fp16"])["id"],
             "bops_reduction_vs_fp16": None if not within else max(r["bops_reduction_vs_fp16"] for r in within),
             "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
          "## Matched FLOPs (each method lands the level on validation inputs, same post-pruning budget)", ""]
     if choice is not None and choice["rule"] == "per_level":
         L += [f"LTP: two variants, **{choice['labels']['base']}** (`{args.levels[0]}`) and **{choice['labels']['alt']}** "
-              f"(`{args.ltp_alt}`). The rule, fixed before the runs: at each level the variant with the higher mean validation "
+              f"(`{args.ltp_alt}`). The rule (`--ltp-alt-rule per_level`; when it was fixed: the recipe or docs/results.md): at each level the variant with the higher mean validation "
               "accuracy of those run there is the table's LTP (" + ", ".join(f"{k}: {v}" for k, v in choice["picks"].items())
               + "); the other variant is the last LTP column.", ""]
     elif choice is not None:
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
                  f"{r['relative_flops_paper']:.3f} | {r['linear_bits']} / {r['attention_bits']} | {bops} |")
     g = goals
     L += ["", "## Goals", ""]
-    a = g[f"ltp_within_{GOAL_DROP:g}_point_at_{GOAL_FLOPS:.2f}"]
+    a = g[deep_key]
     rows = "; ".join(f"{d['label']}: dev − teacher {-d['dev_drop']:+.2f} at {d['relative_flops_paper']:.3f}"
                      + ("" if d["judged"] else f" ({len(d['seeds'])} seed{'s' if len(d['seeds']) > 1 else ''}: not judged)")
                      for d in a["rows"]) or "no LTP run at these FLOPs"
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
                                                                   f" ({'within' if abs(v) <= sd else 'beyond'} a seed's spread, sd {sd:.2f})")
     L.append(f"- LTP ≥ {', '.join(names[1:])} at every level (dev; mean over seeds where there are several): **" + ("met" if b["met"] else "missed")
              + "** (" + ", ".join(gap(k, v) for k, v in b["levels"].items()) + alone + ")")
-    c = g[f"int8_{GOAL_BOPS:g}x_bops_within_{GOAL_INT8_DROP:g}_points"]
+    c = g[bops_key]
     best = "none" if c["best"] is None else f"{c['best']} {c['bops_reduction_vs_fp16']:.1f}x"
     L.append(f"- LTP + KD + INT8 ≥ {GOAL_BOPS:.0f}x fewer BOPs than FP16 dense at ≤ {GOAL_INT8_DROP} points drop: "
              f"**{'met' if c['met'] else 'missed'}** (best within the drop: {best})")
