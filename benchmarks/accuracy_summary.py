@@ -163,6 +163,36 @@ def chain_rows(report: dict) -> list[dict]:
     return rows
 
 
+def extra_chain_rows(report: dict, teacher: dict, what: str) -> list[dict]:
+    """A chain started from the task chain's teacher (its `evaluate` stage is that model): its trained rows,
+    named run/stage; refused unless that evaluate row has the teacher's validation and dev."""
+    rows = chain_rows(report)
+    refs = [r for r in rows if r["stage"] == "evaluate"]
+    if not refs or any(abs(r[k] - teacher[k]) > 1e-6 for r in refs for k in ("validation", "dev")):
+        raise SystemExit(f"{what}: its evaluate stage (validation, dev) "
+                         f"{[(round(r['validation'], 2), round(r['dev'], 2)) for r in refs] or 'missing'} is not the chain teacher's "
+                         f"({teacher['validation']:.2f}, {teacher['dev']:.2f}): a chain from another teacher cannot share the table")
+    return [{**r, "id": f"{report['name']}/{r['id']}"} for r in rows if r["stage"] != "evaluate"]
+
+
+def deep_only_rows(paths: list[Path], labels: list[str], levels_sweep: dict) -> list[dict]:
+    """The LTP rows (mean ± sd over their seeds) of sweeps run with a budget of their own, labelled."""
+    if len(labels) != len(paths):
+        raise SystemExit(f"--deep-only given {len(paths)} time(s) and --deep-only-label {len(labels)}: one label per sweep, in order")
+    out = []
+    for path, label in zip(paths, labels):
+        sw = json.loads(Path(path).read_text())
+        same_reference(levels_sweep, sw, str(path))
+        for r in sw["summary"]:
+            if r["stage"] == "ltp_hard":
+                seeds = sorted(r["seeds"])
+                level = _level(r["overrides"])
+                head = f"{level:.2f}" if level is not None else f"{r['relative_flops_paper']['mean']:.2f}"
+                out.append({"label": f"{head} ({label}, seeds {','.join(map(str, seeds))})", "file": str(path), "seeds": seeds,
+                            "dev": r["dev_main"], "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"]})
+    return out
+
+
 def check_one_isa(paths: list[Path]) -> None:
     """Every input file measured on one ISA (pipeline/environment.py's check; a file without an
     environment block is accepted: accuracy tables); refuses naming both files otherwise."""
@@ -189,7 +219,9 @@ def main(argv=None) -> int:
                         "level added later (a method at a level in two of them is refused)")
     p.add_argument("--seeds", type=Path, action="append", default=[],
                    help="sweep.json over seeds at one level (repeat the option for more levels)")
-    p.add_argument("--ltp-alt", type=Path, default=None, help="sweep.json of an LTP variant over the same levels, teacher and split")
+    p.add_argument("--ltp-alt", type=Path, action="append", default=[],
+                   help="sweep.json of an LTP variant over the same levels, teacher and split; repeatable: sweeps of that one "
+                        "variant at other levels (a level in two of them is refused)")
     p.add_argument("--ltp-alt-seeds", type=Path, action="append", default=[],
                    help="that variant's sweep.json over seeds at one level (repeatable)")
     p.add_argument("--ltp-alt-rule", choices=("mean_over_levels", "per_level"), default="mean_over_levels",
@@ -198,10 +230,17 @@ def main(argv=None) -> int:
                         "some levels only); fix it before the runs")
     p.add_argument("--ltp-label", default="levels sweep", help="what the --levels sweep's LTP is (e.g. its soft budget)")
     p.add_argument("--ltp-alt-label", default="variant", help="what the --ltp-alt sweep's LTP is")
-    p.add_argument("--chain", type=Path, required=True, help="report.json of the task's LTP -> KD -> INT8 chain")
+    p.add_argument("--chain", type=Path, action="append", required=True,
+                   help="report.json of the task's LTP -> KD -> INT8 chain (its finetune stage is the teacher); repeatable: a "
+                        "chain started from that teacher (a recipe whose evaluate stage is it, e.g. a deeper target), its rows "
+                        "named run/stage")
+    p.add_argument("--deep-only", type=Path, action="append", default=[],
+                   help=f"sweep.json of LTP runs at <= {GOAL_FLOPS:.2f} FLOPs with a training budget of their own (not the "
+                        "baselines'): they judge the deep goal only, in a table of their own, never in the matched-FLOPs comparison")
+    p.add_argument("--deep-only-label", action="append", default=[], help="what each --deep-only sweep's LTP is (its budget), in order")
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
     args = p.parse_args(argv)
-    check_one_isa([*args.levels, *args.seeds, *([args.ltp_alt] if args.ltp_alt else []), *args.ltp_alt_seeds, args.chain])
+    check_one_isa([*args.levels, *args.seeds, *args.ltp_alt, *args.ltp_alt_seeds, *args.chain, *args.deep_only])
     from ltp_compress.pipeline.environment import environment_block, environment_summary, loadavg
 
     load0 = loadavg()
@@ -216,8 +255,8 @@ def main(argv=None) -> int:
         def ltp_of(table: dict[float, dict]) -> dict[float, dict | None]:
             return {lv: m.get("LTP") for lv, m in table.items()}
 
-        alt_sweep = json.loads(args.ltp_alt.read_text())
-        same_reference(levels_sweep, alt_sweep, str(args.ltp_alt))
+        alt_sweep = merged_levels_sweeps(args.ltp_alt)
+        same_reference(levels_sweep, alt_sweep, str(args.ltp_alt[0]))
         for path in args.ltp_alt_seeds:
             same_reference(levels_sweep, json.loads(path.read_text()), str(path))
         alt_seeded, alt_seeds = pooled_seeds_tables(args.ltp_alt_seeds, alt_sweep)
@@ -248,8 +287,11 @@ def main(argv=None) -> int:
         controls = [{"id": r["id"], "stage": r["stage"], "level": _level(r["overrides"]), "dev": r["dev_main"],
                      "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"]}
                     for r in alt_sweep["summary"] if r["stage"] in METHODS and r["stage"] != "ltp_hard"]
-    chain = chain_rows(json.loads(args.chain.read_text()))
+    chain = chain_rows(json.loads(args.chain[0].read_text()))
     teacher = next(r for r in chain if r["stage"] == "finetune")
+    for path in args.chain[1:]:
+        chain += extra_chain_rows(json.loads(path.read_text()), teacher, str(path))
+    deep_only = deep_only_rows(args.deep_only, args.deep_only_label, levels_sweep)
     failures = levels_sweep.get("failures", [])
 
     # matched-FLOPs comparison, one row per level (and the seeds row)
@@ -292,6 +334,11 @@ def main(argv=None) -> int:
             drop = teacher["dev"] - 100 * ltp["dev"]["mean"]  # points (the chain reports percent)
             deep.append({"label": r["label"], "seeds": r["seeds"], "dev_drop": drop,
                          "relative_flops_paper": ltp["relative_flops_paper"]["mean"], "judged": len(r["seeds"]) >= GOAL_SEEDS})
+    for d in deep_only:  # runs with a budget of their own: they judge this goal, not the matched comparison
+        if d["relative_flops_paper"]["mean"] <= GOAL_FLOPS + MATCH:
+            deep.append({"label": d["label"], "seeds": d["seeds"], "dev_drop": teacher["dev"] - 100 * d["dev"]["mean"],
+                         "relative_flops_paper": d["relative_flops_paper"]["mean"], "judged": len(d["seeds"]) >= GOAL_SEEDS,
+                         "own_budget": True})
 
     def spread(r: dict) -> float | None:  # the largest dev sd (points) of LTP and the best baseline, seeds rows only
         if len(r["seeds"]) < 2 or "ltp_minus_best_baseline_dev" not in r:
@@ -319,12 +366,14 @@ def main(argv=None) -> int:
             "met": any(r["bops_reduction_vs_fp16"] >= GOAL_BOPS for r in within)},
     }
     result = {"command": "python " + shlex.join([str(Path(sys.argv[0]))] + sys.argv[1:]), "task": args.task,
-              "inputs": {"levels": [str(p) for p in args.levels], "seeds": [str(p) for p in args.seeds], "chain": str(args.chain),
-                         "ltp_alt": str(args.ltp_alt) if args.ltp_alt else None,
+              "inputs": {"levels": [str(p) for p in args.levels], "seeds": [str(p) for p in args.seeds], "chain": str(args.chain[0]),
+                         "ltp_alt": [str(p) for p in args.ltp_alt], "deep_only": [str(p) for p in args.deep_only],
+                         "extra_chains": [str(p) for p in args.chain[1:]],
                          "ltp_alt_seeds": [str(p) for p in args.ltp_alt_seeds]},
-              "ltp_choice": choice, "controls": controls, "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
+              "ltp_choice": choice, "controls": controls, "deep_only": deep_only, "teacher": teacher, "comparison": comparison, "chain": chain, "sweep_failures": failures, "goals": goals}
 
     # markdown
+    alt_files = ", ".join(f"`{p}`" for p in args.ltp_alt)
     result["environment"] = environment_block(None, load0)
     L = [f"# {args.task.upper()}: accuracy vs FLOPs, LTP vs {' vs '.join(list(METHODS.values())[1:])}, and the INT8 models", "",
          environment_summary(result["environment"]), "",
@@ -335,12 +384,12 @@ def main(argv=None) -> int:
          "## Matched FLOPs (each method lands the level on validation inputs, same post-pruning budget)", ""]
     if choice is not None and choice["rule"] == "per_level":
         L += [f"LTP: two variants, **{choice['labels']['base']}** (`{args.levels[0]}`) and **{choice['labels']['alt']}** "
-              f"(`{args.ltp_alt}`). The rule (`--ltp-alt-rule per_level`; when it was fixed: the recipe or docs/results.md): at each level the variant with the higher mean validation "
+              f"({alt_files}). The rule (`--ltp-alt-rule per_level`; when it was fixed: the recipe or docs/results.md): at each level the variant with the higher mean validation "
               "accuracy of those run there is the table's LTP (" + ", ".join(f"{k}: {v}" for k, v in choice["picks"].items())
               + "); the other variant is the last LTP column.", ""]
     elif choice is not None:
         L += [f"LTP: two variants over the same levels, teacher and split: **{choice['labels']['base']}** (`{args.levels[0]}`) and "
-              f"**{choice['labels']['alt']}** (`{args.ltp_alt}`). The rule, fixed before the runs: the variant with the higher mean "
+              f"**{choice['labels']['alt']}** ({alt_files}). The rule, fixed before the runs: the variant with the higher mean "
               f"validation accuracy over the levels both ran ({', '.join(f'{lv:.2f}' for lv in choice['levels'])}) is the table's LTP: "
               f"{choice['labels']['base']} {100 * choice['validation_mean_base']:.2f}, {choice['labels']['alt']} "
               f"{100 * choice['validation_mean_alt']:.2f} → **{choice['chosen']}**; {choice['other']} is the last LTP column. "
@@ -365,12 +414,19 @@ def main(argv=None) -> int:
             diff += " | " + ("not run" if o is None else f"{_fmt(o, 'dev')} ({_fmt(o, 'validation')}) at {_fmt(o, 'relative_flops_paper', 1, 3)}")
         L.append(f"| {r['label']} | " + " | ".join(cells) + f" | {fl} | {diff} |")
     if controls:
-        L += ["", f"Controls run in `{args.ltp_alt}` (what each is: that recipe's comments), beside the table's LTP at the level:", "",
+        L += ["", f"Controls run in {alt_files} (what each is: that recipe's comments), beside the table's LTP at the level:", "",
               "| control | level | dev (val) | rel. FLOPs | table's LTP dev (val) |", "|---|---|---|---|---|"]
         for c in controls:
             ltp = next((r["methods"]["LTP"] for r in comparison if r["level"] == c["level"] and len(r["seeds"]) == 1), None)
             L.append(f"| {c['id']} ({c['stage']}) | {c['level']:.2f} | {_fmt(c, 'dev')} ({_fmt(c, 'validation')}) | "
                      f"{_fmt(c, 'relative_flops_paper', 1, 3)} | " + ("-" if ltp is None else f"{_fmt(ltp, 'dev')} ({_fmt(ltp, 'validation')})") + " |")
+    if deep_only:
+        L += ["", f"## LTP at ≤ {GOAL_FLOPS:.2f} FLOPs with a training budget of its own (not a matched comparison)", "",
+              "These runs judge the deep goal only: their budget is not the baselines', so they are not in the table above.", "",
+              "| LTP run | dev (val) | dev − teacher dev | rel. FLOPs | file |", "|---|---|---|---|---|"]
+        for d in deep_only:
+            L.append(f"| {d['label']} | {_fmt(d, 'dev')} ({_fmt(d, 'validation')}) | {100 * d['dev']['mean'] - teacher['dev']:+.2f} | "
+                     f"{_fmt(d, 'relative_flops_paper', 1, 3)} | `{d['file']}` |")
     for f in failures:
         L += ["", f"Point {f['point']} ({' '.join(f['overrides'])}) stopped: {' '.join(f['error'].split())}"]
     L += ["", "## The chain (one seed): LTP, KD, INT8", "",

@@ -249,3 +249,79 @@ def test_per_level_rule_lets_a_variant_run_at_one_level_compete_there_only(tmp_p
     assert mod.main(argv) == 0
     rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["comparison"]}
     assert rows["0.40"]["methods"]["LTP"] is None
+
+
+def _extra_chain(path: Path, name: str, teacher_dev: float) -> Path:
+    def stage(sid, kind, val, dev, flops, bits):
+        conv = {"relative_flops": flops, "relative_bops_vs_fp16_dense": flops * bits * bits / 256}
+        return {"id": sid, "stage": kind, "metrics": {"validation": {"main": val}, "dev": {"main": dev}},
+                "cost": {"by_convention": {"paper": conv, "executed": conv}, "precision": {"ffn": [bits], "attn_scores": [bits]}}}
+    path.write_text(json.dumps({"name": name, "stages": [stage("base", "evaluate", 0.9, teacher_dev, 1.0, 32),
+                                                         stage("int8_attn", "quantize", 0.885, 0.885, 0.24, 8)]}))
+    return path
+
+
+def test_a_second_chain_from_the_same_teacher_joins_the_bops_goal_and_another_teachers_is_refused(tmp_path):
+    """--chain twice: the second run's evaluate stage must be the first chain's teacher; its INT8 row (0.24 of the
+    FLOPs, 8x8 bits: 16.7x fewer BOPs, 1.5 points below) meets the 16x goal the first chain's 12.5x misses."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.90)
+    levels = _sweep(tmp_path / "a.json", [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88)])
+    out = tmp_path / "acc"
+    argv = ["--task", "mrpc", "--levels", str(levels), "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]
+    assert mod.main(argv) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["goals"]["int8_16x_bops_within_2_points"]["met"] is False
+    assert mod.main(argv + ["--chain", str(_extra_chain(tmp_path / "d.json", "deeper", 0.90))]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    bops = res["goals"]["int8_16x_bops_within_2_points"]
+    assert bops["met"] is True and bops["best"] == "deeper/int8_attn" and bops["bops_reduction_vs_fp16"] == pytest.approx(1 / 0.24 * 4)
+    assert "evaluate" not in [r["stage"] for r in res["chain"]]
+    with pytest.raises(SystemExit, match="not the chain teacher's"):
+        mod.main(argv + ["--chain", str(_extra_chain(tmp_path / "e.json", "other", 0.80))])
+
+
+def test_deep_only_runs_judge_the_deep_goal_and_stay_out_of_the_matched_table(tmp_path):
+    """--deep-only: a 3-seed LTP sweep at 0.30 with its own budget meets the deep goal (0.5 points below), is listed
+    in its own table, and is not an LTP cell of the comparison (the levels sweep has no 0.30 row)."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    levels = _sweep(tmp_path / "a.json", [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88), _row("manual_prune", "manual", 0.40, 0.84, 0.86)])
+    deep = _sweep(tmp_path / "d.json", [{**ref, "seed": s} for s in (42, 0, 1)]
+                  + [_row("ltp_hard", "hard", 0.30, 0.86, dev, seed=s, flops=0.301) for s, dev in ((42, 0.89), (0, 0.895), (1, 0.9))])
+    out = tmp_path / "acc"
+    argv = ["--task", "sst2", "--levels", str(levels), "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out), "--deep-only", str(deep)]
+    with pytest.raises(SystemExit, match="one label per sweep"):
+        mod.main(argv)
+    assert mod.main(argv + ["--deep-only-label", "hard 1 epoch"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in res["comparison"]] == ["0.40"]
+    goal = res["goals"]["ltp_within_1_point_at_0.30"]
+    (row,) = goal["rows"]
+    assert row["label"] == "0.30 (hard 1 epoch, seeds 0,1,42)" and row["judged"] and row["own_budget"]
+    assert row["dev_drop"] == pytest.approx(90 - 100 * (0.89 + 0.895 + 0.9) / 3) and goal["met"] is True
+    assert "budget of its own" in out.with_suffix(".md").read_text()
+    # a deep-only sweep of another teacher is refused
+    other = _sweep(tmp_path / "o.json", [_row("evaluate", "base", None, 0.80, 0.80), _row("ltp_hard", "hard", 0.30, 0.86, 0.89)])
+    with pytest.raises(SystemExit, match="unpruned reference"):
+        mod.main(argv[:-1] + [str(other), "--deep-only-label", "x"])
+
+
+def test_an_ltp_variant_given_as_two_sweeps_is_one_variant(tmp_path):
+    """--ltp-alt twice (the variant at 0.30, later at 0.20): both levels are the variant's under the per-level rule;
+    the same level in both files is refused."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    base = _sweep(tmp_path / "a.json", [ref, _row("ltp_hard", "hard", 0.20, 0.70, 0.70), _row("ltp_hard", "hard", 0.30, 0.80, 0.85)])
+    alt30 = _sweep(tmp_path / "b.json", [dict(ref), _row("ltp_hard", "hard", 0.30, 0.82, 0.86)])
+    alt20 = _sweep(tmp_path / "b2.json", [dict(ref), _row("ltp_hard", "hard", 0.20, 0.75, 0.74)])
+    out = tmp_path / "acc"
+    argv = ["--task", "mrpc", "--levels", str(base), "--ltp-alt", str(alt30), "--ltp-alt-rule", "per_level", "--ltp-alt-label", "bounds",
+            "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]
+    assert mod.main(argv + ["--ltp-alt", str(alt20)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["ltp_choice"]["picks"] == {"0.20": "bounds", "0.30": "bounds"}
+    rows = {r["label"]: r for r in res["comparison"]}
+    assert rows["0.20"]["methods"]["LTP"]["dev"]["mean"] == pytest.approx(0.74)
+    assert rows["0.20"]["ltp_other"]["dev"]["mean"] == pytest.approx(0.70)
+    with pytest.raises(SystemExit, match="also in"):
+        mod.main(argv + ["--ltp-alt", str(alt30)])
