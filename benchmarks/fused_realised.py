@@ -30,6 +30,20 @@ from _harness import checkpoint_bench_parser, dev_feeds, environment_block, envi
 from fused_phase_profile import PHASES, gemm_macs  # noqa: E402
 
 
+def phase_work(kept, d: int, d_ff: int) -> dict[str, float]:
+    """MACs per phase of one forward from the tokens entering each layer (kept [b, L]): qkv on the tokens
+    entering (3·d·d each); out (d·d) and ffn (2·d·d_ff) on the tokens leaving (the last layer: [CLS]);
+    attention Q·Kᵀ and P·V, n·n·d each per layer of a sequence of n tokens (the last layer: the [CLS] query, n·d)."""
+    import numpy as np
+
+    k = np.asarray(kept, dtype=np.float64)  # [b, L]
+    b, L = k.shape
+    leaving = np.concatenate([k[:, 1:], np.ones((b, 1))], axis=1)
+    att = (2 * k[:, :-1] ** 2 * d).sum() + (2 * k[:, -1] * d).sum()
+    return {"qkv": float((k * 3 * d * d).sum()), "attention": float(att), "out": float((leaving * d * d).sum()),
+            "ffn": float((leaving * 2 * d * d_ff).sum())}
+
+
 def main(argv=None) -> dict:
     p = checkpoint_bench_parser(__doc__.splitlines()[0], "fused_realised")
     p.add_argument("--dense", type=Path, required=True, help="the dense INT8 deployable checkpoint (the bench's dense_int8_ckpt)")
@@ -50,13 +64,16 @@ def main(argv=None) -> dict:
     cfg = systems["pruned"][0].model.config
     per_round = {label: {bs: [] for bs in bss} for label in systems}
     macs = {label: {} for label in systems}
+    work = {label: {} for label in systems}
     for label, (model, items, _) in systems.items():  # warm-up pass; the work of each pass (the same every pass)
         for bs in bss:
-            m = 0.0
+            m, w = 0.0, {}
             for b in items[bs]:
                 _, kept = model.encoder.forward(b["input_ids"], b["attention_mask"], b["token_type_ids"], args.threads)
                 m += gemm_macs(kept, cfg.hidden_size, cfg.intermediate_size)
-            macs[label][bs] = m
+                for k, v in phase_work(kept, cfg.hidden_size, cfg.intermediate_size).items():
+                    w[k] = w.get(k, 0.0) + v
+            macs[label][bs], work[label][bs] = m, w
     for _ in range(args.rounds):
         for label, (model, items, n) in systems.items():
             enc = model.encoder
@@ -85,6 +102,7 @@ def main(argv=None) -> dict:
             "wall": de["ms_per_example"]["wall"] / pr["ms_per_example"]["wall"],
             "phases": de["phases_ms_per_example"] / pr["phases_ms_per_example"],
             **{k: de["ms_per_example"][k] / pr["ms_per_example"][k] if pr["ms_per_example"][k] > 0 else None for k in PHASES}}
+        row["work_ratio_dense_over_pruned"] = {k: work["dense"][bs][k] / work["pruned"][bs][k] for k in work["pruned"][bs]}
         rows[bs] = row
     env = environment_block(args.threads, load0)
     out = {"command": "python benchmarks/fused_realised.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -111,9 +129,16 @@ def main(argv=None) -> dict:
         q = row["ratio_dense_over_pruned"]
         lines.append(f"| {bs} | **dense / pruned** (work {q['work_gemm_macs']:.2f}x) | **{q['wall']:.2f}x** | "
                      + " | ".join("-" if q[k] is None else f"{q[k]:.2f}x" for k in PHASES) + f" | {q['phases']:.2f}x | - |")
+        w = row["work_ratio_dense_over_pruned"]
+        lines.append(f"| {bs} | work dense / pruned | - | " + " | ".join(f"{w[k]:.2f}x" if k in w else "-" for k in PHASES) + " | - | - |")
     lines += ["", "realised fraction of the work's reduction (wall ratio / work ratio): "
               + ", ".join(f"bs {bs} {row['ratio_dense_over_pruned']['wall'] / row['ratio_dense_over_pruned']['work_gemm_macs']:.2f}"
-                          for bs, row in rows.items()), ""]
+                          for bs, row in rows.items()), "",
+              "time pruned loses against its work, per phase (ms per example: pruned time - dense time / that phase's work "
+              "ratio; embed, select and head do not shrink with pruning): "
+              + "; ".join(f"bs {bs} " + ", ".join(
+                  f"{k} {r['pruned']['ms_per_example'][k] - r['dense']['ms_per_example'][k] / r['work_ratio_dense_over_pruned'].get(k, 1e9):+.3f}"
+                  for k in PHASES) for bs, r in rows.items()), ""]
     atomic_write_text(args.out_dir / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
     return out
