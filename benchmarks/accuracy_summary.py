@@ -189,8 +189,24 @@ def deep_only_rows(paths: list[Path], labels: list[str], levels_sweep: dict) -> 
                 level = _level(r["overrides"])
                 head = f"{level:.2f}" if level is not None else f"{r['relative_flops_paper']['mean']:.2f}"
                 out.append({"label": f"{head} ({label}, seeds {','.join(map(str, seeds))})", "file": str(path), "seeds": seeds,
-                            "dev": r["dev_main"], "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"]})
-    return out
+                            "level": level, "dev": r["dev_main"], "validation": r["validation_main"],
+                            "relative_flops_paper": r["relative_flops_paper"]})
+    return choose_deep_only_on_validation(out)
+
+
+def choose_deep_only_on_validation(rows: list[dict]) -> list[dict]:
+    """Several own-budget runs at one target level (e.g. soft 1 vs 2 epochs): the one with the higher mean validation
+    main metric over its seeds judges the deep goal, the others are shown with `chosen: False` (dev never chooses;
+    two variants judged on dev would be a choice on dev)."""
+    by_level: dict = {}
+    for r in rows:
+        by_level.setdefault(r["level"], []).append(r)
+    for group in by_level.values():
+        best = max(group, key=lambda r: r["validation"]["mean"])
+        for r in group:
+            r["chosen"] = r is best
+            r["competitors"] = [o["label"] for o in group if o is not r]
+    return rows
 
 
 def check_one_isa(paths: list[Path]) -> None:
@@ -337,7 +353,8 @@ def main(argv=None) -> int:
     for d in deep_only:  # runs with a budget of their own: they judge this goal, not the matched comparison
         if d["relative_flops_paper"]["mean"] <= GOAL_FLOPS + MATCH:
             deep.append({"label": d["label"], "seeds": d["seeds"], "dev_drop": teacher["dev"] - 100 * d["dev"]["mean"],
-                         "relative_flops_paper": d["relative_flops_paper"]["mean"], "judged": len(d["seeds"]) >= GOAL_SEEDS,
+                         "relative_flops_paper": d["relative_flops_paper"]["mean"],
+                         "judged": len(d["seeds"]) >= GOAL_SEEDS and d["chosen"], "chosen_on_validation": d["chosen"],
                          "own_budget": True})
 
     def spread(r: dict) -> float | None:  # the largest dev sd (points) of LTP and the best baseline, seeds rows only
@@ -422,11 +439,13 @@ def main(argv=None) -> int:
                      f"{_fmt(c, 'relative_flops_paper', 1, 3)} | " + ("-" if ltp is None else f"{_fmt(ltp, 'dev')} ({_fmt(ltp, 'validation')})") + " |")
     if deep_only:
         L += ["", f"## LTP at ≤ {GOAL_FLOPS:.2f} FLOPs with a training budget of its own (not a matched comparison)", "",
-              "These runs judge the deep goal only: their budget is not the baselines', so they are not in the table above.", "",
-              "| LTP run | dev (val) | dev − teacher dev | rel. FLOPs | file |", "|---|---|---|---|---|"]
+              "These runs judge the deep goal only: their budget is not the baselines', so they are not in the table above. "
+              "Where several ran at one level, the one with the higher mean validation judges the goal; the others are shown.", "",
+              "| LTP run | dev (val) | dev − teacher dev | rel. FLOPs | judges the goal | file |", "|---|---|---|---|---|---|"]
         for d in deep_only:
+            judges = "yes" if d["chosen"] else "no (lower validation)"
             L.append(f"| {d['label']} | {_fmt(d, 'dev')} ({_fmt(d, 'validation')}) | {100 * d['dev']['mean'] - teacher['dev']:+.2f} | "
-                     f"{_fmt(d, 'relative_flops_paper', 1, 3)} | `{d['file']}` |")
+                     f"{_fmt(d, 'relative_flops_paper', 1, 3)} | {judges} | `{d['file']}` |")
     for f in failures:
         L += ["", f"Point {f['point']} ({' '.join(f['overrides'])}) stopped: {' '.join(f['error'].split())}"]
     L += ["", "## The chain (one seed): LTP, KD, INT8", "",

@@ -306,6 +306,30 @@ def test_deep_only_runs_judge_the_deep_goal_and_stay_out_of_the_matched_table(tm
         mod.main(argv[:-1] + [str(other), "--deep-only-label", "x"])
 
 
+def test_two_deep_only_runs_at_one_level_are_chosen_between_on_validation(tmp_path):
+    """--deep-only twice at 0.30 (soft 1 vs 2 epochs): the run with the higher mean validation judges the deep goal
+    even though the other meets it on dev; the other is listed, not judged (no choice on dev)."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    levels = _sweep(tmp_path / "a.json", [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.88)])
+
+    def deep(path, val, devs):
+        return _sweep(path, [{**ref, "seed": s} for s in (42, 0, 1)]
+                      + [_row("ltp_hard", "hard", 0.30, val, dev, seed=s, flops=0.301) for s, dev in zip((42, 0, 1), devs)])
+    one = deep(tmp_path / "d1.json", 0.87, (0.89, 0.895, 0.9))   # meets the goal on dev, lower validation
+    two = deep(tmp_path / "d2.json", 0.88, (0.86, 0.86, 0.87))   # higher validation, misses on dev
+    out = tmp_path / "acc"
+    assert mod.main(["--task", "sst2", "--levels", str(levels), "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out),
+                     "--deep-only", str(one), "--deep-only-label", "soft 1 epoch",
+                     "--deep-only", str(two), "--deep-only-label", "soft 2 epochs"]) == 0
+    goal = json.loads(out.with_suffix(".json").read_text())["goals"]["ltp_within_1_point_at_0.30"]
+    rows = {r["label"].split(" (")[1].split(",")[0]: r for r in goal["rows"]}
+    assert rows["soft 2 epochs"]["judged"] and rows["soft 2 epochs"]["chosen_on_validation"]
+    assert not rows["soft 1 epoch"]["judged"] and not rows["soft 1 epoch"]["chosen_on_validation"]
+    assert goal["met"] is False
+    assert "no (lower validation)" in out.with_suffix(".md").read_text()
+
+
 def test_an_ltp_variant_given_as_two_sweeps_is_one_variant(tmp_path):
     """--ltp-alt twice (the variant at 0.30, later at 0.20): both levels are the variant's under the per-level rule;
     the same level in both files is refused."""
