@@ -20,6 +20,8 @@ refuses to load without it).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -73,6 +75,32 @@ def build_directory() -> Path:
     return root / _cpu_tag()
 
 
+#: torch's JIT loader's own lock file in the build folder (torch.utils.file_baton.FileBaton): created by the
+#: process that builds, removed in a `finally`, so a builder killed by a signal leaves it behind and every
+#: later load waits on it forever
+TORCH_LOCK_FILE = "lock"
+#: our lock beside it: an flock(2), which the OS releases when its holder dies
+BUILD_LOCK_FILE = ".ltp_build.flock"
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Serialise builders of `folder` on an flock (released by the OS even when a holder is killed), and
+    remove torch's lock file found while holding it: every builder takes the flock before torch's lock, so a
+    torch lock seen here was left by a builder that died (SIGTERM / SIGKILL skip its `finally`)."""
+    with open(folder / BUILD_LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = folder / TORCH_LOCK_FILE
+            if stale.exists():
+                stale.unlink()
+                print(f"fused encoder extension: removed {stale}, a build lock left by a build process that died",
+                      file=sys.stderr)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(verbose: bool = False):
     """Compile (or reuse the cached build of) the extension and return the loaded module. Raises
     RuntimeError with the compiler's message when it cannot be built here."""
@@ -90,9 +118,10 @@ def build(verbose: bool = False):
     if shutil.which("ninja") is None and (Path(venv_bin) / "ninja").exists():
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     try:
-        _module = load(name=EXTENSION_NAME, sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                       extra_include_paths=[str(SOURCE_DIR)], extra_cflags=[*CFLAGS, f"-DLTP_SOURCE_HASH={_source_hash()}"],
-                       build_directory=str(folder), verbose=verbose)
+        with _build_lock(folder):
+            _module = load(name=EXTENSION_NAME, sources=[str(SOURCE_DIR / s) for s in SOURCES],
+                           extra_include_paths=[str(SOURCE_DIR)], extra_cflags=[*CFLAGS, f"-DLTP_SOURCE_HASH={_source_hash()}"],
+                           build_directory=str(folder), verbose=verbose)
     except Exception as e:  # compiler missing, ninja missing, compile error: say what happened
         _error = f"building the fused encoder extension failed ({type(e).__name__}): {str(e)[-2000:]}"
         raise RuntimeError(_error) from e

@@ -89,9 +89,9 @@ def load_model(path: str | Path, runtime: str = "auto", threads: int | None = No
             from ltp_compress.modeling.deploy import load_deployable
             from ltp_compress.modeling.fused_runtime import FusedDeployedModel
 
+            deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime, before any build
             reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
             if reason is None:
-                deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime
                 try:
                     model = FusedDeployedModel(deployed, threads=threads, streams=streams)
                     model.runtime_choice = choice

@@ -13,6 +13,19 @@ from ltp_compress.modeling.runtime_choice import RUNTIMES
 COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep", "serve")
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds '42,0,1' -> [42, 0, 1]; anything else is argparse's clear error (exit 2), not a traceback."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 42,0,1") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: no seed given")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is given twice")
+    return seeds
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ltp-compress",
@@ -57,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("recipe", type=Path)
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                     help="e.g. stages.soft.lambda=0.01,0.05,0.2 (none: the recipe as it is, e.g. over --seeds)")
-    sw.add_argument("--seeds", default=None, help="comma-separated seeds; every point runs once per seed, tables give mean ± sd")
+    sw.add_argument("--seeds", default=None, type=_seed_list, help="comma-separated seeds; every point runs once per seed, tables give mean ± sd")
     sw.add_argument("--out", type=Path, default=None, help="folder for sweep.json/.md/.png (default: <output_dir>/<name>-sweep)")
     sw.add_argument("--name", default=None, help="prefix of the points' run names (default: the recipe's name): one recipe, "
                                                  "several studies without their runs colliding")
@@ -131,7 +144,7 @@ def _dispatch(args) -> int:
     if args.command == "sweep":
         from ltp_compress.pipeline.sweep import run_sweep
 
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else None
+        seeds = args.seeds or None
         out = run_sweep(args.recipe, args.grid, seeds=seeds, out_dir=args.out, name=args.name, progress=not args.no_progress)
         print(f"sweep: {out}")
         return 0

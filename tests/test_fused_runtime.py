@@ -387,6 +387,24 @@ def test_auto_without_avx512_vnni_is_torch(threshold_checkpoints, monkeypatch):
     assert dm.runtime == "torch" and dm.runtime_choice.startswith("auto: deployable checkpoint on any other")
 
 
+def test_auto_checks_the_folder_before_building_the_extension(tmp_path, monkeypatch):
+    """A missing or broken folder is a CheckpointError naming it before the extension is built or probed
+    (a build takes a minute the first time; a typo should not wait for it)."""
+    from ltp_compress.errors import CheckpointError
+    from ltp_compress.modeling import runtime_choice
+
+    def no_build(kernel):
+        raise AssertionError("the extension was probed before the folder was checked")
+
+    monkeypatch.setattr(fused_encoder, "gemm_kernel_unavailable_reason", no_build)
+    monkeypatch.setattr(runtime_choice, "auto_rule", lambda path, backend="auto": runtime_choice.AUTO_TABLE[1])  # the fused row
+    with pytest.raises(CheckpointError, match="not found"):
+        ltp_compress.load(tmp_path / "missing")
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(CheckpointError, match="broken"):
+        ltp_compress.load(tmp_path / "broken")
+
+
 def test_auto_refused_checkpoint_runs_on_torch_and_says_why(tiny_bert, vnni, tmp_path, capsys):
     """A checkpoint with a float Linear (fp_layers): the fused runtime refuses it, so 'auto' names the
     reason on stderr and in runtime_choice and runs it on torch; runtime='fused' is an error."""
@@ -414,3 +432,36 @@ def test_auto_table_rows_name_known_runtimes():
     assert auto_table_markdown().count("\n") == len(AUTO_TABLE) + 1
     docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
     assert auto_table_markdown() in docs, "docs/export.md shows AUTO_TABLE: regenerate it with auto_table_markdown()"
+
+
+def test_build_lock_left_by_a_killed_builder_does_not_block_the_next_build(tmp_path, capsys):
+    """torch's JIT lock file of a builder killed by a signal is removed (not waited on forever), and our flock
+    held by a process killed with SIGKILL is released by the OS: the next builder gets in."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / fused_encoder.TORCH_LOCK_FILE).write_text("")
+    with fused_encoder._build_lock(tmp_path):
+        assert not (tmp_path / fused_encoder.TORCH_LOCK_FILE).exists()
+    assert "a build lock left by a build process that died" in capsys.readouterr().err
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"h = open({str(tmp_path / fused_encoder.BUILD_LOCK_FILE)!r}, 'a')\n"
+        "fcntl.flock(h, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        import fcntl
+        with open(tmp_path / fused_encoder.BUILD_LOCK_FILE, "a") as h:  # held by the live process: not ours to take
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with open(tmp_path / fused_encoder.BUILD_LOCK_FILE, "a") as h:  # the OS released it with its dead holder
+            fcntl.flock(h, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(h, fcntl.LOCK_UN)
+        with fused_encoder._build_lock(tmp_path):
+            pass
+    finally:
+        holder.kill()

@@ -148,6 +148,13 @@ def test_invalid_yaml(tmp_path):
     assert "not valid YAML" in msg
 
 
+def test_recipe_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: d\xffmo\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: not UTF-8 text \(byte 7"):
+        load_recipe(path)
+
+
 # ----------------------------------------------------------------------------- stage graph
 
 

@@ -100,3 +100,13 @@ def test_sweep_name_prefixes_the_runs_so_two_studies_of_one_recipe_do_not_collid
     b = json.loads((tmp_path / "b" / "sweep.json").read_text())["rows"]
     assert a[0]["run_dir"].endswith("sw-p0") and b[0]["run_dir"].endswith("study_b-p0")
     assert a[0]["relative_flops_paper"] != b[0]["relative_flops_paper"]  # each its own run, not the other's resumed
+
+
+@pytest.mark.parametrize("seeds, why", [("a,b", "expected comma-separated integers"), ("1,1", "a seed is given twice"), (",", "no seed given")])
+def test_bad_seed_list_is_a_usage_error_before_any_run(tmp_path, capsys, seeds, why):
+    from ltp_compress.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(tmp_path / "missing.yaml"), "--seeds", seeds, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
