@@ -53,7 +53,7 @@ def load_tokenizer(source: str):
 
     try:
         return AutoTokenizer.from_pretrained(source)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder whose tokenizer files are missing or unreadable
         raise ModelSourceError(f"cannot load tokenizer from '{source}' (hub unreachable or not a model folder?): {e}") from None
 
 

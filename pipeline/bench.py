@@ -78,6 +78,8 @@ def run_benchmark(checkpoint: str | Path | None = None, *, run_dir: str | Path |
     if int(rounds) < 1 or int(repeats) < 1:
         raise BenchError("rounds and repeats must be >= 1")
     batch_sizes = sorted({int(b) for b in batch_sizes})
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise BenchError(f"batch sizes {batch_sizes}: give one or more batch sizes >= 1")
     models = resolve_models(checkpoint, run_dir=run_dir, teacher=teacher, hard=hard, int8=int8)
     load0 = loadavg()
     tmp_work = None
@@ -151,7 +153,7 @@ def bench_cli(args, command: str | None = None) -> int:
     """Run the benchmark from parsed `bench_args.add_bench_arguments` arguments; print the Markdown table."""
     res = run_benchmark(args.checkpoint, run_dir=args.run_dir, teacher=args.teacher, hard=args.hard, data_dir=args.data,
                         task=args.task, threads=args.threads,
-                        batch_sizes=[int(x) for x in args.batch_sizes.split(",") if x.strip()],
+                        batch_sizes=args.batch_sizes,
                         max_examples=args.max_examples, repeats=args.repeats, rounds=args.rounds,
                         systems=[x.strip() for x in args.systems.split(",")] if args.systems else None,
                         isolation=args.isolation, calibration_batches=args.calibration_batches, backend=args.backend,

@@ -3,6 +3,7 @@ benchmarks/e2e_bench.py. Light (no torch): the CLI builds its parser from it."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 # the baseline: HF FP32 with its default attention (sdpa)
@@ -19,6 +20,17 @@ OURS = ("ltp_fp32", "dense_int8", "ltp_int8", "dense_int8_ort", "ltp_int8_ort", 
 SYSTEMS = (BASELINE,) + FP32_PEERS + DEFAULT_PRECISION_PEERS + INT8_PEERS + OURS
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """--batch-sizes '1,8,32' -> [1, 8, 32]; anything else is argparse's clear error (exit 2)."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more batch sizes >= 1")
+    return sizes
+
+
 def add_bench_arguments(p) -> None:
     """The benchmark's command line, shared by `ltp-compress bench` and benchmarks/e2e_bench.py."""
     p.add_argument("checkpoint", type=Path, help="run directory (teacher / hard / int8 stages found from its stages), "
@@ -29,7 +41,7 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--data", type=Path, required=True, help="GLUE-format folder with dev.tsv (train.tsv used for calibration)")
     p.add_argument("--task", required=True)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    p.add_argument("--batch-sizes", default=[1, 8, 32], type=_batch_sizes, help="comma-separated, each >= 1 (default 1,8,32)")
     p.add_argument("--max-examples", type=int, default=None, help="seeded subset of the dev set (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per batch size and round (median)")
     p.add_argument("--rounds", type=int, default=1,

@@ -50,15 +50,23 @@ def load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_e
     from ltp_compress.tasks.glue import get_task
 
     torch.set_num_threads(threads)
-    task = get_task(task_name)
+    try:
+        task = get_task(task_name)
+    except ValueError as e:
+        raise BenchError(f"--task: {e}") from None
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise BenchError(f"{data_dir}: not a folder (expected a GLUE-format folder with dev.tsv)")
     src = next((models[k] for k in ("int8", "teacher", "hard") if models.get(k) and Path(models[k]).is_dir()), None)
     if not src:
         raise BenchError("no model to benchmark")
+    ltp = None
+    if models.get("int8") and (Path(models["int8"]) / MANIFEST_FILE).is_file():
+        ltp = read_checkpoint_info(models["int8"])  # a malformed checkpoint is named before anything loads from it
     tok = load_tokenizer(src)
     max_seq = DEFAULT_MAX_SEQ_LENGTH
     quant = {"observer": "minmax", "percentile": None, "fuse_gelu": True}
-    if models.get("int8") and (Path(models["int8"]) / MANIFEST_FILE).is_file():
-        ltp = read_checkpoint_info(models["int8"])
+    if ltp is not None:
         max_seq = ltp.max_seq_length
         q = ltp.quantization
         # fuse_gelu: some FFN kernel of the checkpoint applies the GELU (every ltp.json lists fused_gelu)
@@ -70,9 +78,6 @@ def load_inputs(models: dict, data_dir: Path, task_name: str, batch_sizes, max_e
         quant["observer"] = stage_cfg.get("observer", quant["observer"])
         quant["percentile"] = stage_cfg.get("percentile", quant["percentile"])
         quant["fuse_gelu"] = stage_cfg.get("fuse_gelu", quant["fuse_gelu"])
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise BenchError(f"{data_dir}: not a folder (expected a GLUE-format folder with dev.tsv)")
     cfg = DataConfig(source="glue_dir", path=str(data_dir), max_seq_length=max_seq, max_dev_examples=max_examples,
                      max_train_examples=calibration_batches * calibration_batch_size * 4)
     dev = load_split(cfg, task, "dev")

@@ -42,6 +42,18 @@ class RunError(UserError, RuntimeError):
     """A run folder that cannot be used as asked (another recipe's run, no finished stages, ...)."""
 
 
+def _read_json_file(path: Path) -> dict:
+    """A run's JSON file (recipe.json, data.json, environment.json) as a mapping; RunError naming the file
+    when it is not UTF-8, not JSON or not an object (a file edited or cut short by hand)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__}: {e}); rewrite it or rerun the stage that wrote it") from None
+    if not isinstance(value, dict):
+        raise RunError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 class StageMeta(BaseModel):
     """A finished stage's meta.json (written by the runner, pipeline/runner.py). The fixed keys are
     typed; `config`, `metrics`, `cost` and `extra` are open (their content is the stage's). Every key
@@ -186,13 +198,13 @@ class RunDir:
     def recipe(self) -> dict:
         if not self.recipe_file.is_file():
             raise RunError(f"{self.path}: not a run directory (no {self.recipe_file.name})")
-        return json.loads(self.recipe_file.read_text())
+        return _read_json_file(self.recipe_file)
 
     def data_summary(self) -> dict:
-        return json.loads(self.data_file.read_text()) if self.data_file.is_file() else {}
+        return _read_json_file(self.data_file) if self.data_file.is_file() else {}
 
     def environment(self) -> dict:
-        return json.loads(self.environment_file.read_text()) if self.environment_file.is_file() else {}
+        return _read_json_file(self.environment_file) if self.environment_file.is_file() else {}
 
     @classmethod
     def containing_model(cls, model_dir: Path) -> "RunDir | None":

@@ -169,3 +169,38 @@ def test_bench_cli_subprocess_isolation(tiny_run, tmp_path, capsys):
     assert r["peak_rss_mb"] > 0 and "spawn child" in r["rss_method"]
     assert sum(r["kernel_counters"].values()) > 0
     assert "ltp_int8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--batch-sizes", "a"], "expected comma-separated integers"),
+    (["--batch-sizes", "0,8"], "batch sizes >= 1"),
+])
+def test_bench_bad_batch_sizes_are_usage_errors(tmp_path, capsys, extra, why):
+    from ltp_compress.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(tmp_path), "--data", str(DEMO_DATA), "--task", "sst2", "--out-dir", str(tmp_path / "o"), *extra])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_task_data_and_manifest_before_any_compute(tiny_run, tmp_path, capsys):
+    """An unknown task, a missing data folder, a malformed manifest: exit 2 naming what is wrong, no result file."""
+    import shutil
+
+    from ltp_compress.pipeline.cli import main
+
+    ckpt = next(p for p in sorted((tiny_run / "stages").glob("*/model")) if (p / "manifest.json").is_file())
+    out = tmp_path / "o"
+    base = ["--out-dir", str(out), "--threads", "1", "--systems", "ltp_int8"]
+    assert main(["bench", str(ckpt), "--data", str(DEMO_DATA), "--task", "nosuch", *base]) == 2
+    assert "--task: unknown task 'nosuch'" in capsys.readouterr().err
+    assert main(["bench", str(ckpt), "--data", str(tmp_path / "nodata"), "--task", "sst2", *base]) == 2
+    assert "nodata: not a folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / "manifest.json").write_text('{"format": 1')
+    for tok in broken.glob("tokenizer*"):
+        tok.unlink()  # what it loads second is not reached: the manifest is read first
+    assert main(["bench", str(broken), "--data", str(DEMO_DATA), "--task", "sst2", *base]) == 2
+    assert "broken/manifest.json: unreadable or malformed manifest" in capsys.readouterr().err
+    assert not out.exists()

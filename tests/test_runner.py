@@ -443,3 +443,14 @@ def test_renamed_stage_leaves_no_stale_stage_in_report(tmp_path, tiny_bert):
         return
     report = json.loads((run_dir / "report.json").read_text())
     assert [s["id"] for s in report["stages"]] == ["ft", "soft2"]
+
+
+@pytest.mark.parametrize("text, why", [("{", "unreadable (JSONDecodeError"), ("[1]", "expected a JSON object, found list")])
+def test_report_of_a_run_whose_recipe_json_is_broken_names_the_file(tmp_path, capsys, text, why):
+    from ltp_compress.pipeline.cli import main
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "recipe.json").write_text(text)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.json: " in err and why in err
