@@ -13,3 +13,7 @@ class CheckpointError(UserError, ValueError):
 
 class SettingError(UserError, ValueError):
     """A runtime setting that cannot be used as given (the message names the setting)."""
+
+
+class OutputFolderError(UserError, FileExistsError):
+    """An output path that holds something ltp-compress did not write (a file, or a folder of other files): never replaced."""

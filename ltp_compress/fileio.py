@@ -45,12 +45,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_folder(folder: Path):
-    """Build `folder` in a temporary sibling (yielded) that is renamed into place only when the block
-    completes; an existing `folder` is replaced only then. On any error the temporary folder is
-    removed and an existing `folder` is left as it was."""
+#: the file an existing output folder must hold to be replaced (ltp_compress.manifest writes it in every
+#: checkpoint and export folder)
+REPLACEABLE_MARKER = "manifest.json"
+
+
+def check_output_folder(folder: Path, marker: str = REPLACEABLE_MARKER, fmt: str | None = None) -> None:
+    """Refuse (OutputFolderError) an output path that exists and is not replaceable: a file, a folder that is
+    neither empty nor one ltp-compress wrote (it holds `marker`), or, with `fmt`, a folder whose manifest names
+    another format (an export never replaces a checkpoint). Call it before any work; atomic_folder checks again
+    before it replaces anything."""
+    from ltp_compress.errors import OutputFolderError
+
     folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputFolderError(f"{folder}: exists and is not a folder; give a new or empty folder (it is not replaced)")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not (folder / marker).is_file():
+        raise OutputFolderError(f"{folder}: a folder of other files (no {marker}: not one ltp-compress wrote); "
+                                "give a new or empty folder (it is not replaced)")
+    if fmt is not None:
+        try:
+            found = json.loads((folder / marker).read_text(encoding="utf-8")).get("format")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            found = None
+        if found != fmt:
+            raise OutputFolderError(f"{folder}: holds {'a ' + repr(found) if found else 'an unreadable'} folder, not a {fmt!r} "
+                                    "one; give a new or empty folder (it is not replaced)")
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path, marker: str = REPLACEABLE_MARKER, fmt: str | None = None):
+    """Build `folder` in a temporary sibling (yielded) that is renamed into place only when the block
+    completes; an existing `folder` is replaced only then, and only if check_output_folder allows it
+    (empty, or holding `marker`). On any error the temporary folder is removed and an existing `folder`
+    is left as it was."""
+    folder = Path(folder)
+    check_output_folder(folder, marker, fmt)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     try:

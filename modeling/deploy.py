@@ -68,7 +68,7 @@ def save_deployable(model: nn.Module, tokenizer, pruning, quant_info, folder: st
                          pruning=pruning.to_dict() if hasattr(pruning, "to_dict") else dict(pruning),
                          quantization=QuantizationSection(**qinfo, int8_layers=int8_names), max_seq_length=int(max_seq_length),
                          model_type=model.config.model_type)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, fmt=FORMAT) as tmp:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         model.config.save_pretrained(tmp)

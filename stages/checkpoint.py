@@ -101,7 +101,7 @@ def save_checkpoint(out_dir: Path, cfg, *, step: int, epoch: int, model: torch.n
     if dist.is_main():
         from safetensors.torch import save_file
 
-        with atomic_folder(checkpoint_dir(out_dir)) as tmp:
+        with atomic_folder(checkpoint_dir(out_dir), marker=STATE_FILE) as tmp:  # a resume checkpoint replaces the last one
             save_file({k: _cpu(v) for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
             opt_tensors, opt_json = {}, {}
             for name, opt in optimizers.items():

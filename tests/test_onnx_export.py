@@ -736,3 +736,35 @@ def test_gemm_floor_graph_reproduces_the_exports_integer_gemms(pruned_exports, q
             l = int(qname.split(".encoder.layer.")[1].split(".")[0])
             leaving = k[:, l + 1].sum() if l + 1 < k.shape[1] else k[:, l].sum()
             assert r == (k[:, l].sum() if "attention.self" in qname else leaving), qname
+
+
+def test_export_never_replaces_a_file_a_foreign_folder_or_a_checkpoint(pruned_exports, tmp_path):
+    """The output path: a file, a folder of other files, or a deployable checkpoint is refused before any work and
+    left as it was; an empty folder and an earlier export are written / replaced."""
+    import shutil
+
+    from ltp_compress.errors import OutputFolderError
+
+    ckpt, export, _ = pruned_exports["bert"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"jpg")
+    other_ckpt = tmp_path / "other_ckpt"
+    shutil.copytree(ckpt, other_ckpt)
+    for out, why in ((a_file, "exists and is not a folder"), (foreign, "a folder of other files"),
+                     (other_ckpt, "not a 'ltp-compress-onnx' one")):
+        before = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
+        with pytest.raises(OutputFolderError, match=why):
+            export_onnx(ckpt, out)
+        assert sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir())) == before
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".old-*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_onnx(ckpt, empty)
+    again = tmp_path / "again"
+    shutil.copytree(export, again)
+    (again / "stale.txt").write_text("x")  # an earlier export (its manifest) is replaced as a whole
+    export_onnx(ckpt, again)
+    assert (again / ONNX_FILE).is_file() and not (again / "stale.txt").exists()

@@ -80,3 +80,13 @@ def test_task_option_and_unknown_task(served, capsys):
     assert main(["predict", str(served["sst2"]), "a ||| b", "--task", "mrpc"]) == 0  # --task overrides the run's
     assert main(["predict", str(served["sst2"]), "a", "--task", "nonsense"]) == 2
     assert "task 'nonsense': unknown" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--threads", "--batch-size", "--streams"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_count_options_below_one_are_usage_errors(tmp_path, capsys, option, value):
+    from ltp_compress.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path), "a text", option, value])
+    assert e.value.code == 2 and f"argument {option}" in capsys.readouterr().err

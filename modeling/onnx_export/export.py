@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ltp_compress.fileio import atomic_folder
+from ltp_compress.fileio import atomic_folder, check_output_folder
 from ltp_compress.json_model import load_json
 from ltp_compress.manifest import write_manifest
 from ltp_compress.modeling.checkpoint_format import LTP_FILE, WEIGHTS_FILE, parse_checkpoint_info, verify_checkpoint
@@ -93,6 +93,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
     src_manifest = verify_checkpoint(checkpoint_dir)
     if out_dir.resolve() == checkpoint_dir.resolve() or checkpoint_dir.resolve() in out_dir.resolve().parents:
         raise ExportError(f"{out_dir}: the export folder must not be (inside) the checkpoint {checkpoint_dir}")
+    check_output_folder(out_dir, fmt=EXPORT_FORMAT)  # a file, a checkpoint or someone else's folder: refused before any work
     ltp = parse_checkpoint_info(load_json(checkpoint_dir / LTP_FILE, ExportError), checkpoint_dir / LTP_FILE, ExportError)
     config = load_json(checkpoint_dir / HF_CONFIG_FILE, ExportError)
     tensors = load_file(str(checkpoint_dir / WEIGHTS_FILE))
@@ -144,7 +145,7 @@ def export_onnx(checkpoint_dir: str | Path, out_dir: str | Path, *, opset: int =
         session_options=RECOMMENDED_SESSION_OPTIONS,
         source=ExportSource(checkpoint=str(checkpoint_dir.resolve()), weights_sha256=src_manifest["files"][WEIGHTS_FILE]["sha256"]),
     )
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, fmt=EXPORT_FORMAT) as tmp:
         import onnx
 
         onnx.save_model(model, str(tmp / ONNX_FILE))
