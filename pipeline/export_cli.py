@@ -21,7 +21,7 @@ FORMATS = ("onnx",)
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a deployable checkpoint to a self-contained ONNX Runtime folder")
     p.add_argument("checkpoint", type=Path, help="deployable checkpoint folder (the quantize stage's output)")
-    p.add_argument("out", type=Path, help="output folder (replaced atomically if it exists)")
+    p.add_argument("out", type=Path, help="output folder: new, empty, or an earlier export (replaced atomically); a file, a checkpoint or a folder of other files is refused")
     p.add_argument("--format", choices=FORMATS, default="onnx")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default and supported range: modeling/onnx_export/builder.py)")
     p.add_argument("--int8-op", default=None, metavar="OP",
