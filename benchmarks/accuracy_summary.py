@@ -3,7 +3,7 @@ LTP, manual thresholds, top-k and ToP from `ltp-compress sweep` (levels: one or 
 teacher and split, e.g. the methods' sweep, ToP's and a level added later, each given with --levels; and mean ± sd over seeds at one
 level: the seeds sweep's runs pooled with the levels sweep's run at that level), the chain's LTP / KD / INT8 models with their BOPs, and the accuracy issue's goals checked
 against them. Reads committed result files only; writes <out>.json, <out>.md and <out>.png. Files that
-carry an environment block (pipeline/environment.py) must share one ISA: INT8 numerics follow the kernel
+carry an environment block (pipeline/environment.py) must share one kernel ISA (oneDNN ISA and implementation, AMX / AVX-512 VNNI flags): numerics follow the kernel
 that ran (a file without one predates the block and is read: accuracy does not depend on timing).
 
     python benchmarks/accuracy_summary.py --task mrpc --levels benchmarks/results/mrpc_sweep/sweep.json \\

@@ -36,6 +36,10 @@ ENVIRONMENT_KEYS = ("format", "version", "cpu_model", "machine", "python", "isa_
                     "versions", "threads", "cpu_count", "loadavg_start", "loadavg_end")
 #: the fields of a block that must agree for two results to share a table
 ISA_SIGNATURE = ("isa_flags", "onednn_isa", "onednn_implementation")
+#: the CPU flags that choose which kernel computes a number (AMX tiles or AVX-512 VNNI): what accuracy tables
+#: compare besides oneDNN's ISA and implementation. A flag no kernel here dispatches on (e.g. avx_vnni, the
+#: 256-bit VEX form, beside AVX-512 VNNI) changes speed tables only.
+KERNEL_FLAGS = ("avx512_vnni", "amx_int8", "amx_bf16", "amx_tile")
 ONEDNN_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 PROBE_TIMEOUT_S = 120.0
 
@@ -187,16 +191,20 @@ def environment_summary(env: dict | None) -> str:
             f"{one(env.get('loadavg_start'))} at start / {one(env.get('loadavg_end'))} at end")
 
 
-def isa_signature(env: dict) -> dict:
-    """The fields of `env` that must agree for two results to share a table (`ISA_SIGNATURE`)."""
+def isa_signature(env: dict, *, speed: bool = True) -> dict:
+    """The fields of `env` that must agree for two results to share a table (`ISA_SIGNATURE`); for accuracy
+    (`speed=False`) only the flags that pick a kernel (`KERNEL_FLAGS`): the numbers follow the kernel that ran."""
     dnn = env.get("onednn") or {}
-    return {"isa_flags": dict(sorted((env.get("isa_flags") or {}).items())), "onednn_isa": dnn.get("isa"),
+    flags = env.get("isa_flags") or {}
+    if not speed:
+        flags = {k: flags.get(k) for k in KERNEL_FLAGS}
+    return {"isa_flags": dict(sorted(flags.items())), "onednn_isa": dnn.get("isa"),
             "onednn_implementation": dnn.get("implementation")}
 
 
 def check_same_isa(environments: Mapping[str, dict | None], *, speed: bool) -> None:
-    """Refuse to merge results measured on different ISAs. `environments`: {file name: its environment
-    block, None where it has none}. A file without a block is refused when `speed` (its figures cannot be
+    """Refuse to merge results measured on different ISAs (for accuracy, `speed=False`: on different kernels,
+    see isa_signature). `environments`: {file name: its environment block, None where it has none}. A file without a block is refused when `speed` (its figures cannot be
     placed) and skipped otherwise (accuracy does not depend on timing). Raises EnvironmentMismatch
     naming both files."""
     seen: tuple[str, dict] | None = None
@@ -206,7 +214,7 @@ def check_same_isa(environments: Mapping[str, dict | None], *, speed: bool) -> N
                 raise EnvironmentMismatch(f"{name}: no environment block (it predates CPU / ISA recording); "
                                           "re-measure it with this version before merging its speed figures")
             continue
-        sig = isa_signature(env)
+        sig = isa_signature(env, speed=speed)
         if seen is None:
             seen = (name, sig)
         elif sig != seen[1]:

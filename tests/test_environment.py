@@ -97,3 +97,18 @@ def test_a_file_without_an_environment_is_refused_for_speed_only():
     with pytest.raises(E.EnvironmentMismatch, match="old_e2e.json: no environment block.*re-measure"):
         E.check_same_isa({"this run": _env(False), "old_e2e.json": None}, speed=True)
     E.check_same_isa({"this run": _env(False), "old_sweep.json": None}, speed=False)  # accuracy: read as it is
+
+
+def test_a_flag_no_kernel_dispatches_on_splits_speed_tables_only():
+    """Two CPUs with AVX-512 VNNI, one with the 256-bit avx_vnni too, same oneDNN kernel: accuracy results share
+    a table (the kernel that computed them is the same), speed results do not; an AMX flag splits both."""
+    a = _env(False)
+    b = copy.deepcopy(a)
+    b["isa_flags"]["avx_vnni"] = not a["isa_flags"].get("avx_vnni", False)
+    E.check_same_isa({"zen4.json": a, "zen5.json": b}, speed=False)
+    with pytest.raises(E.EnvironmentMismatch, match="isa_flags"):
+        E.check_same_isa({"zen4.json": a, "zen5.json": b}, speed=True)
+    c = copy.deepcopy(a)
+    c["isa_flags"]["amx_int8"] = True
+    with pytest.raises(E.EnvironmentMismatch, match="isa_flags"):
+        E.check_same_isa({"vnni.json": a, "amx.json": c}, speed=False)
