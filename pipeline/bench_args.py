@@ -3,8 +3,9 @@ benchmarks/e2e_bench.py. Light (no torch): the CLI builds its parser from it."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from ltp_compress.pipeline.arg_types import int_list
 
 # the baseline: HF FP32 with its default attention (sdpa)
 BASELINE = "hf_fp32_sdpa"
@@ -21,14 +22,8 @@ SYSTEMS = (BASELINE,) + FP32_PEERS + DEFAULT_PRECISION_PEERS + INT8_PEERS + OURS
 
 
 def _batch_sizes(text: str) -> list[int]:
-    """--batch-sizes '1,8,32' -> [1, 8, 32]; anything else is argparse's clear error (exit 2)."""
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more batch sizes >= 1")
-    return sizes
+    """--batch-sizes '1,8,32' -> [1, 8, 32]."""
+    return int_list(text, what="batch size", example="1,8,32", minimum=1)
 
 
 def add_bench_arguments(p) -> None:

@@ -10,31 +10,14 @@ from ltp_compress.console import install_known_message_filters
 from ltp_compress.errors import UserError
 from ltp_compress.modeling.runtime_choice import RUNTIMES
 
+from ltp_compress.pipeline.arg_types import int_list, positive_int
+
 COMMANDS = ("run", "validate", "report", "schema", "predict", "export", "bench", "sweep", "serve")
 
 
-def _positive_int(text: str) -> int:
-    """An integer >= 1, or argparse's clear error (exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
-
-
 def _seed_list(text: str) -> list[int]:
-    """--seeds '42,0,1' -> [42, 0, 1]; anything else is argparse's clear error (exit 2), not a traceback."""
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 42,0,1") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"{text!r}: no seed given")
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r}: a seed is given twice")
-    return seeds
+    """--seeds '42,0,1' -> [42, 0, 1]."""
+    return int_list(text, what="seed", example="42,0,1", distinct=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,15 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--tsv", type=Path, help="TSV file: first column text_a, optional second column text_b")
     pr.add_argument("--runtime", choices=RUNTIMES, default="auto",
                     help="auto: the table in modeling/runtime_choice.py (onnxruntime for an ONNX export folder; fused for a safetensors checkpoint on an AVX-512 VNNI CPU; else torch)")
-    pr.add_argument("--threads", type=_positive_int, default=None, help="threads in all (default: the runtime's)")
-    pr.add_argument("--streams", type=_positive_int, default=1,
+    pr.add_argument("--threads", type=positive_int, default=None, help="threads in all (default: the runtime's)")
+    pr.add_argument("--streams", type=positive_int, default=1,
                     help="onnxruntime: batches run at once, threads // streams each (throughput; 1 = latency)")
     pr.add_argument("--backend", default="auto", help="INT8 GEMM backend of the torch runtime")
     pr.add_argument("--task", default=None, help="the model's GLUE task (single sentences or pairs), when the checkpoint's run does not say")
     from ltp_compress.pipeline.export_cli import add_export_parser
 
     add_export_parser(sub)
-    pr.add_argument("--batch-size", type=_positive_int, default=32)
+    pr.add_argument("--batch-size", type=positive_int, default=32)
     from ltp_compress.pipeline.bench_args import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="end-to-end speed and accuracy vs peers on a dev set"))
