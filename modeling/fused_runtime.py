@@ -15,8 +15,10 @@ tolerance).
 Supported: BERT / RoBERTa sequence classifiers with absolute positions, every Linear INT8
 (no fp_layers), FFN activation erf-GELU (fused or not) or ReLU, FP32 or INT8 attention matmuls,
 pruning none / threshold / top-k, any batch of right-padded sequences. Anything else is refused
-at load with the reason. The GEMM kernel is explicit (`gemm`: "avx512_vnni", the default, or
-"reference"); it is never chosen by probing and never falls back.
+at load with the reason. The GEMM kernel (`kernel`: "avx512_vnni", "onednn_brgemm" or "reference")
+is explicit, or, when not given, the row of modeling/runtime_choice.py FUSED_GEMM_TABLE for this
+CPU's flags (onednn_brgemm on AMX CPUs, avx512_vnni on other AVX-512 VNNI CPUs); it is never chosen
+by probing or timing and never falls back: a kernel that cannot run here is an error with the reason.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ class FusedDeployedModel(DeployedModel):
     #: FFN on the [CLS] row only (modeling/accounting.py last_layer_macs)
     last_layer_rows = "cls"
 
-    def __init__(self, deployed: DeployedModel, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1):
+    def __init__(self, deployed: DeployedModel, kernel: str | None = None, threads: int | None = None, streams: int = 1):
+        kernel = default_gemm_kernel() if kernel is None else kernel
         super().__init__(deployed.model, deployed.tokenizer, deployed.pruning, deployed.ltp, f"fused:{kernel}",
                          deployed.path, deployed.notes)
         if int(streams) < 1:
@@ -164,8 +167,18 @@ class FusedDeployedModel(DeployedModel):
         return self.encoder.forward(ids, mask, tt, threads)
 
 
-def load_fused(path: str | Path, kernel: str = "avx512_vnni", threads: int | None = None, streams: int = 1) -> FusedDeployedModel:
-    """Verify and load a deployable checkpoint for the fused runtime (`threads`: threads in all; the
+def default_gemm_kernel() -> str:
+    """The int8 GEMM kernel FUSED_GEMM_TABLE gives this CPU ("avx512_vnni" where no row matches: it then
+    says itself why it cannot run)."""
+    from ltp_compress.modeling.runtime_choice import fused_gemm_rule
+
+    rule = fused_gemm_rule()
+    return "avx512_vnni" if rule is None else rule.kernel
+
+
+def load_fused(path: str | Path, kernel: str | None = None, threads: int | None = None, streams: int = 1) -> FusedDeployedModel:
+    """Verify and load a deployable checkpoint for the fused runtime (`kernel`: its int8 GEMM kernel, None:
+    FUSED_GEMM_TABLE's for this CPU; `threads`: threads in all; the
     extension sets the calling thread's intra-op team to it at each call when given; None keeps the
     process setting; `streams`: batches `logits_many` / `predict` run at once, each with
     threads // streams threads, as load_onnx's)."""

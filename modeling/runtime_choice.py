@@ -9,10 +9,13 @@ has a part the fused runtime refuses) is reported on stderr with its reason, nev
 Why this order (the end-to-end benchmark, `benchmarks/results/e2e_bench_mrpc.md` and
 `e2e_bench_sst2.md`, AMD EPYC with AVX-512 VNNI, no AMX): the fused runtime
 (`ltp_int8_fused`) ran faster than our ONNX graph on ONNX Runtime (`ltp_int8_ort`) and than the
-torch packed runtime (`ltp_int8`) at batch sizes 1, 8 and 32 on both tasks. On a CPU with AMX the
-fused runtime still runs its AVX-512 VNNI kernel (AMX CPUs have AVX-512 VNNI); it has not been
-timed on one (docs/export.md says so). An ONNX export folder runs on ONNX Runtime: the export is
-the portable form, and it holds no safetensors weights for the other runtimes.
+torch packed runtime (`ltp_int8`) at batch sizes 1, 8 and 32 on both tasks. An ONNX export folder
+runs on ONNX Runtime: the export is the portable form, and it holds no safetensors weights for the
+other runtimes.
+
+The fused runtime's int8 GEMM kernel comes from a second table, FUSED_GEMM_TABLE, keyed on the
+CPU's flags the same way: oneDNN's brgemm ukernel (AMX tiles) where the CPU has amx_int8, the
+hand-written AVX-512 VNNI kernel otherwise. Its evidence is in each row (`why`).
 """
 
 from __future__ import annotations
@@ -43,10 +46,52 @@ AUTO_TABLE = (
 )
 
 
+@dataclass(frozen=True)
+class FusedGemmRule:
+    """One row of FUSED_GEMM_TABLE: on a CPU with every flag of `flags` (ltp_compress.kernels.cpu_isa
+    keys) the fused runtime's int8 GEMMs run `kernel` (ltp_compress.kernels.fused_encoder.GEMM_KERNELS)."""
+
+    flags: tuple[str, ...]
+    cpu: str
+    kernel: str
+    why: str
+
+
+#: the fused runtime's GEMM kernel when none is given, first matching row wins (no row: the fused
+#: runtime is not the auto choice, AUTO_TABLE's AVX-512 VNNI condition)
+FUSED_GEMM_TABLE = (
+    FusedGemmRule(("amx_int8", "avx512_vnni", "avx512"), "AMX (amx_int8) with AVX-512 VNNI", "onednn_brgemm",
+                  "AMX tiles: the only kernel here that uses them (oneDNN generates tdpbusd code for the CPU); bit-equal to "
+                  "avx512_vnni (tests/test_fused_runtime.py); not yet timed on an AMX CPU (benchmarks/fused_gemm_kernels.py "
+                  "measures both kernels where it runs)"),
+    FusedGemmRule(("avx512_vnni", "avx512"), "AVX-512 VNNI without AMX", "avx512_vnni",
+                  "faster than onednn_brgemm (oneDNN's AVX-512 VNNI code) on an AVX-512 VNNI CPU without AMX: "
+                  "benchmarks/results/fused_gemm_kernels_sst2.md"),
+)
+
+
+def fused_gemm_rule() -> FusedGemmRule | None:
+    """The FUSED_GEMM_TABLE row for this CPU (its /proc/cpuinfo flags), None where no row matches."""
+    from ltp_compress.kernels import cpu_isa
+
+    isa = cpu_isa()
+    for rule in FUSED_GEMM_TABLE:
+        if all(isa.get(f) for f in rule.flags):
+            return rule
+    return None
+
+
 def auto_table_markdown() -> str:
     """AUTO_TABLE as a Markdown table (docs/export.md shows it)."""
     rows = ["| folder | CPU | runtime |", "|---|---|---|"]
     rows += [f"| {r.folder} | {r.cpu} | {r.runtime} |" for r in AUTO_TABLE]
+    return "\n".join(rows)
+
+
+def fused_gemm_table_markdown() -> str:
+    """FUSED_GEMM_TABLE as a Markdown table (docs/export.md shows it)."""
+    rows = ["| CPU (fused runtime) | int8 GEMM kernel | why |", "|---|---|---|"]
+    rows += [f"| {r.cpu} | {r.kernel} | {r.why} |" for r in FUSED_GEMM_TABLE]
     return "\n".join(rows)
 
 
@@ -90,10 +135,13 @@ def load_model(path: str | Path, runtime: str = "auto", threads: int | None = No
             from ltp_compress.modeling.fused_runtime import FusedDeployedModel
 
             deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime, before any build
-            reason = fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni")
+            gemm = fused_gemm_rule()
+            kernel = gemm.kernel if gemm is not None else "avx512_vnni"
+            choice += f" (int8 GEMM kernel {kernel}: {gemm.cpu if gemm is not None else 'no FUSED_GEMM_TABLE row'})"
+            reason = fused_encoder.gemm_kernel_unavailable_reason(kernel)
             if reason is None:
                 try:
-                    model = FusedDeployedModel(deployed, threads=threads, streams=streams)
+                    model = FusedDeployedModel(deployed, kernel=kernel, threads=threads, streams=streams)
                     model.runtime_choice = choice
                     return model
                 except CheckpointError as e:  # a part the fused runtime refuses: the torch row

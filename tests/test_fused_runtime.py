@@ -15,8 +15,13 @@ next quantiser (one int8 step, ~x_scale * |w| downstream); the same tolerance as
 tests. Thresholds are chosen in the middle of a wide gap of the reference's layer-0 scores, away
 from ties (a score differs by ~1e-7 between the runtimes).
 
+The onednn_brgemm kernel (oneDNN's brgemm ukernel through torch; AMX tiles where the CPU has
+them) gives outputs bit-equal to avx512_vnni's: the same exact int32 sums and the same epilogue
+arithmetic; whole models through it match the reference runtime as above.
+
 Every test skips, with the reason, when the extension cannot be built here (no compiler, no
-ninja), and the avx512_vnni tests when the CPU lacks AVX-512 VNNI.
+ninja), the avx512_vnni tests when the CPU lacks AVX-512 VNNI, and the onednn_brgemm tests when
+torch's oneDNN refuses u8 x s8 brgemm here (the reason is its error).
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ def vnni(ext):
     if reason is not None:
         pytest.skip(f"avx512_vnni kernel unavailable: {reason}")
     return "avx512_vnni"
+
+
+@pytest.fixture(scope="module")
+def brgemm(ext, vnni):
+    reason = fused_encoder.gemm_kernel_unavailable_reason("onednn_brgemm")
+    if reason is not None:
+        pytest.skip(f"onednn_brgemm kernel unavailable: {reason}")
+    return "onednn_brgemm"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -97,6 +110,53 @@ def test_epilogue_quantisation_bit_equal_to_quantising_the_float_output(ext, vnn
             nxt = ext.Int8Weight(nxt_q, torch.ones(5), None, 0.01, qmin, False, kern)
             x = torch.randn(m, k, generator=g) * 3
             assert torch.equal(w.linear_into(x, nxt), ext.quantize_u8(w.linear(x), 0.01, qmin)), (kern, qmin)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 2), (7, 33, 70), (13, 130, 200), (49, 128, 256), (97, 64, 192), (150, 64, 200), (11, 4, 64),
+                                   (25, 384, 1152), (30, 1536, 384)])
+@pytest.mark.parametrize("act_qmin", [-128, -127])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_brgemm_kernel_bit_equal_to_vnni_kernel(ext, brgemm, shape, act_qmin, gelu):
+    """Every row-block / panel split (tails of rows and of channels, K not a multiple of 4) and both
+    epilogue outputs (float rows, the next GEMM's u8 input): the same bits as the avx512_vnni kernel."""
+    m, k, n = shape
+    g = torch.Generator().manual_seed(7 * m + k + n)
+    w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_scale, bias = torch.rand(n, generator=g) * 0.01 + 1e-4, torch.randn(n, generator=g)
+    nxt_q = torch.randint(-127, 128, (5, n), dtype=torch.int8, generator=g)
+    x = torch.randn(m, k, generator=g) * 3
+    out = {}
+    for kern in ("avx512_vnni", brgemm):
+        w = ext.Int8Weight(w_q, w_scale, bias, 0.02, act_qmin, gelu, kern)
+        assert w.kernel == kern
+        nxt = ext.Int8Weight(nxt_q, torch.ones(5), None, 0.01, act_qmin, False, kern)
+        out[kern] = (w.linear(x), w.linear_into(x, nxt))
+    assert torch.equal(out[brgemm][0], out["avx512_vnni"][0])
+    assert torch.equal(out[brgemm][1], out["avx512_vnni"][1])
+
+
+def test_brgemm_kernel_says_which_isa_onednn_generated_for(ext, brgemm):
+    from ltp_compress.kernels import cpu_isa
+
+    desc = ext.kernel_description(brgemm)
+    amx = fused_encoder.brgemm_uses_amx()
+    assert ("AMX tiles" in desc) == amx and ("AVX-512 VNNI" in desc) != amx
+    if not cpu_isa()["amx_int8"]:
+        assert not amx  # oneDNN cannot generate AMX code for a CPU without AMX
+
+
+def test_brgemm_kernel_refused_with_onednn_capped_below_vnni(ext, brgemm):
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes torch's oneDNN act as on a CPU without AVX-512 VNNI: there torch
+    # refuses u8 x s8 brgemm, and the kernel must say so (its reason), not run something else
+    import subprocess
+    import sys
+
+    code = ("from ltp_compress.kernels import fused_encoder as f; r = f.gemm_kernel_unavailable_reason('onednn_brgemm'); "
+            "print('REASON', r)")
+    env = {**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "REASON torch's oneDNN brgemm refused" in res.stdout, res.stdout
 
 
 def test_int8_weight_without_bias_and_unknown_kernel(ext, vnni):
@@ -268,6 +328,21 @@ def test_reference_gemm_kernel_gives_the_same_model(threshold_checkpoints, ext):
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_brgemm_gemm_kernel_gives_the_same_model(threshold_checkpoints, brgemm, kind):
+    """The whole forward with oneDNN's brgemm: kept tokens and logits as the reference at bs 7 and 1,
+    and logits bit-equal to the avx512_vnni kernel's model."""
+    from ltp_compress.modeling.fused_runtime import load_fused
+
+    ckpt, _ = threshold_checkpoints[(kind, "int8")]
+    texts = _mixed_texts()
+    assert torch.equal(_compare(ckpt, texts, 7, brgemm), _compare(ckpt, texts, 1, brgemm))
+    a, b = load_fused(ckpt, kernel=brgemm), load_fused(ckpt, kernel="avx512_vnni")
+    assert a.backend == "fused:onednn_brgemm" and "oneDNN" in a.kernel_path()
+    enc = a.encode(texts)
+    assert torch.equal(a.logits(enc), b.logits(enc))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_topk_three_layers_matches_reference(vnni, tmp_path, kind):
     """Top-k pruning over three layers (two of them prune), bs 7 mixed and bs 1, plus dev texts at bs 4."""
     src = build_tiny_model(tmp_path / "src", kind, num_layers=3, seed=1)
@@ -283,10 +358,18 @@ def test_topk_three_layers_matches_reference(vnni, tmp_path, kind):
 def test_no_pruning_and_public_load(threshold_checkpoints, vnni):
     from ltp_compress.modeling.fused_runtime import FusedDeployedModel
 
+    from ltp_compress.modeling.fused_runtime import default_gemm_kernel
+
     ckpt, _ = threshold_checkpoints[("roberta", "fp32")]
     dm = ltp_compress.load(ckpt, runtime="fused", threads=1)
-    assert dm.runtime == "fused" and dm.backend == "fused:avx512_vnni"
-    assert "vpdpbusd" in dm.kernel_path() and "no AMX" in dm.kernel_path()
+    kernel = default_gemm_kernel()  # FUSED_GEMM_TABLE's row for this CPU
+    if fused_encoder.gemm_kernel_unavailable_reason(kernel) is not None:
+        pytest.skip(f"this CPU's table kernel {kernel} is unavailable: {fused_encoder.gemm_kernel_unavailable_reason(kernel)}")
+    assert dm.runtime == "fused" and dm.backend == f"fused:{kernel}"
+    if kernel == "avx512_vnni":
+        assert "vpdpbusd" in dm.kernel_path() and "no AMX" in dm.kernel_path()
+    else:
+        assert kernel == "onednn_brgemm" and "AMX tiles" in dm.kernel_path()
     texts = _dev_texts(5)
     ref = load_deployable(ckpt)
     for a, b in zip(dm.predict(texts), ref.predict(texts)):
@@ -347,10 +430,31 @@ def _expected_auto_runtime() -> str:
     """What AUTO_TABLE says for a deployable checkpoint on this CPU (backend 'auto')."""
     from ltp_compress.kernels import cpu_isa
 
+    from ltp_compress.modeling.fused_runtime import default_gemm_kernel
+
     isa = cpu_isa()
-    if isa["avx512_vnni"] and isa["avx512"] and fused_encoder.gemm_kernel_unavailable_reason("avx512_vnni") is None:
+    if isa["avx512_vnni"] and isa["avx512"] and fused_encoder.gemm_kernel_unavailable_reason(default_gemm_kernel()) is None:
         return "fused"
     return "torch"
+
+
+def test_fused_gemm_table_amx_takes_brgemm_else_vnni(monkeypatch):
+    """FUSED_GEMM_TABLE by CPU flags: AMX (with AVX-512 VNNI) -> onednn_brgemm, AVX-512 VNNI without AMX
+    -> avx512_vnni, neither -> no row; every row names a kernel the extension has."""
+    import ltp_compress.kernels as K
+    from ltp_compress.modeling import runtime_choice as rc
+    from ltp_compress.modeling.fused_runtime import default_gemm_kernel
+
+    assert all(r.kernel in fused_encoder.GEMM_KERNELS and r.why for r in rc.FUSED_GEMM_TABLE)
+    base = {k: False for k in K.cpu_isa()}
+    for flags, expected in (({"amx_int8": True, "avx512_vnni": True, "avx512": True}, "onednn_brgemm"),
+                            ({"avx512_vnni": True, "avx512": True}, "avx512_vnni"), ({"amx_int8": True}, None), ({}, None)):
+        monkeypatch.setattr(K, "cpu_isa", lambda flags=flags: {**base, **flags})
+        rule = rc.fused_gemm_rule()
+        assert (rule.kernel if rule else None) == expected, flags
+        assert default_gemm_kernel() == (expected or "avx512_vnni")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    assert rc.fused_gemm_table_markdown() in docs, "docs/export.md shows FUSED_GEMM_TABLE: regenerate it with fused_gemm_table_markdown()"
 
 
 def test_auto_follows_the_table_for_a_deployable_checkpoint(threshold_checkpoints, capsys):
@@ -362,6 +466,8 @@ def test_auto_follows_the_table_for_a_deployable_checkpoint(threshold_checkpoint
     assert dm.runtime == _expected_auto_runtime(), dm.runtime_choice
     assert dm.runtime_choice.startswith("auto: deployable checkpoint")
     assert ("-> fused" in dm.runtime_choice) == (dm.runtime == "fused")
+    if dm.runtime == "fused":
+        assert f"int8 GEMM kernel {dm.kernel}" in dm.runtime_choice
     ref = ltp_compress.load(ckpt, runtime="torch")
     assert ref.runtime == "torch" and ref.runtime_choice == "requested"
     texts = _dev_texts(4)

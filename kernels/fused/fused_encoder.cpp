@@ -678,6 +678,13 @@ static bool cpu_has_avx512_vnni() {
 
 static std::string kernel_description(const std::string& kernel) {
   if (kernel == "reference") return "reference: plain C++ int32 loops (u8 - 128) x s8, float epilogue";
+  if (kernel == "onednn_brgemm")
+    return std::string("onednn_brgemm: oneDNN's brgemm ukernel (torch's at::native::cpublas::brgemm) u8 x s8 -> s32, generated for ") +
+           (brgemm_packs_int8() ? "AMX tiles (oneDNN's effective ISA has amx_int8; B packed by oneDNN)"
+                                : "AVX-512 VNNI (oneDNN's effective ISA is below AMX; B in the VNNI panels of avx512_vnni)") +
+           ", one call per (row block of at most 48 rows, 64-channel panel), int32 block then the AVX-512 epilogue (compensation, "
+           "x_scale * w_scale, bias, erf-GELU, FFN up -> u8 for FFN down); " +
+           std::string(parallel_compiled() ? "threads: torch's OpenMP pool (GEMM items, attention heads, rows)" : "threads: none (built without OpenMP)");
   return "avx512_vnni: hand-written vpdpbusd u8 x s8 -> s32 micro-kernel (inline assembly, 24 accumulators in zmm registers), "
          "register tile up to 6 rows x 64 channels, "
          "weights pre-packed in 64-channel panels, epilogue (int32 compensation, x_scale * w_scale, bias, erf-GELU, "
@@ -697,7 +704,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("out_features", &Int8Weight::N)
       .def_readonly("in_features", &Int8Weight::K)
       .def_readonly("x_scale", &Int8Weight::x_scale)
-      .def_property_readonly("kernel", [](const Int8Weight& w) { return w.kernel == Kernel::Vnni ? "avx512_vnni" : "reference"; })
+      .def_property_readonly("kernel", [](const Int8Weight& w) { return std::string(kernel_name(w.kernel)); })
       .def("linear", &int8_linear, py::arg("x"), py::call_guard<py::gil_scoped_release>())
       .def("linear_into", &int8_linear_into, py::arg("x"), py::arg("next"), py::call_guard<py::gil_scoped_release>(),
            "the u8 input (x_q + 128) of weight `next`, quantised in this GEMM's epilogue");
@@ -726,4 +733,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_peak_gops", &vnni_peak_gops, py::arg("threads"), py::arg("seconds") = 0.5, py::call_guard<py::gil_scoped_release>());
   m.def("threads_used", &threads_used, py::arg("items"), py::arg("threads"));
   m.def("kernel_description", &kernel_description);
+  m.def("brgemm_unavailable_reason", &brgemm_unavailable_reason,
+        "'' if torch's oneDNN brgemm runs u8 x s8 -> s32 here (a 1 x 16 x 4 self-check), else why not");
+  m.def("brgemm_uses_amx", &brgemm_packs_int8, "whether oneDNN generates the brgemm for AMX tiles here (its effective ISA has amx_int8)");
 }

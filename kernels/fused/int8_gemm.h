@@ -11,12 +11,20 @@
 //     up to 64 output channels: [panel][k/4][block of 16 channels][16 x 4 bytes], so one k-step of
 //     a panel is one contiguous 256-byte stream. Register tile: up to 6 rows x 64 columns (24 zmm
 //     accumulators; the k-loop of full panels in inline assembly, see vnni_accumulate_asm). Work is split into (row block of at most 48 rows, panel) items, row blocks outer, their count a multiple of the threads. The epilogue
-//     writes float rows, or (FFN up -> FFN down) the next GEMM's u8 input directly. No AMX path:
-//     AMX tiles are not used even where the CPU has them.
+//     writes float rows, or (FFN up -> FFN down) the next GEMM's u8 input directly. This kernel
+//     uses no AMX tiles, even where the CPU has them ("onednn_brgemm" does).
+//   * "onednn_brgemm": the same u8 x s8 -> s32 products by oneDNN's batch-reduce GEMM micro-kernel
+//     (the brgemm ukernel torch links and exports as at::native::cpublas::brgemm): oneDNN generates
+//     it for the CPU at run time, with AMX tiles (tdpbusd) where the CPU has amx_int8 and AVX-512
+//     VNNI otherwise. Same panels and work items as "avx512_vnni"; each item's int32 block [rows,
+//     panel] goes to a per-thread buffer and the same epilogue arithmetic runs on it. The panel's B
+//     is the VNNI layout [k/4][panel channels][4] the "avx512_vnni" kernel packs, or, where oneDNN
+//     packs int8 B itself (AMX), its own packing (at::native::cpublas::pack) of the panel.
 //   * "reference": plain C++ int32 loops over the unpacked w_q (the test oracle next to it).
 #pragma once
 
 #include <torch/extension.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <cmath>
 #include <cstdint>
@@ -107,9 +115,44 @@ inline void gelu_inplace(float* y, int64_t n) {
 
 // ----------------------------------------------------------------------------- weight
 
-enum class Kernel { Vnni, Reference };
+enum class Kernel { Vnni, Brgemm, Reference };
 
 inline bool vnni_compiled() { return LTP_HAVE_VNNI != 0; }
+
+inline const char* kernel_name(Kernel k) {
+  return k == Kernel::Vnni ? "avx512_vnni" : (k == Kernel::Brgemm ? "onednn_brgemm" : "reference");
+}
+
+// Whether oneDNN packs int8 B itself on this CPU (torch's could_pack: AMX); else B is the VNNI layout.
+inline bool brgemm_packs_int8() { return at::native::cpublas::could_pack(at::kChar); }
+
+// None ("") if torch's oneDNN brgemm runs u8 x s8 -> s32 here, else its refusal: one 1 x 16 x 4 product
+// checked against its known result (torch raises where its oneDNN has no such ukernel for this CPU).
+inline std::string brgemm_unavailable_reason() {
+  static const std::string reason = [] {
+    alignas(64) uint8_t a[4] = {1, 2, 3, 4};
+    alignas(64) int8_t b[64];
+    alignas(64) int32_t c[16] = {0};
+    for (int n = 0; n < 16; ++n)
+      for (int t = 0; t < 4; ++t) b[n * 4 + t] = static_cast<int8_t>(n - 8);
+    try {
+      if (brgemm_packs_int8()) {
+        alignas(64) int8_t plain[64];
+        for (int k = 0; k < 4; ++k)
+          for (int n = 0; n < 16; ++n) plain[k * 16 + n] = static_cast<int8_t>(n - 8);
+        at::native::cpublas::pack(4, 16, 16, 16, at::kChar, at::kChar, plain, b);
+      }
+      at::native::cpublas::brgemm(1, 16, 4, 4, 16, 16, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+    } catch (const std::exception& e) {
+      return std::string("torch's oneDNN brgemm refused u8 x s8 -> s32: ") + e.what();
+    }
+    for (int n = 0; n < 16; ++n)
+      if (c[n] != 10 * (n - 8)) return std::string("torch's oneDNN brgemm gave a wrong u8 x s8 product in its self-check");
+    return std::string();
+  }();
+  return reason;
+}
 
 struct Int8Weight {
   Kernel kernel;
@@ -130,10 +173,16 @@ struct Int8Weight {
     if (kernel_name == "avx512_vnni") {
       TORCH_CHECK(vnni_compiled(), "kernel 'avx512_vnni' was not compiled in (the build machine's CPU lacks AVX-512 VNNI)");
       kernel = Kernel::Vnni;
+    } else if (kernel_name == "onednn_brgemm") {
+      // its epilogue is the AVX-512 one; AMX CPUs have AVX-512 VNNI
+      TORCH_CHECK(vnni_compiled(), "kernel 'onednn_brgemm' was not compiled in (its epilogue needs AVX-512; the build machine's CPU lacks AVX-512 VNNI)");
+      const std::string why = brgemm_unavailable_reason();
+      TORCH_CHECK(why.empty(), "kernel 'onednn_brgemm': ", why);
+      kernel = Kernel::Brgemm;
     } else if (kernel_name == "reference") {
       kernel = Kernel::Reference;
     } else {
-      TORCH_CHECK(false, "unknown int8 gemm kernel '", kernel_name, "' (avx512_vnni | reference)");
+      TORCH_CHECK(false, "unknown int8 gemm kernel '", kernel_name, "' (avx512_vnni | onednn_brgemm | reference)");
     }
     auto wq = w_q_.contiguous();
     N = wq.size(0);
@@ -161,6 +210,7 @@ struct Int8Weight {
       comp[n] = 128 * s;
     }
     if (kernel == Kernel::Vnni) pack();
+    else if (kernel == Kernel::Brgemm) pack_brgemm();
     else w_q32.assign(w_q.begin(), w_q.end());
   }
 
@@ -168,6 +218,24 @@ struct Int8Weight {
   int64_t num_panels() const { return (num_blocks() + kPanelBlocks - 1) / kPanelBlocks; }
   int64_t panel_offset(int64_t p) const { return p * kPanelBlocks * 16 * Kp; }
   int blocks_in_panel(int64_t p) const { return static_cast<int>(std::min<int64_t>(kPanelBlocks, num_blocks() - p * kPanelBlocks)); }
+
+  // onednn_brgemm: the VNNI panels of pack(), or where oneDNN packs int8 B itself (AMX) its packing of
+  // each panel given as plain [Kp, panel channels] rows (zeros beyond N and K). A panel's storage is
+  // the same size either way (VNNI-4 of Kp x panel channels).
+  void pack_brgemm() {
+    pack();
+    if (!brgemm_packs_int8()) return;
+    for (int64_t p = 0; p < num_panels(); ++p) {
+      const int64_t cols = blocks_in_panel(p) * 16;
+      std::vector<int8_t> plain(Kp * cols, 0);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t n = p * kPanelBlocks * 16 + c;
+          plain[k * cols + c] = n < N ? w_q[n * K + k] : 0;
+        }
+      at::native::cpublas::pack(Kp, cols, cols, cols, at::kChar, at::kChar, plain.data(), packed.data() + panel_offset(p));
+    }
+  }
 
   void pack() {
     const int64_t K4 = Kp / 4;
@@ -224,6 +292,44 @@ struct GemmOut {
 };
 
 #if LTP_HAVE_VNNI
+// The epilogue both fast kernels run on their exact int32 sums: y = (acc - comp[n]) * out_scale[n] + bias[n],
+// erf-GELU if the weight has it, then float rows or the next GEMM's u8 input (quantize_u8's arithmetic).
+// EpilogueOut: the output's quantiser constants, once per tile; EpilogueBlock: one 16-channel block's constants.
+struct EpilogueOut {
+  __m512 qs, qlo, qhi;
+  __m512i off;
+  explicit EpilogueOut(const GemmOut& out)
+      : qs(_mm512_set1_ps(out.q_scale)), qlo(_mm512_set1_ps(static_cast<float>(out.q_qmin))), qhi(_mm512_set1_ps(127.f)),
+        off(_mm512_set1_epi32(128)) {}
+};
+
+struct EpilogueBlock {
+  int64_t n;
+  __mmask16 mask;
+  __m512i comp;
+  __m512 scale, bias;
+  __attribute__((always_inline)) EpilogueBlock(const Int8Weight& w, int64_t n_) : n(n_) {
+    const int64_t left = w.N - n;
+    mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    comp = _mm512_maskz_loadu_epi32(mask, w.comp.data() + n);
+    scale = _mm512_maskz_loadu_ps(mask, w.out_scale.data() + n);
+    bias = _mm512_maskz_loadu_ps(mask, w.bias.data() + n);
+  }
+  // row m of the output from its 16 int32 sums
+  __attribute__((always_inline)) void store(__m512i acc, bool gelu, const GemmOut& out, const EpilogueOut& e, int64_t m) const {
+    __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, comp));
+    y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
+    if (gelu) y = gelu_erf512(y);
+    if (out.q) {  // quantize_u8's arithmetic on the float value
+      const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(y, e.qs), e.qlo), e.qhi);
+      const __m512i qv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), e.off);
+      _mm_mask_storeu_epi8(out.q + m * out.ldq + n, mask, _mm512_cvtepi32_epi8(qv));
+    } else {
+      _mm512_mask_storeu_ps(out.y + m * out.ldy + n, mask, y);
+    }
+  }
+};
+
 // The k-loop of a partial-panel tile (NB < 4 blocks: the last panel when N is not a multiple of
 // 64) with intrinsics; rows beyond MR / blocks beyond NB compile away.
 #define LTP_ACC_ROW(r) __m512i c##r##0 = z, c##r##1 = z, c##r##2 = z, c##r##3 = z;
@@ -340,29 +446,12 @@ static void vnni_tile(const uint8_t* A, int64_t lda, const int8_t* W, int64_t K4
   __m512i acc[MR][NB];
   if constexpr (NB == 4) vnni_accumulate_asm<MR>(A, lda, W, K4, &acc[0][0]);
   else vnni_accumulate<MR, NB>(A, lda, W, K4, acc);
-  const __m512 qs = _mm512_set1_ps(out.q_scale), qlo = _mm512_set1_ps(static_cast<float>(out.q_qmin)), qhi = _mm512_set1_ps(127.f);
-  const __m512i off = _mm512_set1_epi32(128);
+  const EpilogueOut e(out);
 #pragma GCC unroll 4
   for (int b = 0; b < NB; ++b) {
-    const int64_t n = n0 + b * 16;
-    const int64_t left = w.N - n;
-    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-    const __m512i comp = _mm512_maskz_loadu_epi32(mask, w.comp.data() + n);
-    const __m512 scale = _mm512_maskz_loadu_ps(mask, w.out_scale.data() + n);
-    const __m512 bias = _mm512_maskz_loadu_ps(mask, w.bias.data() + n);
+    const EpilogueBlock blk(w, n0 + b * 16);
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      __m512 y = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], comp));
-      y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
-      if (w.gelu) y = gelu_erf512(y);
-      if (out.q) {  // quantize_u8's arithmetic on the float value
-        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(y, qs), qlo), qhi);
-        const __m512i qv = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), off);
-        _mm_mask_storeu_epi8(out.q + (m0 + r) * out.ldq + n, mask, _mm512_cvtepi32_epi8(qv));
-      } else {
-        _mm512_mask_storeu_ps(out.y + (m0 + r) * out.ldy + n, mask, y);
-      }
-    }
+    for (int r = 0; r < MR; ++r) blk.store(acc[r][b], w.gelu, out, e, m0 + r);
   }
 }
 
@@ -386,6 +475,17 @@ static TileFn tile_for(int mr, int nb) {
     case 4: return tile_for_blocks<4>(nb);
     case 5: return tile_for_blocks<5>(nb);
     default: return tile_for_blocks<6>(nb);
+  }
+}
+
+// onednn_brgemm's epilogue: int32 products C [rows, ldc] of rows m0.. and the panel's nb 16-channel blocks
+// from channel n0, through the same EpilogueBlock as vnni_tile.
+static void epilogue_i32(const int32_t* C, int64_t ldc, int64_t rows, int nb, const Int8Weight& w, int64_t n0, const GemmOut& out,
+                         int64_t m0) {
+  const EpilogueOut e(out);
+  for (int b = 0; b < nb; ++b) {
+    const EpilogueBlock blk(w, n0 + b * 16);
+    for (int64_t r = 0; r < rows; ++r) blk.store(_mm512_loadu_si512(C + r * ldc + b * 16), w.gelu, out, e, m0 + r);
   }
 }
 #endif
@@ -422,6 +522,7 @@ inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, const Gemm
   }
 #if LTP_HAVE_VNNI
   const int64_t K4 = w.Kp / 4;
+  const bool brgemm = w.kernel == Kernel::Brgemm;
   const int64_t panels = w.num_panels();
   // row blocks of at most kRowBlock rows, as many as a multiple of the threads once there is more
   // than one (M = 49 on 2 threads: 25 + 24 rows, not 48 + 1 with one thread doing nearly all of it),
@@ -434,6 +535,21 @@ inline void gemm_u8(const uint8_t* A, int64_t M, const Int8Weight& w, const Gemm
   // split evenly over the threads (grain 1: at::parallel_for gives each thread ceil(items/threads))
   const int64_t grain = M * w.Kp * w.N < (int64_t{1} << 19) ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    if (brgemm) {
+      // one oneDNN brgemm per item: C [rows, panel channels] int32 (ldc 64), then the epilogue
+      alignas(64) int32_t C[kRowBlock * kPanelBlocks * 16];
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t rb = it / panels, p = it % panels;
+        const int nb = w.blocks_in_panel(p);
+        const int64_t m_begin = rb * M / row_blocks, m_end = (rb + 1) * M / row_blocks;
+        if (m_end == m_begin) continue;
+        at::native::cpublas::brgemm(m_end - m_begin, nb * 16, w.Kp, w.Kp, nb * 16, kPanelBlocks * 16, false, A + m_begin * w.Kp,
+                                    w.packed.data() + w.panel_offset(p), C, true);
+        epilogue_i32(C, kPanelBlocks * 16, m_end - m_begin, nb, w, p * kPanelBlocks * 16, out, m_begin);
+      }
+      at::native::cpublas::brgemm_release(true);  // AMX: give the tile state back (torch's own brgemm users do the same)
+      return;
+    }
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t rb = it / panels, p = it % panels;
       const int nb = w.blocks_in_panel(p);
