@@ -2,7 +2,8 @@
 
 `environment_block(threads, loadavg_start)` is written by `ltp-compress bench` (pipeline/bench.py),
 `ltp-compress sweep` (sweep.json), the runner (environment.json, hence report.json) and every
-script in benchmarks/ that writes JSON. It names the CPU (/proc/cpuinfo "model name"), the ISA flags
+script in benchmarks/ that writes JSON. It names the CPU (/proc/cpuinfo "model name", and `cpu_id`: vendor,
+family, model and stepping, since a hypervisor may show two CPU generations under one name), the ISA flags
 that decide which INT8 kernel runs (`ISA_FLAGS`), what oneDNN really dispatches (`onednn_probe`: a
 tiny int8 linear through the project's `kernels.int8_linear` in a subprocess with ONEDNN_VERBOSE=1;
 its `isa:` info line and the primitive implementation that ran, e.g. ``brg_matmul:avx512_core_vnni``
@@ -32,10 +33,12 @@ ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_til
 #: distributions whose installed version the block records (None: not installed)
 VERSIONED = ("torch", "onnxruntime", "openvino", "onnx", "transformers", "neural-compressor", "torchao", "nncf")
 #: every key of the block, in order
-ENVIRONMENT_KEYS = ("format", "version", "cpu_model", "machine", "python", "isa_flags", "onednn_max_cpu_isa", "onednn",
+ENVIRONMENT_KEYS = ("format", "version", "cpu_model", "cpu_id", "machine", "python", "isa_flags", "onednn_max_cpu_isa", "onednn",
                     "versions", "threads", "cpu_count", "loadavg_start", "loadavg_end")
-#: the fields of a block that must agree for two results to share a table
-ISA_SIGNATURE = ("isa_flags", "onednn_isa", "onednn_implementation")
+#: the fields of a block that must agree for two results to share a table (cpu_id: speed tables only)
+ISA_SIGNATURE = ("isa_flags", "onednn_isa", "onednn_implementation", "cpu_id")
+#: the /proc/cpuinfo fields of `cpu_id`
+CPU_ID_FIELDS = ("vendor_id", "cpu family", "model", "stepping")
 #: the CPU flags that choose which kernel computes a number (AMX tiles or AVX-512 VNNI): what accuracy tables
 #: compare besides oneDNN's ISA and implementation. A flag no kernel here dispatches on (e.g. avx_vnni, the
 #: 256-bit VEX form, beside AVX-512 VNNI) changes speed tables only.
@@ -70,6 +73,27 @@ def cpu_model_name() -> str | None:
     except OSError:
         pass
     return None
+
+
+def cpu_id() -> str | None:
+    """'<vendor> family <f> model <m> stepping <s>' of the first CPU in /proc/cpuinfo (None: unreadable):
+    what tells two CPUs of one "model name" apart (e.g. two AMD EPYC generations under a hypervisor)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in CPU_ID_FIELDS and key not in found:
+                    found[key] = value.strip()
+                if not line.strip() and found:
+                    break  # end of the first CPU's block
+    except OSError:
+        return None
+    if not found:
+        return None
+    return (f"{found.get('vendor_id', '?')} family {found.get('cpu family', '?')} model {found.get('model', '?')} "
+            f"stepping {found.get('stepping', '?')}")
 
 
 def onednn_cap() -> str | None:
@@ -158,7 +182,7 @@ def environment_block(threads: int | None, loadavg_start: list[float] | None) ->
     """The environment of a measurement that started with load average `loadavg_start` (`loadavg()`
     taken then) and ends now, with `threads` threads (see the module docstring; keys `ENVIRONMENT_KEYS`)."""
     env = {"format": ENVIRONMENT_FORMAT, "version": ENVIRONMENT_VERSION, "cpu_model": cpu_model_name()
-           or platform.processor() or None, "machine": platform.machine(), "python": platform.python_version()}
+           or platform.processor() or None, "cpu_id": cpu_id(), "machine": platform.machine(), "python": platform.python_version()}
     try:
         env["isa_flags"] = isa_flags()
     except Exception as e:  # never crash a benchmark over its bookkeeping
@@ -186,20 +210,22 @@ def environment_summary(env: dict | None) -> str:
     def one(load):
         return "-" if not load else f"{load[0]:.2f}"
 
-    return (f"environment: CPU {env.get('cpu_model')}, AMX {'yes' if _amx(env) else 'no'}, oneDNN {dnn_s}{cap}, "
+    cid = f" ({env['cpu_id']})" if env.get("cpu_id") else ""
+    return (f"environment: CPU {env.get('cpu_model')}{cid}, AMX {'yes' if _amx(env) else 'no'}, oneDNN {dnn_s}{cap}, "
             f"{env.get('threads') or 'default'} threads of {env.get('cpu_count')} CPUs, load average (1 min) "
             f"{one(env.get('loadavg_start'))} at start / {one(env.get('loadavg_end'))} at end")
 
 
 def isa_signature(env: dict, *, speed: bool = True) -> dict:
     """The fields of `env` that must agree for two results to share a table (`ISA_SIGNATURE`); for accuracy
-    (`speed=False`) only the flags that pick a kernel (`KERNEL_FLAGS`): the numbers follow the kernel that ran."""
+    (`speed=False`) only the flags that pick a kernel (`KERNEL_FLAGS`), and not the CPU's identity: the numbers
+    follow the kernel that ran. A block without `cpu_id` (written before it was recorded) has None there."""
     dnn = env.get("onednn") or {}
     flags = env.get("isa_flags") or {}
     if not speed:
         flags = {k: flags.get(k) for k in KERNEL_FLAGS}
     return {"isa_flags": dict(sorted(flags.items())), "onednn_isa": dnn.get("isa"),
-            "onednn_implementation": dnn.get("implementation")}
+            "onednn_implementation": dnn.get("implementation"), "cpu_id": env.get("cpu_id") if speed else None}
 
 
 def check_same_isa(environments: Mapping[str, dict | None], *, speed: bool) -> None:

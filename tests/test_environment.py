@@ -112,3 +112,24 @@ def test_a_flag_no_kernel_dispatches_on_splits_speed_tables_only():
     c["isa_flags"]["amx_int8"] = True
     with pytest.raises(E.EnvironmentMismatch, match="isa_flags"):
         E.check_same_isa({"vnni.json": a, "amx.json": c}, speed=False)
+
+
+def test_two_cpus_of_one_name_split_speed_tables_only():
+    """One "model name" (a hypervisor shows two EPYC generations as "AMD EPYC"), the same flags and oneDNN kernel,
+    another family / model: accuracy results share a table, speed results do not, and the summary names both."""
+    a = {**_env(False), "cpu_model": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 17 stepping 1"}
+    b = {**copy.deepcopy(a), "cpu_id": "AuthenticAMD family 26 model 2 stepping 1"}
+    E.check_same_isa({"genoa.json": a, "turin.json": b}, speed=False)
+    with pytest.raises(E.EnvironmentMismatch, match="cpu_id"):
+        E.check_same_isa({"genoa.json": a, "turin.json": b}, speed=True)
+    assert "family 25 model 17" in E.environment_summary(a)
+
+
+def test_cpu_id_reads_the_first_cpu(tmp_path, monkeypatch):
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Xeon\nstepping\t: 8\n\n"
+            "processor\t: 1\nvendor_id\t: Other\ncpu family\t: 9\nmodel\t\t: 1\nstepping\t: 0\n")
+    f = tmp_path / "cpuinfo"
+    f.write_text(text)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if p == "/proc/cpuinfo" else p, *a, **k))
+    assert E.cpu_id() == "GenuineIntel family 6 model 143 stepping 8"
