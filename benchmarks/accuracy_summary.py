@@ -317,14 +317,21 @@ def main(argv=None) -> int:
                                  for lv in sorted(seeded)]:
         (lv, methods), = table.items()
         row = {"level": lv, "label": label, "seeds": seeds, "methods": {}}
+        # a seeds row with baselines stands for its level (below); one of LTP alone judges the deep goal only
+        seeded_baselines = len(seeds) > 1 and any(methods.get(n) is not None for n in METHODS.values() if n != "LTP")
         for name in METHODS.values():
             r = methods.get(name)
+            one_seed = False
+            if r is None and seeded_baselines and name != "LTP" and (levels.get(lv) or {}).get(name) is not None:
+                # a baseline run at this level with one seed only: its single value stands in the seeds row (marked),
+                # so the level is never judged without it
+                r, one_seed = levels[lv][name], True
             if r is None:  # cannot reach the level, or (the chosen LTP variant) not run there
                 row["methods"][name] = None
                 continue
             flops = r["relative_flops_paper"]["mean"]
             row["methods"][name] = {"dev": r["dev_main"], "validation": r["validation_main"], "relative_flops_paper": r["relative_flops_paper"],
-                                    "matched": abs(flops - lv) <= MATCH}
+                                    "matched": abs(flops - lv) <= MATCH, "one_seed": one_seed}
         if choice is not None:
             o = (other_seeded if len(seeds) > 1 else other).get(lv)
             row["ltp_other"] = None if o is None else {"dev": o["dev_main"], "validation": o["validation_main"],
@@ -362,7 +369,7 @@ def main(argv=None) -> int:
             return None
         others = [m for n, m in r["methods"].items() if n != "LTP" and m is not None]
         best = max(others, key=lambda m: m["dev"]["mean"])
-        return 100 * max(r["methods"]["LTP"]["dev"]["sd"] or 0.0, best["dev"]["sd"] or 0.0)
+        return 100 * max(r["methods"]["LTP"]["dev"]["sd"] or 0.0, best["dev"].get("sd") or 0.0)
 
     int8 = [r for r in chain if r["stage"] == "quantize"]
     within = [r for r in int8 if teacher["dev"] - r["dev"] <= GOAL_INT8_DROP]
@@ -414,14 +421,17 @@ def main(argv=None) -> int:
     other_head = f" | LTP, {choice['other']}, dev (val)" if choice else ""
     names = list(METHODS.values())
     L += ["A cell says *not run* where no input ran that method at that level (top-k and ToP, a top-k rule when deployed, "
-          "cannot go below their floor; the sweeps' recipes say which levels each ran).", "",
+          "cannot go below their floor; the sweeps' recipes say which levels each ran). In a seeds row with baselines, a baseline "
+          "run at that level with one seed only stands in with that one value, marked (so a seeds row never judges a level "
+          "without it).", "",
           "| level | " + " | ".join(f"{n} dev (val)" for n in names) + f" | rel. FLOPs {' / '.join(names)} | LTP − best baseline, dev (val)"
           + other_head + " |", "|---|" + "---|" * (len(names) + 2) + ("---|" if choice else "")]
     for r in comparison:
         cells = []
         for name in METHODS.values():
             m = r["methods"][name]
-            cells.append("not run" if m is None else f"{_fmt(m, 'dev')} ({_fmt(m, 'validation')})")
+            cells.append("not run" if m is None else f"{_fmt(m, 'dev')} ({_fmt(m, 'validation')})"
+                         + (f" (seed {levels_sweep['seeds'][0]} only)" if m.get("one_seed") else ""))
         fl = " / ".join("-" if r["methods"][n] is None else _fmt(r["methods"][n], "relative_flops_paper", 1, 3)
                         + ("" if r["methods"][n]["matched"] else " (unmatched)") for n in METHODS.values())
         diff = "-" if "ltp_minus_best_baseline_dev" not in r else \

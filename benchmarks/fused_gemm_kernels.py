@@ -104,8 +104,9 @@ def main(argv=None) -> dict:
     model_rows = {bs: {k: {"ms_per_example": 1e3 * statistics.median(r["wall"] for r in per_round[k][bs]),
                            "gemm_ms_per_example": 1e3 * statistics.median(r["gemm"] for r in per_round[k][bs]),
                            "ms_per_example_rounds": [1e3 * r["wall"] for r in per_round[k][bs]]} for k in kernels} for bs in bss}
+    peak = ext.vnni_peak_gops(args.threads)  # this CPU's register-only AVX-512 VNNI roofline, what the GOP/s are a fraction of
     env = environment_block(args.threads, load0)
-    out = {"command": "python benchmarks/fused_gemm_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"vnni_peak_gops": peak, "command": "python benchmarks/fused_gemm_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "checkpoint": str(args.checkpoint), "task": args.task, "threads": args.threads, "rounds": args.rounds, "calls": args.calls,
            "kernels": kernels, "kernel_paths": {k: m.kernel_path() for k, m in models.items()},
            "brgemm_uses_amx": fused_encoder.brgemm_uses_amx() if "onednn_brgemm" in kernels else None,
@@ -117,7 +118,8 @@ def main(argv=None) -> dict:
     lines = [f"# Fused runtime: int8 GEMM kernels side by side ({args.task}, {args.threads} threads)", "",
              f"command: `{out['command']}`", "", f"environment: {environment_summary(env)}", ""]
     lines += [f"- `{k}`: {p_}" for k, p_ in out["kernel_paths"].items()]
-    lines += ["", f"GEMMs: the checkpoint's shapes (K x N), one weight called again and again (in cache), µs per call, fastest of "
+    lines += ["", f"This CPU's register-only AVX-512 VNNI roofline on {args.threads} threads (`vnni_peak_gops`): **{peak:.0f} GOP/s**.",
+              "", f"GEMMs: the checkpoint's shapes (K x N), one weight called again and again (in cache), µs per call, fastest of "
               f"{args.rounds} interleaved rounds of {args.calls} calls; ratio = {base} time / other time (> 1: the other is faster).", "",
               "| GEMM | K x N | rows | " + " | ".join(f"{k} µs" for k in kernels) + " | " +
               " | ".join(f"{base} / {k}" for k in others) + " | " + " | ".join(f"{k} GOP/s" for k in kernels) + " | bit-equal |",

@@ -124,9 +124,31 @@ def test_seeds_sweeps_at_two_levels_each_stand_for_their_level(tmp_path):
     assert goal["levels"]["0.80 (seeds 0,1,42)"] == pytest.approx(100 * ((0.90 + 0.90 + 0.88) / 3 - (0.89 + 0.89 + 0.89) / 3))
     assert goal["met"] is True  # the single-seed 0.80 row (LTP behind) is not judged alone
     row080 = next(r for r in json.loads(out.with_suffix(".json").read_text())["comparison"] if r["label"] == "0.80 (seeds 0,1,42)")
-    assert row080["methods"]["top-k"] is None  # a method the seeds sweep skipped is not pooled from one seed
+    # a method the seeds sweep skipped is not pooled with the seeds: its one seed stands in, marked
+    topk = row080["methods"]["top-k"]
+    assert topk["one_seed"] is True and topk["dev"]["mean"] == pytest.approx(0.80)
+    assert "(seed 42 only)" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="second seeds sweep at level 0.80"):
         mod.main(common + ["--seeds", str(s080), "--seeds", str(s080)])
+
+
+def test_a_one_seed_baseline_ahead_of_the_ltp_seeds_mean_misses_the_level(tmp_path):
+    """The seeds row stands for its level; a baseline that ran there with one seed only (ToP at 0.40, say) is
+    compared in it with that one value: a level is never judged without a method that ran there."""
+    mod = _module()
+    ref = _row("evaluate", "base", None, 0.90, 0.89)
+    levels = [ref, _row("ltp_hard", "hard", 0.40, 0.85, 0.85), _row("topk_prune", "topk", 0.40, 0.85, 0.84),
+              {**_row("top_prune", "top", 0.40, 0.86, 0.88), "overrides": ["stages.top.target_flops=0.40"]}]
+    seeds = [{**ref, "seed": s} for s in (0, 1)]
+    seeds += [_row("ltp_hard", "hard", 0.40, 0.85, 0.87, seed=s) for s in (0, 1)]
+    seeds += [_row("topk_prune", "topk", 0.40, 0.85, 0.84, seed=s) for s in (0, 1)]
+    out = tmp_path / "acc"
+    assert mod.main(["--task", "sst2", "--levels", str(_sweep(tmp_path / "a.json", levels)), "--seeds", str(_sweep(tmp_path / "s.json", seeds)),
+                     "--chain", str(_chain(tmp_path / "c.json")), "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    goal = res["goals"]["ltp_ahead_of_baselines_at_every_level"]
+    assert goal["levels"]["0.40 (seeds 0,1,42)"] == pytest.approx(100 * ((0.85 + 0.87 + 0.87) / 3 - 0.88))
+    assert goal["met"] is False
 
 
 def test_result_files_from_two_isas_are_refused(tmp_path):
