@@ -70,15 +70,19 @@ FUSED_GEMM_TABLE = (
 )
 
 
-def fused_gemm_rule() -> FusedGemmRule | None:
-    """The FUSED_GEMM_TABLE row for this CPU (its /proc/cpuinfo flags), None where no row matches."""
+def fused_gemm_rules() -> list[FusedGemmRule]:
+    """The FUSED_GEMM_TABLE rows whose flags this CPU has (its /proc/cpuinfo flags), in table order."""
     from ltp_compress.kernels import cpu_isa
 
     isa = cpu_isa()
-    for rule in FUSED_GEMM_TABLE:
-        if all(isa.get(f) for f in rule.flags):
-            return rule
-    return None
+    return [rule for rule in FUSED_GEMM_TABLE if all(isa.get(f) for f in rule.flags)]
+
+
+def fused_gemm_rule() -> FusedGemmRule | None:
+    """The first FUSED_GEMM_TABLE row for this CPU, None where no row matches (`runtime="auto"` passes over a
+    row whose kernel cannot run here, saying why, to the next one)."""
+    rules = fused_gemm_rules()
+    return rules[0] if rules else None
 
 
 def auto_table_markdown() -> str:
@@ -135,10 +139,17 @@ def load_model(path: str | Path, runtime: str = "auto", threads: int | None = No
             from ltp_compress.modeling.fused_runtime import FusedDeployedModel
 
             deployed = load_deployable(path, backend="reference")  # a broken folder is an error on any runtime, before any build
-            gemm = fused_gemm_rule()
-            kernel = gemm.kernel if gemm is not None else "avx512_vnni"
-            choice += f" (int8 GEMM kernel {kernel}: {gemm.cpu if gemm is not None else 'no FUSED_GEMM_TABLE row'})"
-            reason = fused_encoder.gemm_kernel_unavailable_reason(kernel)
+            # the first FUSED_GEMM_TABLE row for this CPU whose kernel runs here; a row passed over is said, with its reason
+            reason, kernel = "no FUSED_GEMM_TABLE row matches this CPU", None
+            for gemm in fused_gemm_rules():
+                why_not = fused_encoder.gemm_kernel_unavailable_reason(gemm.kernel)
+                if why_not is None:
+                    kernel, reason = gemm.kernel, None
+                    choice += f" (int8 GEMM kernel {kernel}: {gemm.cpu})"
+                    break
+                choice += f" (int8 GEMM kernel {gemm.kernel} not used: {why_not})"
+                print(f"ltp_compress.load({path}): the fused runtime's {gemm.kernel} kernel is not used: {why_not}", file=sys.stderr)
+                reason = why_not
             if reason is None:
                 try:
                     model = FusedDeployedModel(deployed, kernel=kernel, threads=threads, streams=streams)

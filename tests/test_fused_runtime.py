@@ -477,6 +477,23 @@ def test_auto_follows_the_table_for_a_deployable_checkpoint(threshold_checkpoint
     assert explicit.runtime == "torch" and explicit.backend == "reference" and explicit.runtime_choice.endswith("-> torch")
 
 
+def test_auto_passes_over_a_table_kernel_that_cannot_run_to_the_next_row(threshold_checkpoints, vnni, monkeypatch, capsys):
+    """An AMX CPU whose oneDNN refuses brgemm (simulated: AMX flags reported, onednn_brgemm refused): auto runs the
+    fused runtime on the next row's kernel, saying on stderr and in runtime_choice why the first was passed over."""
+    import ltp_compress.kernels as K
+
+    real_isa, real_reason = K.cpu_isa(), fused_encoder.gemm_kernel_unavailable_reason
+    monkeypatch.setattr(K, "cpu_isa", lambda: {**real_isa, "amx_int8": True, "amx_tile": True})
+    monkeypatch.setattr(fused_encoder, "gemm_kernel_unavailable_reason",
+                        lambda k: "refused for this test" if k == "onednn_brgemm" else real_reason(k))
+    ckpt, _ = threshold_checkpoints[("bert", "fp32")]
+    dm = ltp_compress.load(ckpt, threads=1)
+    assert dm.runtime == "fused" and dm.kernel == "avx512_vnni"
+    assert "onednn_brgemm not used: refused for this test" in dm.runtime_choice
+    assert "int8 GEMM kernel avx512_vnni" in dm.runtime_choice
+    assert "onednn_brgemm kernel is not used: refused for this test" in capsys.readouterr().err
+
+
 def test_auto_without_avx512_vnni_is_torch(threshold_checkpoints, monkeypatch):
     """Under ONEDNN_MAX_CPU_ISA=AVX2 cpu_isa() reports no AVX-512 VNNI, so the table's CPU row does
     not match and the checkpoint runs on torch (what a CPU without AVX-512 VNNI gets)."""
