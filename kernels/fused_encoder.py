@@ -151,19 +151,15 @@ def gemm_kernel_unavailable_reason(kernel: str) -> str | None:
     reason = available()
     if reason is not None:
         return reason
-    if kernel == "avx512_vnni":
+    # both fast kernels run AVX-512 code (onednn_brgemm its epilogue), so both need it at build and run time
+    if kernel in ("avx512_vnni", "onednn_brgemm"):
         if not _module.vnni_compiled():
-            return "the extension was built without the avx512_vnni kernel (the compiler saw no AVX-512 VNNI for -march=native)"
+            return (f"the extension was built without AVX-512 VNNI (the compiler saw none for -march=native), which {kernel} "
+                    "needs")
         if not _module.cpu_has_avx512_vnni():
             return "this CPU lacks AVX-512 VNNI (avx512_vnni + avx512bw)"
     if kernel == "onednn_brgemm":
-        if not _module.vnni_compiled():
-            return "the extension was built without AVX-512 (onednn_brgemm's epilogue needs it)"
-        if not _module.cpu_has_avx512_vnni():
-            return "this CPU lacks AVX-512 VNNI (avx512_vnni + avx512bw)"
-        why = _module.brgemm_unavailable_reason()
-        if why:
-            return why
+        return _module.brgemm_unavailable_reason() or None
     return None
 
 
