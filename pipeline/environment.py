@@ -62,34 +62,32 @@ class EnvironmentMismatch(UserError, ValueError):
     """Result files measured on different ISAs (or without an environment block) merged into one table."""
 
 
-def cpu_model_name() -> str | None:
-    """The "model name" of the first CPU in /proc/cpuinfo (None: unreadable). Its flags: `kernels.cpu_isa()`."""
+def _first_cpu_fields() -> dict[str, str]:
+    """The "key: value" fields of the first CPU's block of /proc/cpuinfo ({} where unreadable)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if not line.strip():
+                    if found:
+                        break  # end of the first CPU's block
+                    continue
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
+                found.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return None
+        return {}
+    return found
+
+
+def cpu_model_name() -> str | None:
+    """The "model name" of the first CPU in /proc/cpuinfo (None: unreadable). Its flags: `kernels.cpu_isa()`."""
+    return _first_cpu_fields().get("model name")
 
 
 def cpu_id() -> str | None:
     """'<vendor> family <f> model <m> stepping <s>' of the first CPU in /proc/cpuinfo (None: unreadable):
     what tells two CPUs of one "model name" apart (e.g. two AMD EPYC generations under a hypervisor)."""
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in CPU_ID_FIELDS and key not in found:
-                    found[key] = value.strip()
-                if not line.strip() and found:
-                    break  # end of the first CPU's block
-    except OSError:
-        return None
+    found = {k: v for k, v in _first_cpu_fields().items() if k in CPU_ID_FIELDS}
     if not found:
         return None
     return (f"{found.get('vendor_id', '?')} family {found.get('cpu family', '?')} model {found.get('model', '?')} "
