@@ -8,7 +8,8 @@ that decide which INT8 kernel runs (`ISA_FLAGS`), what oneDNN really dispatches 
 tiny int8 linear through the project's `kernels.int8_linear` in a subprocess with ONEDNN_VERBOSE=1;
 its `isa:` info line and the primitive implementation that ran, e.g. ``brg_matmul:avx512_core_vnni``
 or ``brg_matmul:avx10_1_512_amx``), an ONEDNN_MAX_CPU_ISA cap set in the environment, the runtime
-versions (None: not installed), the threads used, ``os.cpu_count()`` and the load average at the
+versions (None: not installed), the code that measured (`code_revision`: the git commit of this checkout and
+whether tracked files differ from it; None outside a git checkout), the threads used, ``os.cpu_count()`` and the load average at the
 start and end of the measurement. `environment_summary` is its one-line Markdown form.
 
 Tables that merge result files check with `check_same_isa` that every file was measured with the same
@@ -34,7 +35,7 @@ ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_til
 VERSIONED = ("torch", "onnxruntime", "openvino", "onnx", "transformers", "neural-compressor", "torchao", "nncf")
 #: every key of the block, in order
 ENVIRONMENT_KEYS = ("format", "version", "cpu_model", "cpu_id", "machine", "python", "isa_flags", "onednn_max_cpu_isa", "onednn",
-                    "versions", "threads", "cpu_count", "loadavg_start", "loadavg_end")
+                    "versions", "code_revision", "threads", "cpu_count", "loadavg_start", "loadavg_end")
 #: the fields of a block that must agree for two results to share a table (cpu_id: speed tables only)
 ISA_SIGNATURE = ("isa_flags", "onednn_isa", "onednn_implementation", "cpu_id")
 #: the /proc/cpuinfo fields of `cpu_id`
@@ -176,6 +177,28 @@ def _version(dist: str) -> str | None:
         return None
 
 
+#: the checkout whose commit `code_revision` reads (this file is <root>/pipeline/environment.py)
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def code_revision(root=None) -> dict | None:
+    """{"commit": HEAD's sha, "local_changes": whether tracked files differ from it} of the git checkout at
+    `root` (default REPO_ROOT), or None where it is not one or git is missing: which code made a result, so
+    a result file older than a change to the code it timed can be told apart."""
+    root = REPO_ROOT if root is None else root
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0 or (subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                                                   text=True, timeout=10).stdout.strip() != str(root)):
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "local_changes": bool(status.stdout.strip())}
+
+
 def environment_block(threads: int | None, loadavg_start: list[float] | None) -> dict:
     """The environment of a measurement that started with load average `loadavg_start` (`loadavg()`
     taken then) and ends now, with `threads` threads (see the module docstring; keys `ENVIRONMENT_KEYS`)."""
@@ -189,6 +212,7 @@ def environment_block(threads: int | None, loadavg_start: list[float] | None) ->
     env["onednn_max_cpu_isa"] = onednn_cap()
     env["onednn"] = onednn_probe()
     env["versions"] = {d: _version(d) for d in VERSIONED}
+    env["code_revision"] = code_revision()
     env.update(threads=threads, cpu_count=os.cpu_count(), loadavg_start=loadavg_start, loadavg_end=loadavg())
     return env
 
@@ -209,9 +233,11 @@ def environment_summary(env: dict | None) -> str:
         return "-" if not load else f"{load[0]:.2f}"
 
     cid = f" ({env['cpu_id']})" if env.get("cpu_id") else ""
+    rev = env.get("code_revision")
+    code = f", code {rev['commit'][:12]}{' + local changes' if rev.get('local_changes') else ''}" if rev else ""
     return (f"environment: CPU {env.get('cpu_model')}{cid}, AMX {'yes' if _amx(env) else 'no'}, oneDNN {dnn_s}{cap}, "
             f"{env.get('threads') or 'default'} threads of {env.get('cpu_count')} CPUs, load average (1 min) "
-            f"{one(env.get('loadavg_start'))} at start / {one(env.get('loadavg_end'))} at end")
+            f"{one(env.get('loadavg_start'))} at start / {one(env.get('loadavg_end'))} at end{code}")
 
 
 def isa_signature(env: dict, *, speed: bool = True) -> dict:

@@ -42,6 +42,32 @@ def test_block_has_every_key_and_boolean_flags():
     assert str(env["cpu_model"]) in line and ("AMX yes" in line or "AMX no" in line) and "3 threads" in line
 
 
+def test_code_revision_is_the_checkouts_head_or_none(tmp_path):
+    import shutil
+    import subprocess
+
+    assert E.code_revision(tmp_path) is None  # not a git checkout
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert E.code_revision(repo) == {"commit": head, "local_changes": False}
+    (repo / "b.txt").write_text("untracked")  # untracked files are not the code that ran
+    assert E.code_revision(repo)["local_changes"] is False
+    (repo / "a.txt").write_text("2")
+    assert E.code_revision(repo) == {"commit": head, "local_changes": True}
+    (repo / "sub").mkdir()
+    assert E.code_revision(repo / "sub") is None  # inside a checkout but not its root: not this project's commit
+    env = {"code_revision": {"commit": head, "local_changes": True}}
+    assert f"code {head[:12]} + local changes" in E.environment_summary(env)
+
+
 @pytest.mark.skipif(not _onednn_usable(), reason="oneDNN on x86 only")
 @pytest.mark.parametrize("cap", ["AVX512_CORE_VNNI", "AVX2"])
 def test_probe_under_a_cap_reports_a_capped_isa(cap, monkeypatch, fresh_isa_cache):

@@ -4,7 +4,8 @@ the reference torch runtime (modeling/deploy.py, `forward_packed`).
 Kernel level: the avx512_vnni GEMM and the C++ reference GEMM give the same int32 accumulators as
 the plain-torch `int8_linear_reference` (outputs within float32 epilogue rounding); the extension's
 activation quantiser is bit-equal to kernels/linear_int8.py's; its vector erf-GELU is within 1e-6
-of float64 erf-GELU (Abramowitz & Stegun 7.1.26, |erf error| <= 1.5e-7).
+of float64 erf-GELU (Abramowitz & Stegun 7.1.26, |erf error| <= 1.5e-7), its vector tanh within 2e-7 of
+torch's.
 
 Model level, tiny BERT / RoBERTa deployable checkpoints (conftest), bs 1 and a bs-7 batch of mixed
 lengths: kept tokens per example and layer equal the reference's; logits within rtol 1e-3,
@@ -195,6 +196,17 @@ def test_vector_gelu_close_to_erf_gelu(ext):
     x = torch.linspace(-12, 12, 200_001)
     err = (ext.gelu(x).double() - F.gelu(x.double())).abs()
     assert float(err.max()) < 1e-6
+
+
+def test_vector_tanh_close_to_tanh(ext):
+    # the head's pooler activation: every length mod 16 (masked tails), tiny, large and signed inputs
+    x = torch.cat([torch.linspace(-30, 30, 200_003), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-4, -1e-4, 100.0, -100.0])])
+    got = ext.tanh(x).double()
+    err = (got - torch.tanh(x.double())).abs()
+    assert float(err.max()) < 2e-7
+    assert torch.equal(torch.sign(got), torch.sign(torch.tanh(x.double())))
+    for n in range(1, 33):
+        assert torch.allclose(ext.tanh(x[:n] * 0.01), torch.tanh(x[:n] * 0.01), rtol=0, atol=2e-7)
 
 
 # ----------------------------------------------------------------------------- checkpoints

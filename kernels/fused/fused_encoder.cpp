@@ -138,9 +138,17 @@ constexpr int64_t kRowGrain = 128;
 // every layer, each layer on groups of at most kGroupTokens of the tokens entering it
 constexpr int64_t kSpanTokens = 256;
 constexpr int64_t kGroupTokens = 256;
-static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y) {
+// res_rows (may be null): row m's residual is res[res_rows[m]] (the kept rows of the layer's input, read
+// in place instead of gathered into a copy)
+static void add_layernorm(const float* a, const float* res, int64_t M, int64_t d, const LayerNormParams& ln, float* y,
+                          const int64_t* res_rows = nullptr) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
-    add_layernorm_rows(a + m0 * d, res ? res + m0 * d : nullptr, m1 - m0, d, ln.w.data(), ln.b.data(), ln.eps, y + m0 * d);
+    if (!res_rows) {
+      add_layernorm_rows(a + m0 * d, res ? res + m0 * d : nullptr, m1 - m0, d, ln.w.data(), ln.b.data(), ln.eps, y + m0 * d);
+      return;
+    }
+    for (int64_t m = m0; m < m1; ++m)
+      add_layernorm_rows(a + m * d, res + res_rows[m] * d, 1, d, ln.w.data(), ln.b.data(), ln.eps, y + m * d);
   });
 }
 
@@ -156,16 +164,22 @@ struct Layer {
 
 enum class PruneMode { None, Threshold, TopK };
 
-// x [M, K] float (row stride ldx) -> w's u8 input [M, w.Kp], row-parallel above kRowGrain rows
-static void quantize_rows(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, uint8_t* xq) {
+// x [M, K] float (row stride ldx) -> w's u8 input [M, w.Kp], row-parallel above kRowGrain rows;
+// with x_rows, input row m is x's row x_rows[m] (a gather folded into the quantiser)
+static void quantize_rows(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, uint8_t* xq, const int64_t* x_rows = nullptr) {
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
-    quantize_u8(x + m0 * ldx, ldx, m1 - m0, w.K, w.Kp, w.x_scale, w.act_qmin, xq + m0 * w.Kp);
+    if (!x_rows) {
+      quantize_u8(x + m0 * ldx, ldx, m1 - m0, w.K, w.Kp, w.x_scale, w.act_qmin, xq + m0 * w.Kp);
+      return;
+    }
+    for (int64_t m = m0; m < m1; ++m) quantize_u8(x + x_rows[m] * ldx, ldx, 1, w.K, w.Kp, w.x_scale, w.act_qmin, xq + m * w.Kp);
   });
 }
 
-static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
+static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                          const int64_t* x_rows = nullptr) {
   Buf<uint8_t> xq(M * w.Kp);
-  quantize_rows(w, x, ldx, M, xq.data());
+  quantize_rows(w, x, ldx, M, xq.data(), x_rows);
   gemm_u8(xq.data(), M, w, y, ldy);
   return M;
 }
@@ -329,8 +343,11 @@ class FusedEncoder {
     for (int64_t i = 0; i < b; ++i) T += len[i];
 
     PhaseClock clock(&phases);
-    // embeddings [T, d]: packed rows, sequence after sequence
-    Buf<float> x(T * d);
+    // embeddings [T, d]: packed rows, sequence after sequence. Every row's (word, position, type) is
+    // checked first, then each row is summed and LayerNormed while in cache, row-parallel above
+    // kRowGrain rows, the next row's word vector (a random row of the table: a cache and TLB miss)
+    // prefetched while this one is summed.
+    std::vector<std::array<int64_t, 3>> emb_rows(T);  // (word id, position, token type) per packed row
     for (int64_t i = 0, row = 0; i < b; row += len[i], ++i) {
       int64_t nonpad = 0;
       for (int64_t j = 0; j < len[i]; ++j) {
@@ -345,12 +362,23 @@ class FusedEncoder {
         TORCH_CHECK(p < max_pos_, "position ", p, " beyond max_position_embeddings");
         const int64_t ty = ttp ? ttp[i * s + j] : 0;
         TORCH_CHECK(ty >= 0 && ty < num_types_, "token type ", ty, " out of range");
-        float* xr = x.data() + (row + j) * d;
-        const float *we = word_.data() + id * d, *pe = pos_.data() + p * d, *te = type_.data() + ty * d;
-        for (int64_t c = 0; c < d; ++c) xr[c] = (we[c] + te[c]) + pe[c];
+        emb_rows[row + j] = {id, p, ty};
       }
     }
-    add_layernorm(x.data(), nullptr, T, d, emb_ln_, x.data());
+    Buf<float> x(T * d);
+    at::parallel_for(0, T, kRowGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r + 1 < r1) {
+          const char* nxt = reinterpret_cast<const char*>(word_.data() + emb_rows[r + 1][0] * d);
+          for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(nxt + off);
+        }
+        float* xr = x.data() + r * d;
+        const float *we = word_.data() + emb_rows[r][0] * d, *pe = pos_.data() + emb_rows[r][1] * d,
+                    *te = type_.data() + emb_rows[r][2] * d;
+        for (int64_t c = 0; c < d; ++c) xr[c] = (we[c] + te[c]) + pe[c];
+        add_layernorm_rows(xr, nullptr, 1, d, emb_ln_.w.data(), emb_ln_.b.data(), emb_ln_.eps, xr);
+      }
+    });
     clock.lap(0);
 
     for (int64_t l = 0; l < L; ++l) {
@@ -377,7 +405,7 @@ class FusedEncoder {
     if (head_pre_) {
       Buf<float> pooled(b * head_pre_->N);
       run_linear(*head_pre_, x.data(), d, b, pooled.data(), head_pre_->N);
-      for (int64_t e = 0; e < b * head_pre_->N; ++e) pooled[e] = std::tanh(pooled[e]);
+      tanh_inplace(pooled.data(), b * head_pre_->N);
       run_linear(*head_final_, pooled.data(), head_pre_->N, b, logits_out, C);
     } else {
       run_linear(*head_final_, x.data(), d, b, logits_out, C);
@@ -463,15 +491,18 @@ class FusedEncoder {
         for (int64_t h = 0; h < H; ++h) v += head_scores[h * T + r];
         sc[r] = v / static_cast<float>(H);
       }
+      rows.reserve(T);
+      std::vector<char> keep;
+      std::vector<int64_t> order;
       for (int64_t i = 0; i < b; ++i) {
         const int64_t n = len[i], r0 = start[i];
-        std::vector<char> keep(n, 0);
+        keep.assign(n, 0);
         if (mode_ == PruneMode::Threshold) {
           for (int64_t j = 0; j < n; ++j) keep[j] = sc[r0 + j] > thresholds_[l];
         } else {  // top-k: ceil(ratio * n0) best (at least 1, at most the present ones), position 0 first, ties by position
           int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(n0[i]) * keep_ratios_[l])));
           k = std::min(k, n);
-          std::vector<int64_t> order(n);
+          order.resize(n);
           std::iota(order.begin(), order.end(), 0);
           std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) {
             if (a == 0 || c == 0) return a == 0 && c != 0;
@@ -496,27 +527,18 @@ class FusedEncoder {
     } else {
       for (int64_t i = 0; i < b; ++i) new_len[i] = len[i];
     }
+    // the kept rows are not copied: the output projection's quantiser reads them from the context
+    // (the last layer's context holds only the [CLS] rows, in order) and the residual from x, by row index
     const bool gathered = score || last;
     const int64_t Tn = gathered ? static_cast<int64_t>(rows.size()) : T;
-    Buf<float> xk, ck;
-    const float* xin = x;
-    const float* cin = ctx.data();
-    if (gathered) {
-      xk = Buf<float>(Tn * d);
-      for (int64_t r = 0; r < Tn; ++r) std::memcpy(xk.data() + r * d, x + rows[r] * d, d * sizeof(float));
-      xin = xk.data();
-      if (!last) {
-        ck = Buf<float>(Tn * d);
-        for (int64_t r = 0; r < Tn; ++r) std::memcpy(ck.data() + r * d, ctx.data() + rows[r] * d, d * sizeof(float));
-        cin = ck.data();
-      }
-    }
+    const int64_t* x_rows = gathered ? rows.data() : nullptr;
+    const int64_t* ctx_rows = gathered && !last ? rows.data() : nullptr;
 
     clock.lap(3);
     // output projection + residual + LayerNorm, FFN + residual + LayerNorm (on Tn rows) -> out
     Buf<float> hbuf(Tn * d);
-    run_linear(*ly.attn_out, cin, d, Tn, hbuf.data(), d);
-    add_layernorm(hbuf.data(), xin, Tn, d, ly.ln1, hbuf.data());
+    run_linear(*ly.attn_out, ctx.data(), d, Tn, hbuf.data(), d, ctx_rows);
+    add_layernorm(hbuf.data(), x, Tn, d, ly.ln1, hbuf.data(), x_rows);
     const int64_t I = ly.ffn_up->N;
     clock.lap(4);
     if (ly.ffn_act == "none") {  // GELU in FFN up's epilogue, which also quantises for FFN down: no float [Tn, I] rows
@@ -608,6 +630,12 @@ static at::Tensor quantize_u8_tensor(const at::Tensor& x, double scale, int64_t 
 static at::Tensor gelu_tensor(const at::Tensor& x) {
   auto y = x.to(at::kFloat).contiguous().clone();
   gelu_inplace(y.data_ptr<float>(), y.numel());
+  return y;
+}
+
+static at::Tensor tanh_tensor(const at::Tensor& x) {
+  auto y = x.to(at::kFloat).contiguous().clone();
+  tanh_inplace(y.data_ptr<float>(), y.numel());
   return y;
 }
 
@@ -727,6 +755,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   m.def("quantize_u8", &quantize_u8_tensor);
   m.def("gelu", &gelu_tensor);
+  m.def("tanh", &tanh_tensor);
   m.def("vnni_compiled", &vnni_compiled);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
   m.def("parallel_compiled", &parallel_compiled);
