@@ -13,6 +13,12 @@ pruned / dense ratio of each, beside the ratio of the work (GEMM MACs, the FLOPs
     python benchmarks/fused_realised.py runs/sst2_minilm/stages/05-int8_full_range/model \\
         --dense /tmp/bench_sst2_work3/dense_int8_ckpt --data ../shared/data/glue/SST-2 --task sst2 --threads 2
 
+An A/B of kernel sources (another revision's kernels/fused/, built beside this checkout's; the files record
+which sources ran, `kernel_sources`):
+
+    git archive <rev> kernels/fused | tar -x -C /tmp/src_<rev>
+    LTP_FUSED_SOURCE_DIR=/tmp/src_<rev>/kernels/fused python benchmarks/fused_realised.py ... --name <name>_sources_<rev>
+
 Writes <out-dir>/<name>.json and .md with the environment block. Timings mean something only on an
 otherwise idle machine.
 """
@@ -52,6 +58,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import torch
 
+    from ltp_compress.kernels.fused_encoder import source_info
     from ltp_compress.modeling.fused_runtime import load_fused
 
     load0 = loadavg()
@@ -105,7 +112,8 @@ def main(argv=None) -> dict:
     env = environment_block(args.threads, load0)
     out = {"command": "python benchmarks/fused_realised.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "checkpoint": str(args.checkpoint), "dense": str(args.dense), "task": args.task, "threads": args.threads,
-           "rounds": args.rounds, "kernel_path": systems["pruned"][0].kernel_path(), "rows": rows, "environment": env}
+           "rounds": args.rounds, "kernel_path": systems["pruned"][0].kernel_path(), "kernel_sources": source_info(), "rows": rows,
+           "environment": env}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     from ltp_compress.fileio import atomic_write_json, atomic_write_text
 
@@ -113,6 +121,9 @@ def main(argv=None) -> dict:
     lines = [f"# Fused runtime: where the realised speedup of pruning goes ({args.task})", "",
              f"command: `{out['command']}`", "", f"environment: {environment_summary(env)}", "",
              f"kernel path: {out['kernel_path']}", "",
+             "kernel sources: " + ("this checkout's kernels/fused" if out["kernel_sources"]["checkout_sources"] else
+                                   f"`{out['kernel_sources']['dir']}` (LTP_FUSED_SOURCE_DIR), not this checkout's")
+             + f" (files hash {out['kernel_sources']['hash']})", "",
              f"ms per example, median of {args.rounds} interleaved rounds, one call of {args.threads} threads per batch; "
              "phases: the extension's own clock for the same calls; outside = wall - phases. Ratio = dense / pruned "
              "(the speedup pruning gives there); work = the integer-GEMM MACs the runtime runs (the tokens it reports "

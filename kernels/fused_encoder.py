@@ -20,6 +20,11 @@ Nothing is built or probed at import. ``build()`` compiles the extension with
 made on one CPU is never loaded on another; later calls reuse it. ``available()`` returns None
 when the extension builds and loads here, else the reason (no silent fallback: the fused runtime
 refuses to load without it).
+
+``LTP_FUSED_SOURCE_DIR`` builds from another copy of ``kernels/fused/`` instead (an A/B of kernel
+sources across revisions: ``git archive <rev> kernels/fused | tar -x -C <dir>``, then run a
+benchmark with the variable set); its build goes to a folder of its own, and ``source_info()``
+(which benchmarks record) says which sources were built.
 """
 
 from __future__ import annotations
@@ -63,19 +68,34 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def source_directory() -> Path:
+    """The kernel sources built: $LTP_FUSED_SOURCE_DIR, else this checkout's kernels/fused/."""
+    env = os.environ.get("LTP_FUSED_SOURCE_DIR")
+    return Path(env).resolve() if env else SOURCE_DIR
+
+
 def _source_hash() -> str:
     """Hash of every source and header: torch's JIT loader rebuilds when its build flags change,
     and it does not hash the headers itself."""
     h = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
-        h.update((SOURCE_DIR / name).read_bytes())
+        h.update((source_directory() / name).read_bytes())
     return h.hexdigest()[:16]
 
 
+def source_info() -> dict:
+    """Which kernel sources a build is made from: their folder, the hash of their files, and whether they
+    are this checkout's own (False under LTP_FUSED_SOURCE_DIR)."""
+    return {"dir": str(source_directory()), "hash": _source_hash(), "checkout_sources": source_directory() == SOURCE_DIR}
+
+
 def build_directory() -> Path:
-    """Where the extension is built: $LTP_FUSED_BUILD_DIR, else the repository's build/ folder."""
+    """Where the extension is built: $LTP_FUSED_BUILD_DIR, else the repository's build/ folder; sources from
+    LTP_FUSED_SOURCE_DIR in a folder of their own (named by their hash)."""
     env = os.environ.get("LTP_FUSED_BUILD_DIR")
     root = Path(env) if env else SOURCE_DIR.parents[1] / "build" / "fused_encoder"
+    if source_directory() != SOURCE_DIR:
+        return root / f"{_cpu_tag()}-sources-{_source_hash()}"
     return root / _cpu_tag()
 
 
@@ -123,8 +143,9 @@ def build(verbose: bool = False):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     try:
         with _build_lock(folder):
-            _module = load(name=EXTENSION_NAME, sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                           extra_include_paths=[str(SOURCE_DIR)], extra_cflags=[*CFLAGS, f"-DLTP_SOURCE_HASH={_source_hash()}"],
+            src = source_directory()
+            _module = load(name=EXTENSION_NAME, sources=[str(src / s) for s in SOURCES],
+                           extra_include_paths=[str(src)], extra_cflags=[*CFLAGS, f"-DLTP_SOURCE_HASH={_source_hash()}"],
                            build_directory=str(folder), verbose=verbose)
     except Exception as e:  # compiler missing, ninja missing, compile error: say what happened
         _error = f"building the fused encoder extension failed ({type(e).__name__}): {str(e)[-2000:]}"

@@ -600,3 +600,22 @@ def test_build_lock_left_by_a_killed_builder_does_not_block_the_next_build(tmp_p
             pass
     finally:
         holder.kill()
+
+
+def test_alternative_kernel_sources_build_in_their_own_folder(tmp_path, monkeypatch):
+    # LTP_FUSED_SOURCE_DIR (an A/B of kernel sources): another copy of kernels/fused/ is hashed and built on its own
+    import shutil
+
+    monkeypatch.delenv("LTP_FUSED_SOURCE_DIR", raising=False)
+    own = fused_encoder.source_info()
+    assert own["checkout_sources"] and Path(own["dir"]) == fused_encoder.SOURCE_DIR
+    own_build = fused_encoder.build_directory()
+    copy = tmp_path / "fused"
+    shutil.copytree(fused_encoder.SOURCE_DIR, copy)
+    with open(copy / "int8_gemm.h", "a") as f:
+        f.write("\n// another revision\n")
+    monkeypatch.setenv("LTP_FUSED_SOURCE_DIR", str(copy))
+    other = fused_encoder.source_info()
+    assert not other["checkout_sources"] and Path(other["dir"]) == copy.resolve()
+    assert other["hash"] != own["hash"]
+    assert fused_encoder.build_directory() != own_build and other["hash"] in fused_encoder.build_directory().name
