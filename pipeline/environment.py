@@ -181,10 +181,15 @@ def _version(dist: str) -> str | None:
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+#: what `code_revision`'s local_changes ignores: result files and prose (a benchmark rewrites tracked result files,
+#: and a doc edit changes no number), as git pathspecs
+NOT_CODE = (":(exclude)benchmarks/results", ":(exclude)docs", ":(exclude)*.md")
+
+
 def code_revision(root=None) -> dict | None:
-    """{"commit": HEAD's sha, "local_changes": whether tracked files differ from it} of the git checkout at
-    `root` (default REPO_ROOT), or None where it is not one or git is missing: which code made a result, so
-    a result file older than a change to the code it timed can be told apart."""
+    """{"commit": HEAD's sha, "local_changes": whether tracked files other than results and docs (`NOT_CODE`)
+    differ from it} of the git checkout at `root` (default REPO_ROOT), or None where it is not one or git is
+    missing: which code made a result, so a result file older than a change to the code it timed can be told apart."""
     root = REPO_ROOT if root is None else root
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
@@ -192,7 +197,7 @@ def code_revision(root=None) -> dict | None:
         if head.returncode != 0 or (subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
                                                    text=True, timeout=10).stdout.strip() != str(root)):
             return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE], capture_output=True,
                                 text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None

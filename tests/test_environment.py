@@ -60,6 +60,15 @@ def test_code_revision_is_the_checkouts_head_or_none(tmp_path):
     assert E.code_revision(repo) == {"commit": head, "local_changes": False}
     (repo / "b.txt").write_text("untracked")  # untracked files are not the code that ran
     assert E.code_revision(repo)["local_changes"] is False
+    for name in ("docs/results.md", "benchmarks/results/x.json", "README.md"):  # results and prose are not code
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("1")
+        subprocess.run([*git, "add", name], check=True)
+    subprocess.run([*git, "commit", "-qm", "results"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    for name in ("docs/results.md", "benchmarks/results/x.json", "README.md"):
+        (repo / name).write_text("2")
+    assert E.code_revision(repo) == {"commit": head, "local_changes": False}
     (repo / "a.txt").write_text("2")
     assert E.code_revision(repo) == {"commit": head, "local_changes": True}
     (repo / "sub").mkdir()
