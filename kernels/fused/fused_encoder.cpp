@@ -7,8 +7,8 @@
 //   quantise x once -> QKV GEMM ([3d, d] fused when the three projections share one activation
 //   scale) -> per (sequence, head): scores, softmax, token scores (attention received, summed over
 //   present queries, averaged over heads), P.V -> keep decision (threshold or top-k; position 0
-//   always kept) -> gather kept rows of x and of the context -> quantise -> output projection ->
-//   residual + LayerNorm -> quantise -> FFN up (+ erf-GELU and the quantisation for FFN down in the
+//   always kept) -> quantise the kept context rows (read in place by row index) -> output projection ->
+//   residual (the kept rows of x, by row index) + LayerNorm -> quantise -> FFN up (+ erf-GELU and the quantisation for FFN down in the
 //   GEMM epilogue: no float [T, d_ff] rows) -> FFN down -> residual + LayerNorm.
 // A batch runs in spans of consecutive sequences of at most kSpanTokens tokens, each through every
 // layer before the next (a layer's buffers stay in cache), each layer on groups of at most kGroupTokens
@@ -186,7 +186,7 @@ static int64_t run_linear(const Int8Weight& w, const float* x, int64_t ldx, int6
 
 // Wall time per phase of forward(), summed over calls until reset (the runtime's own profile:
 // which part of a layer the time goes to). Phases: embed, qkv (quantise + QKV GEMM), attention,
-// select (keep decision + gather), out (output projection + LayerNorm), ffn, head.
+// select (keep decision: the kept row indices), out (output projection + LayerNorm), ffn, head.
 constexpr int kPhases = 7;
 static const char* const kPhaseNames[kPhases] = {"embed", "qkv", "attention", "select", "out", "ffn", "head"};
 
@@ -482,7 +482,7 @@ class FusedEncoder {
     });
 
     clock.lap(2);
-    // keep decision and gather: rows that go on through the output projection and FFN
+    // keep decision: the rows that go on through the output projection and FFN
     std::vector<int64_t> rows;  // row index into x (and into ctx, unless last)
     if (score) {
       std::vector<float> sc(T);
