@@ -9,7 +9,7 @@ tiny int8 linear through the project's `kernels.int8_linear` in a subprocess wit
 its `isa:` info line and the primitive implementation that ran, e.g. ``brg_matmul:avx512_core_vnni``
 or ``brg_matmul:avx10_1_512_amx``), an ONEDNN_MAX_CPU_ISA cap set in the environment, the runtime
 versions (None: not installed), the code that measured (`code_revision`: the git commit of this checkout and
-whether tracked files differ from it; None outside a git checkout), the threads used, ``os.cpu_count()`` and the load average at the
+whether tracked code differs from it, result files and docs aside; None outside a git checkout), the threads used, ``os.cpu_count()`` and the load average at the
 start and end of the measurement. `environment_summary` is its one-line Markdown form.
 
 Tables that merge result files check with `check_same_isa` that every file was measured with the same
@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from ltp_compress.errors import UserError
 
@@ -178,7 +179,7 @@ def _version(dist: str) -> str | None:
 
 
 #: the checkout whose commit `code_revision` reads (this file is <root>/pipeline/environment.py)
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 #: what `code_revision`'s local_changes ignores: result files and prose (a benchmark rewrites tracked result files,
@@ -190,18 +191,18 @@ def code_revision(root=None) -> dict | None:
     """{"commit": HEAD's sha, "local_changes": whether tracked files other than results and docs (`NOT_CODE`)
     differ from it} of the git checkout at `root` (default REPO_ROOT), or None where it is not one or git is
     missing: which code made a result, so a result file older than a change to the code it timed can be told apart."""
-    root = REPO_ROOT if root is None else root
+    root = Path(REPO_ROOT if root is None else root).resolve()
+    git = ["git", "-C", str(root)]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode != 0 or (subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
-                                                   text=True, timeout=10).stdout.strip() != str(root)):
-            return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE], capture_output=True,
-                                text=True, timeout=30)
+        top_head = subprocess.run([*git, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10)
+        lines = top_head.stdout.splitlines()
+        if top_head.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+            return None  # not a checkout, no commit yet, or a folder inside another project's checkout
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE],
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": head.stdout.strip(), "local_changes": bool(status.stdout.strip())}
+    return {"commit": lines[1], "local_changes": bool(status.stdout.strip())}
 
 
 def environment_block(threads: int | None, loadavg_start: list[float] | None) -> dict:
